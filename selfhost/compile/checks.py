@@ -1,0 +1,59 @@
+"""Cross-field assertions on a server model (NixOS-style): what would lock the owner out,
+what conflicts. Each problem carries the field path it is about."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from selfhost.models.server import Server
+
+Loc = tuple[str | int, ...]
+
+
+def assertions(server: Server) -> list[tuple[Loc, str]]:
+    from selfhost.compile.compiler import collect
+    from selfhost.compile.target import Target
+
+    problems: list[tuple[Loc, str]] = []
+    ssh = server.hardening.ssh
+    names: set[str] = set()
+    for i, admin in enumerate(server.admins):
+        if admin.name in names:
+            problems.append((("admins", i, "name"), f"admin {admin.name!r} is listed twice"))
+        names.add(admin.name)
+        if not admin.ssh_keys and not ssh.password_authentication:
+            problems.append((
+                ("admins", i, "ssh_keys"),
+                f"admin {admin.name!r} has no SSH key and password logins are off: "
+                "they could never log in",
+            ))
+        if ssh.password_authentication and admin.password_hash is None:
+            problems.append((
+                ("admins", i, "password_hash"),
+                "password logins are on, so every admin needs a password_hash",
+            ))
+    # Ports: two sources on one port/protocol is a conflict.
+    owners: dict[tuple[int, str], str] = {}
+    for source, contribution in collect(server, Target()):
+        for port in contribution.ports:
+            key = (port.port, port.proto)
+            if key in owners and owners[key] != source:
+                problems.append((
+                    _loc(source),
+                    f"port {port.port}/{port.proto} is wanted by both {owners[key]} and {source}",
+                ))
+            owners.setdefault(key, source)
+    for i, extra in enumerate(server.hardening.firewall.extra_ports):
+        key = (extra.port, extra.proto)
+        if key in owners:
+            problems.append((
+                ("hardening", "firewall", "extra_ports", i, "port"),
+                f"port {extra.port}/{extra.proto} is already opened by {owners[key]}; "
+                "remove it from extra_ports",
+            ))
+    return problems
+
+
+def _loc(source: str) -> Loc:
+    return tuple(source.split("."))

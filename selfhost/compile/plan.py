@@ -1,0 +1,168 @@
+"""The plan: an ordered, deterministic list of steps, independent of pyinfra.
+
+Each step is a small frozen dataclass. ``Plan.to_data()`` gives plain data for fixture tests
+and ``Plan.render()`` a readable listing for ``selfhost plan``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from selfhost.services.base import (
+    Command,
+    DataPath,
+    DnsRecord,
+    Jail,
+    ManagedDir,
+    ManagedFile,
+    OpenPort,
+)
+
+
+@dataclass(frozen=True)
+class Packages:
+    names: tuple[str, ...]
+
+    def describe(self) -> str:
+        return "install packages: " + " ".join(self.names)
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    groups: tuple[str, ...]
+    ssh_keys: tuple[str, ...]
+    password_hash: str | None
+    """A crypt hash, or ``secret:<where>`` to be resolved by the backend at deploy time."""
+
+    def describe(self) -> str:
+        pw = ", password hash set" if self.password_hash else ""
+        return (f"admin user {self.name} (groups: {', '.join(self.groups) or '-'}; "
+                f"{len(self.ssh_keys)} SSH key(s){pw})")
+
+
+@dataclass(frozen=True)
+class Directory:
+    dir: ManagedDir
+    source: str
+
+    def describe(self) -> str:
+        d = self.dir
+        return f"directory {d.path} ({d.owner}:{d.group} {d.mode})"
+
+
+@dataclass(frozen=True)
+class File:
+    file: ManagedFile
+    source: str
+
+    @property
+    def sha1(self) -> str:
+        return hashlib.sha1(self.file.content.encode()).hexdigest()
+
+    def describe(self) -> str:
+        f = self.file
+        check = f", checked with `{f.validate.split(' ')[0]}`" if f.validate else ""
+        return f"file {f.path} ({f.owner}:{f.group} {f.mode}, {len(f.content)} bytes{check})"
+
+
+@dataclass(frozen=True)
+class Sync:
+    src: str
+    dest: str
+    source: str
+
+    def describe(self) -> str:
+        return f"upload directory {self.src} -> {self.dest}"
+
+
+@dataclass(frozen=True)
+class Run:
+    command: Command
+    source: str
+
+    def describe(self) -> str:
+        c = self.command
+        when = (f" when {', '.join(c.on_change)} changed" if c.on_change
+                else " unless already done" if c.unless else "")
+        return f"run: {c.name}{when}"
+
+
+@dataclass(frozen=True)
+class UnitState:
+    name: str
+    running: bool = True
+    enabled: bool = True
+
+    def describe(self) -> str:
+        return (f"unit {self.name}: {'enabled' if self.enabled else 'disabled'}, "
+                f"{'running' if self.running else 'stopped'}")
+
+
+@dataclass(frozen=True)
+class Reload:
+    unit: str
+    when: tuple[str, ...]
+    action: str = "reload"
+
+    def describe(self) -> str:
+        return f"{self.action} {self.unit} when {', '.join(self.when)} changed"
+
+
+Step = Packages | User | Directory | File | Sync | Run | UnitState | Reload
+
+
+@dataclass
+class Plan:
+    hostname: str
+    release: str
+    steps: list[Step] = field(default_factory=list)
+    ports: list[OpenPort] = field(default_factory=list)
+    jails: list[Jail] = field(default_factory=list)
+    data: list[DataPath] = field(default_factory=list)
+    dns: list[DnsRecord] = field(default_factory=list)
+    disabled_controls: list[tuple[str, str]] = field(default_factory=list)
+
+    def files(self) -> dict[str, str]:
+        """Rendered files by path."""
+        return {s.file.path: s.file.content for s in self.steps if isinstance(s, File)}
+
+    def to_data(self) -> dict[str, Any]:
+        def step_data(step: Step) -> dict[str, Any]:
+            d = dataclasses.asdict(step)
+            if isinstance(step, File):
+                d["file"].pop("content")
+                d["sha1"] = step.sha1
+            return {"step": type(step).__name__, **d}
+
+        return {
+            "hostname": self.hostname,
+            "release": self.release,
+            "steps": [step_data(s) for s in self.steps],
+            "ports": [dataclasses.asdict(p) for p in self.ports],
+            "jails": [j.name for j in self.jails],
+            "data": [dataclasses.asdict(d) for d in self.data],
+            "dns": [dataclasses.asdict(r) for r in self.dns],
+            "disabled_controls": [list(x) for x in self.disabled_controls],
+        }
+
+    def render(self) -> str:
+        out = [f"Plan for {self.hostname} (Debian {self.release}): {len(self.steps)} steps", ""]
+        for i, step in enumerate(self.steps, 1):
+            out.append(f"{i:3d}. {step.describe()}")
+        out += ["", "Open ports (derived from the model):"]
+        for p in self.ports:
+            scope = " (LAN only)" if p.lan_only else ""
+            out.append(f"  {p.port}/{p.proto}  {p.service}{scope}")
+        out += ["", "fail2ban jails: " + (", ".join(j.name for j in self.jails) or "none")]
+        out += ["", "Data to back up:"]
+        out += [f"  {d.path}  ({d.service})" for d in self.data] or ["  (none)"]
+        out += ["", "DNS records to publish:"]
+        out += [f"  {r.name} {r.type} {r.value}" for r in self.dns] or ["  (none)"]
+        if self.disabled_controls:
+            out += ["", "Hardening controls turned OFF:"]
+            out += [f"  {name}: {reason}" for name, reason in self.disabled_controls]
+        return "\n".join(out) + "\n"

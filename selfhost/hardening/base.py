@@ -1,0 +1,24 @@
+"""The shape shared by every hardening control: on by default, off only with a reason."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from selfhost.models.base import StrictModel
+
+
+class Control(StrictModel):
+    """A hardening control. Turning it off requires a ``reason``, which the plan shows."""
+
+    enabled: bool = Field(default=True, description="Apply this control (strongly recommended).")
+    reason: str | None = Field(
+        default=None,
+        min_length=3,
+        description="Why this control is turned off. Required when `enabled` is false.",
+    )
+
+    @model_validator(mode="after")
+    def _reason_when_off(self) -> Control:
+        if not self.enabled and not self.reason:
+            raise ValueError("turning a hardening control off requires a `reason`")
+        return self

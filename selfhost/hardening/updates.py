@@ -1,0 +1,85 @@
+"""Automatic updates: unattended-upgrades, a reboot window, needrestart."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, field_validator
+
+from selfhost.hardening.base import Control
+from selfhost.services.base import Contribution, ManagedFile, Unit
+
+if TYPE_CHECKING:
+    from selfhost.compile.target import Target
+    from selfhost.models.server import Server
+
+AUTO_UPGRADES = "/etc/apt/apt.conf.d/20auto-upgrades"
+UU_CONF = "/etc/apt/apt.conf.d/52selfhost-unattended-upgrades"
+NEEDRESTART_CONF = "/etc/needrestart/conf.d/50-selfhost.conf"
+
+
+class UpdatesHardening(Control):
+    """Install updates every day, unattended, and reboot in a window when a reboot is needed."""
+
+    scope: Literal["security", "all"] = Field(
+        default="security",
+        description="'security': Debian security updates only; 'all': also point releases.",
+    )
+    automatic_reboot: bool = Field(
+        default=True, description="Reboot automatically when an update requires it."
+    )
+    reboot_time: str = Field(default="04:00", description="When to reboot (HH:MM, local time).")
+    restart_services: bool = Field(
+        default=True, description="needrestart restarts services that use outdated libraries."
+    )
+
+    @field_validator("reboot_time")
+    @classmethod
+    def _hhmm(cls, v: str) -> str:
+        if not re.fullmatch(r"([01][0-9]|2[0-3]):[0-5][0-9]", v):
+            raise ValueError("must be HH:MM, 24-hour clock")
+        return v
+
+    def contribute(self, server: Server, target: Target) -> Contribution:
+        c = Contribution()
+        if not self.enabled:
+            return c
+        c.packages += ["unattended-upgrades", "needrestart"]
+        c.files.append(ManagedFile(AUTO_UPGRADES, "\n".join([
+            "// Managed by selfhost.",
+            'APT::Periodic::Update-Package-Lists "1";',
+            'APT::Periodic::Unattended-Upgrade "1";',
+            'APT::Periodic::AutocleanInterval "7";',
+            "",
+        ]), validate="apt-config -c {path} dump >/dev/null"))
+        origins = [
+            "origin=Debian,codename=${distro_codename},label=Debian-Security",
+            "origin=Debian,codename=${distro_codename}-security,label=Debian-Security",
+        ]
+        if self.scope == "all":
+            origins += [
+                "origin=Debian,codename=${distro_codename},label=Debian",
+                "origin=Debian,codename=${distro_codename}-updates,label=Debian",
+            ]
+        lines = ["// Managed by selfhost.", "Unattended-Upgrade::Origins-Pattern {"]
+        lines += [f'\t"{o}";' for o in origins]
+        lines += [
+            "};",
+            f'Unattended-Upgrade::Automatic-Reboot "{str(self.automatic_reboot).lower()}";',
+            f'Unattended-Upgrade::Automatic-Reboot-Time "{self.reboot_time}";',
+            'Unattended-Upgrade::Remove-Unused-Kernel-Packages "true";',
+            'Unattended-Upgrade::Remove-Unused-Dependencies "true";',
+            'Unattended-Upgrade::SyslogEnable "true";',
+            'Unattended-Upgrade::SyslogFacility "daemon";',
+            "",
+        ]
+        c.files.append(ManagedFile(UU_CONF, "\n".join(lines),
+                                   validate="apt-config -c {path} dump >/dev/null"))
+        mode = "a" if self.restart_services else "l"
+        c.files.append(ManagedFile(NEEDRESTART_CONF,
+                                   f"# Managed by selfhost.\n$nrconf{{restart}} = '{mode}';\n",
+                                   validate="perl -c {path} 2>/dev/null"))
+        c.units.append(Unit("apt-daily.timer", reload=False))
+        c.units.append(Unit("apt-daily-upgrade.timer", reload=False))
+        return c
