@@ -82,11 +82,11 @@ class FirewallHardening(Control):
             '\t\tiif "lo" accept',
             "\t\tip protocol icmp icmp type { echo-request, destination-unreachable, "
             "time-exceeded, parameter-problem } limit rate 20/second accept",
-            "\t\tmeta l4proto ipv6-icmp icmpv6 type { destination-unreachable, packet-too-big, "
+            "\t\tmeta l4proto 58 icmpv6 type { destination-unreachable, packet-too-big, "
             "time-exceeded, parameter-problem, echo-request, nd-router-solicit, "
             "nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, mld-listener-query, "
             "mld-listener-report, mld2-listener-report } accept",
-            "\t\tudp dport dhcpv6-client ip6 saddr fe80::/10 accept",
+            "\t\tudp dport 546 ip6 saddr fe80::/10 accept",
             "",
             f"\t\t# ssh: new connections limited to {ssh_rate}/minute per source address",
             f"\t\ttcp dport {ssh_port} ct state new update @ssh_meter4 "

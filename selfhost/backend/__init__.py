@@ -1,0 +1,1 @@
+"""Backends apply a compiled plan to a host. The only one is pyinfra (:mod:`.pyinfra`)."""

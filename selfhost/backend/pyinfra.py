@@ -1,0 +1,340 @@
+"""The thin pyinfra layer: apply a compiled :class:`~selfhost.compile.plan.Plan` to a host.
+
+Everything the plan depends on is read in one round trip (:mod:`selfhost.backend.state`);
+operations then send commands only for what differs, so a second deploy sends none.
+
+Safety rules implemented here:
+
+- a managed file is uploaded next to its destination, checked with its ``validate``
+  command (``sshd -t``, ``nft -c``, ``caddy validate``, ``visudo -c``...) and only then moved
+  into place; if the check fails the live file is untouched and the deploy stops;
+- units are reloaded (``reload-or-restart``) only when one of their files changed; sshd is
+  never restarted by selfhost, so the SSH session in use survives;
+- the SSH port in use is always open in the firewall (see :class:`~selfhost.compile.Target`).
+
+Use it from your own pyinfra deploy::
+
+    from selfhost.backend.pyinfra import home_server
+    home_server(config="servers/nas.yaml")
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import shlex
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+from pyinfra import host, logger
+from pyinfra.api import FactBase, StringCommand, deploy, operation
+from pyinfra.api.exceptions import DeployError
+from pyinfra.operations.util import any_changed
+
+from selfhost.backend.state import Query, State, parse, script
+from selfhost.compile import Target, compile_server
+from selfhost.compile.plan import (
+    Directory,
+    File,
+    Packages,
+    Plan,
+    Reload,
+    Run,
+    Sync,
+    UnitState,
+    User,
+)
+from selfhost.compile.target import RELEASES
+from selfhost.models.server import Server
+from selfhost.services.base import ManagedFile
+
+q = shlex.quote
+
+
+class TargetFacts(FactBase[dict[str, str]]):
+    """Debian release and container detection, read before compiling."""
+
+    def command(self) -> str:
+        return (
+            ". /etc/os-release; echo \"release=$VERSION_CODENAME\"; "
+            "echo \"container=$(systemd-detect-virt -c 2>/dev/null || echo none)\""
+        )
+
+    def process(self, output: list[str]) -> dict[str, str]:
+        return dict(line.split("=", 1) for line in output if "=" in line)
+
+
+def _get_state(query: Query) -> State:
+    lines: list[str] = host.get_fact(_RawLines, script=script(query))
+    return parse(query, lines)
+
+
+class _RawLines(FactBase[list[str]]):
+    """Output lines of the batched state script (see :mod:`selfhost.backend.state`)."""
+
+    def command(self, script: str) -> str:
+        return script
+
+    def process(self, output: list[str]) -> list[str]:
+        return list(output)
+
+    @staticmethod
+    def default() -> list[str]:
+        return []
+
+
+def _install_file_cmd(path: str, content: bytes, mode: str, owner: str, group: str,
+                      validate: str | None) -> str:
+    """Shell: write ``content`` to a staged file, check it, then move it into place."""
+    tmp = f"{path}.selfhost-new"
+    b64 = base64.b64encode(content).decode()
+    steps = [
+        f"mkdir -p {q(str(Path(path).parent))}",
+        f"echo {b64} | base64 -d > {q(tmp)}",
+        f"chown {q(owner)}:{q(group)} {q(tmp)}",
+        f"chmod {mode} {q(tmp)}",
+    ]
+    if validate:
+        check = validate.replace("{path}", q(tmp))
+        steps.append(
+            f"if ! ( {check} ); then echo 'selfhost: {path}: the new version failed its check "
+            f"({validate.split()[0]}); the live file was left untouched' >&2; "
+            f"rm -f {q(tmp)}; exit 1; fi"
+        )
+    steps.append(f"mv -f {q(tmp)} {q(path)}")
+    return " && ".join(steps)
+
+
+@operation()
+def managed_file(path: str, content: bytes, mode: str, owner: str, group: str,
+                 validate: str | None, state: State) -> Generator[str, None, None]:
+    """Ensure ``path`` has exactly ``content``, ``mode`` and ownership (validated first)."""
+    current = state.files.get(path)
+    sha1 = hashlib.sha1(content).hexdigest()
+    if current is not None and current.sha1 == sha1:
+        if (current.mode, current.owner, current.group) != (mode, owner, group):
+            yield f"chown {q(owner)}:{q(group)} {q(path)} && chmod {mode} {q(path)}"
+        else:
+            host.noop(f"{path} is up to date")
+        return
+    yield _install_file_cmd(path, content, mode, owner, group, validate)
+
+
+@operation()
+def managed_dir(path: str, mode: str, owner: str, group: str,
+                state: State) -> Generator[str, None, None]:
+    current = state.dirs.get(path)
+    if current is not None and (current.mode, current.owner, current.group) == (mode, owner, group):
+        host.noop(f"{path} is up to date")
+        return
+    yield (f"mkdir -p {q(path)} && chown {q(owner)}:{q(group)} {q(path)} "
+           f"&& chmod {mode} {q(path)}")
+
+
+@operation()
+def packages(names: tuple[str, ...], state: State) -> Generator[str, None, None]:
+    """Install missing packages; run ``apt-get update`` only when something is missing."""
+    missing = [n for n in names if not state.packages.get(n)]
+    if not missing:
+        host.noop("all packages installed")
+        return
+    yield (
+        "export DEBIAN_FRONTEND=noninteractive; "
+        "apt-get update -qq && apt-get install -y -qq --no-install-recommends "
+        "-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "
+        + " ".join(q(n) for n in missing) + " >/dev/null"
+    )
+
+
+@operation()
+def guarded(label: str, command: str, unless: str | None,
+            state: State) -> Generator[str, None, None]:
+    """Run ``command`` unless its guard already holds (checked in the batched state)."""
+    if unless is not None and state.guards.get(unless):
+        host.noop(f"{label}: already done")
+        return
+    yield command
+
+
+@operation()
+def unit_state(unit: str, enabled: bool, running: bool,
+               state: State) -> Generator[str, None, None]:
+    name = unit
+    is_enabled, is_active = state.units.get(name, ("", ""))
+    cmds = []
+    if enabled and is_enabled not in ("enabled", "static", "alias"):
+        cmds.append(f"systemctl enable {q(name)} >/dev/null 2>&1")
+    if running and is_active != "active":
+        cmds.append(f"systemctl start {q(name)}")
+    if not cmds:
+        host.noop(f"{name} is {'enabled and ' if enabled else ''}active")
+        return
+    yield " && ".join(cmds)
+
+
+@operation()
+def reload_unit(unit: str, action: str) -> Generator[str, None, None]:
+    yield f"systemctl {'reload-or-restart' if action == 'reload' else 'restart'} {q(unit)}"
+
+
+@operation()
+def admin_user(user: str, groups: tuple[str, ...], password_hash: str | None,
+               state: State) -> Generator[StringCommand | str, None, None]:
+    name = user
+    current = state.users.get(name)
+    if current is None:
+        yield (f"useradd --create-home --shell /bin/bash --user-group "
+               + (f"--groups {','.join(groups)} " if groups else "") + q(name))
+    else:
+        missing = [g for g in groups if g not in current.groups]
+        if missing:
+            yield f"usermod -aG {','.join(missing)} {q(name)}"
+        if current.shell != "/bin/bash":
+            yield f"usermod --shell /bin/bash {q(name)}"
+    if password_hash is not None:
+        line = f"{password_hash}\n"
+        if current is None or current.shadow_sha1 != hashlib.sha1(line.encode()).hexdigest():
+            from pyinfra.api.hiddenvalue import HiddenValue  # masked in pyinfra's output
+
+            yield StringCommand(
+                "echo", HiddenValue(q(f"{name}:{password_hash}")), "| chpasswd -e"
+            )
+
+
+def _resolve_hash(value: str) -> str:
+    if not value.startswith("secret:"):
+        return value
+    from selfhost.models.base import SecretRef
+
+    where = value.removeprefix("secret:")
+    kind, _, ref = where.partition(":")
+    return SecretRef(**{kind: ref}).resolve()
+
+
+def _expand_sync(step: Sync) -> list[ManagedFile]:
+    src = Path(step.src)
+    if not src.is_dir():
+        raise DeployError(f"site source directory {src} does not exist")
+    out = []
+    for p in sorted(src.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            rel = p.relative_to(src).as_posix()
+            out.append(ManagedFile(f"{step.dest}/{rel}", "", mode="0644"))
+    return out
+
+
+def apply_plan(plan: Plan, server: Server) -> None:
+    """Turn each plan step into pyinfra operations on the current host."""
+    # Files uploaded from local directories become ordinary managed files.
+    sync_files: list[tuple[ManagedFile, bytes]] = []
+    for step in plan.steps:
+        if isinstance(step, Sync):
+            for mf in _expand_sync(step):
+                rel = mf.path.removeprefix(step.dest + "/")
+                sync_files.append((mf, (Path(step.src) / rel).read_bytes()))
+    home_keys: list[tuple[str, bytes]] = [
+        (s.name, ("".join(k + "\n" for k in s.ssh_keys)).encode())
+        for s in plan.steps if isinstance(s, User)
+    ]
+
+    query = Query(
+        files=tuple(
+            [s.file.path for s in plan.steps if isinstance(s, File)]
+            + [mf.path for mf, _ in sync_files]
+            + [f"/home/{name}/.ssh/authorized_keys" for name, _ in home_keys]
+        ),
+        dirs=tuple([s.dir.path for s in plan.steps if isinstance(s, Directory)]
+                   + [f"/home/{name}/.ssh" for name, _ in home_keys]),
+        guards=tuple(s.command.unless for s in plan.steps
+                     if isinstance(s, Run) and s.command.unless),
+        units=tuple(s.name for s in plan.steps if isinstance(s, UnitState)),
+        packages=tuple(n for s in plan.steps if isinstance(s, Packages) for n in s.names),
+        users=tuple(name for name, _ in home_keys),
+    )
+    state = _get_state(query)
+    file_ops: dict[str, Any] = {}
+
+    for step in plan.steps:
+        if isinstance(step, Packages):
+            packages(name="Packages", names=step.names, state=state)
+        elif isinstance(step, Run) and not step.command.on_change:
+            guarded(name=step.command.name, label=step.command.name,
+                    command=step.command.command, unless=step.command.unless, state=state)
+        elif isinstance(step, User):
+            pw = _resolve_hash(step.password_hash) if step.password_hash else None
+            _admin(step, pw, state)
+        elif isinstance(step, Directory):
+            d = step.dir
+            managed_dir(name=f"Directory {d.path}", path=d.path, mode=d.mode, owner=d.owner,
+                        group=d.group, state=state)
+        elif isinstance(step, File):
+            f = step.file
+            file_ops[f.path] = managed_file(
+                name=f"File {f.path}", path=f.path, content=f.content.encode(), mode=f.mode,
+                owner=f.owner, group=f.group, validate=f.validate, state=state)
+        elif isinstance(step, Sync):
+            for mf, data in sync_files:
+                if mf.path.startswith(step.dest + "/"):
+                    file_ops[mf.path] = managed_file(
+                        name=f"Site file {mf.path}", path=mf.path, content=data, mode=mf.mode,
+                        owner=mf.owner, group=mf.group, validate=None, state=state)
+        elif isinstance(step, Run):
+            ops = [file_ops[p] for p in step.command.on_change if p in file_ops]
+            guarded(name=step.command.name, label=step.command.name,
+                    command=step.command.command, unless=None,
+                    state=state, _if=any_changed(*ops))
+        elif isinstance(step, UnitState):
+            unit_state(name=f"Unit {step.name}", unit=step.name, enabled=step.enabled, running=step.running,
+                       state=state)
+        elif isinstance(step, Reload):
+            ops = [file_ops[p] for p in step.when if p in file_ops]
+            reload_unit(name=f"{step.action.title()} {step.unit}", unit=step.unit, action=step.action,
+                        _if=any_changed(*ops))
+
+
+def _admin(step: User, pw: str | None, state: State) -> None:
+    admin_user(name=f"Admin {step.name}", user=step.name, groups=step.groups, password_hash=pw, state=state)
+    home = f"/home/{step.name}"
+    managed_dir(name=f"{home}/.ssh", path=f"{home}/.ssh", mode="0700", owner=step.name,
+                group=step.name, state=state)
+    keys = "".join(k + "\n" for k in step.ssh_keys).encode()
+    managed_file(name=f"{home}/.ssh/authorized_keys", path=f"{home}/.ssh/authorized_keys",
+                 content=keys, mode="0600", owner=step.name, group=step.name, validate=None,
+                 state=state)
+
+
+def target_for_host() -> Target:
+    """Read what the compiler needs to know about the current host."""
+    facts = host.get_fact(TargetFacts)
+    release = facts.get("release", "")
+    if release not in RELEASES:
+        raise DeployError(f"selfhost supports Debian {', '.join(RELEASES)}; "
+                          f"this host runs {release or 'something else'!r}")
+    keep: tuple[int, ...] = ()
+    if type(host.connector).__name__ == "SSHConnector":
+        keep = (int(host.data.get("ssh_port") or 22),)
+    return Target(release=release, in_container=facts.get("container", "none") != "none",
+                  keep_open_ports=keep)
+
+
+def load(config: str | Path) -> Server:
+    from selfhost.config import ConfigError, load_server
+
+    try:
+        return load_server(config)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            logger.error(issue.format())
+        raise DeployError(f"{config}: {len(exc.issues)} error(s) in the model") from None
+
+
+@deploy("selfhost home server")
+def home_server(config: str | None = None) -> None:
+    """Deploy the server described by ``config`` (default: host data ``selfhost_config``)."""
+    path = config or host.data.get("selfhost_config")
+    if not path:
+        raise DeployError("no model: pass config=... or set host data selfhost_config")
+    server = load(path)
+    plan = compile_server(server, target_for_host())
+    apply_plan(plan, server)
