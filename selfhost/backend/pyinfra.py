@@ -85,10 +85,18 @@ class _RawLines(FactBase[list[str]]):
 
 
 def _install_file_cmd(path: str, content: bytes, mode: str, owner: str, group: str,
-                      validate: str | None) -> str:
+                      validate: str | None, secret: bool = False) -> str | StringCommand:
     """Shell: write ``content`` to a staged file, check it, then move it into place."""
     tmp = f"{path}.selfhost-new"
     b64 = base64.b64encode(content).decode()
+    if secret:
+        from pyinfra.api.hiddenvalue import HiddenValue
+
+        return StringCommand(
+            f"mkdir -p {q(str(Path(path).parent))} && (umask 077; echo", HiddenValue(b64),
+            f"| base64 -d > {q(tmp)}) && chown {q(owner)}:{q(group)} {q(tmp)} && "
+            f"chmod {mode} {q(tmp)} && mv -f {q(tmp)} {q(path)}",
+        )
     steps = [
         f"mkdir -p {q(str(Path(path).parent))}",
         f"echo {b64} | base64 -d > {q(tmp)}",
@@ -108,7 +116,8 @@ def _install_file_cmd(path: str, content: bytes, mode: str, owner: str, group: s
 
 @operation()
 def managed_file(path: str, content: bytes, mode: str, owner: str, group: str,
-                 validate: str | None, state: State) -> Generator[str, None, None]:
+                 validate: str | None, state: State,
+                 secret: bool = False) -> Generator[str | StringCommand, None, None]:
     """Ensure ``path`` has exactly ``content``, ``mode`` and ownership (validated first)."""
     current = state.files.get(path)
     sha1 = hashlib.sha1(content).hexdigest()
@@ -118,7 +127,7 @@ def managed_file(path: str, content: bytes, mode: str, owner: str, group: str,
         else:
             host.noop(f"{path} is up to date")
         return
-    yield _install_file_cmd(path, content, mode, owner, group, validate)
+    yield _install_file_cmd(path, content, mode, owner, group, validate, secret)
 
 
 @operation()
@@ -259,6 +268,7 @@ def apply_plan(plan: Plan, server: Server) -> None:
         if isinstance(step, Packages):
             packages(name="Packages", names=step.names, state=state)
         elif isinstance(step, Run) and not step.command.on_change:
+            # Guarded by `unless` (checked in the batched state), before or after the files.
             guarded(name=step.command.name, label=step.command.name,
                     command=step.command.command, unless=step.command.unless, state=state)
         elif isinstance(step, User):
@@ -270,9 +280,11 @@ def apply_plan(plan: Plan, server: Server) -> None:
                         group=d.group, state=state)
         elif isinstance(step, File):
             f = step.file
+            content = (f.secret.resolve() + "\n").encode() if f.secret else f.content.encode()
             file_ops[f.path] = managed_file(
-                name=f"File {f.path}", path=f.path, content=f.content.encode(), mode=f.mode,
-                owner=f.owner, group=f.group, validate=f.validate, state=state)
+                name=f"File {f.path}", path=f.path, content=content, mode=f.mode,
+                owner=f.owner, group=f.group, validate=f.validate, state=state,
+                secret=f.secret is not None)
         elif isinstance(step, Sync):
             for mf, data in sync_files:
                 if mf.path.startswith(step.dest + "/"):
@@ -280,6 +292,7 @@ def apply_plan(plan: Plan, server: Server) -> None:
                         name=f"Site file {mf.path}", path=mf.path, content=data, mode=mf.mode,
                         owner=mf.owner, group=mf.group, validate=None, state=state)
         elif isinstance(step, Run):
+            # Runs only when one of its files changed in this deploy.
             ops = [file_ops[p] for p in step.command.on_change if p in file_ops]
             guarded(name=step.command.name, label=step.command.name,
                     command=step.command.command, unless=None,

@@ -80,6 +80,8 @@ def collect(server: Server, target: Target) -> list[tuple[str, Contribution]]:
         ssh.commands[:0] = [HOST_KEYS, MODULI]
     out.append(("hardening.ssh", ssh))
     out.append(("hardening.updates", h.updates.contribute(server, target)))
+    out.append(("hardening.accounts", h.accounts.contribute(server, target)))
+    out.append(("hardening.minimal", h.minimal.contribute(server, target)))
     for name in type(server.services).model_fields:
         svc = getattr(server.services, name)
         if svc is not None and svc.enabled:
@@ -108,7 +110,7 @@ def compile_server(server: Server, target: Target | None = None) -> Plan:
 
     # Commands guarded by `unless` prepare the system (host keys, time zone) before files.
     for src, c in parts:
-        steps += [Run(cmd, src) for cmd in c.commands if not cmd.on_change]
+        steps += [Run(cmd, src) for cmd in c.commands if not cmd.late]
 
     for admin in sorted(server.admins, key=lambda a: a.name):
         pw = admin.password_hash
@@ -132,7 +134,7 @@ def compile_server(server: Server, target: Target | None = None) -> Plan:
     for src, c in parts:
         steps += [Sync(s, d, src) for s, d in c.sync_dirs]
     for src, c in parts:
-        steps += [Run(cmd, src) for cmd in c.commands if cmd.on_change]
+        steps += [Run(cmd, src) for cmd in c.commands if cmd.late]
     for _, c in parts:
         for unit in c.units:
             steps.append(UnitState(unit.name, running=unit.running, enabled=unit.enabled))

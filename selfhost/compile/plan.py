@@ -65,6 +65,8 @@ class File:
 
     def describe(self) -> str:
         f = self.file
+        if f.secret is not None:
+            return f"secret file {f.path} ({f.owner}:{f.group} {f.mode}, from {f.secret.describe()})"
         check = f", checked with `{f.validate.split(' ')[0]}`" if f.validate else ""
         return f"file {f.path} ({f.owner}:{f.group} {f.mode}, {len(f.content)} bytes{check})"
 
@@ -135,6 +137,8 @@ class Plan:
             d = dataclasses.asdict(step)
             if isinstance(step, File):
                 d["file"].pop("content")
+                if step.file.secret is not None:
+                    d["file"]["secret"] = step.file.secret.describe()
                 d["sha1"] = step.sha1
             return {"step": type(step).__name__, **d}
 

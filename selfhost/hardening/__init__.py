@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from selfhost.hardening.accounts import AccountsHardening
 from selfhost.hardening.base import Control
 from selfhost.hardening.fail2ban import Fail2banHardening
 from selfhost.hardening.firewall import FirewallHardening
 from selfhost.hardening.kernel import KernelHardening
+from selfhost.hardening.minimal import MinimalHardening
 from selfhost.hardening.ssh import SshHardening
 from selfhost.hardening.updates import UpdatesHardening
 from selfhost.models.base import StrictModel
@@ -30,6 +32,14 @@ class Hardening(StrictModel):
     )
     kernel: KernelHardening = Field(
         default_factory=KernelHardening, description="sysctl and module blacklist."
+    )
+    accounts: AccountsHardening = Field(
+        default_factory=AccountsHardening,
+        description="login.defs, password quality, faillock, su, core dumps.",
+    )
+    minimal: MinimalHardening = Field(
+        default_factory=MinimalHardening,
+        description="Legacy/discovery software absent, dangerous units masked.",
     )
 
     def disabled(self) -> list[tuple[str, str]]:

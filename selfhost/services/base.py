@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field
 
-from selfhost.models.base import StrictModel
+from selfhost.models.base import SecretRef, StrictModel
 
 if TYPE_CHECKING:
     from selfhost.models.server import Server
@@ -44,6 +44,9 @@ class ManagedFile:
     owner: str = "root"
     group: str = "root"
     validate: str | None = None
+    secret: SecretRef | None = None
+    """If set, ``content`` is ignored: the file holds this secret (resolved on the deploying
+    machine at deploy time, never in the plan, never in logs). Mode must be 0600 or 0400."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,12 @@ class Command:
     command: str
     unless: str | None = None
     on_change: tuple[str, ...] = ()
+    after_files: bool = False
+    """Run after the managed files are written (always true when ``on_change`` is set)."""
+
+    @property
+    def late(self) -> bool:
+        return self.after_files or bool(self.on_change)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,58 @@
+"""Only what is needed: legacy and discovery services absent or masked."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import Field
+
+from selfhost.hardening.base import Control
+from selfhost.services.base import Command, Contribution
+
+if TYPE_CHECKING:
+    from selfhost.compile.target import Target
+    from selfhost.models.server import Server
+
+ABSENT = [
+    "telnet", "telnetd", "inetutils-telnet", "inetutils-telnetd", "rsh-client", "rsh-server",
+    "rsh-redone-client", "rsh-redone-server", "nis", "talk", "talkd", "tftp", "tftpd-hpa",
+    "xinetd", "avahi-daemon", "rpcbind", "nfs-common", "cups-browsed", "ftp", "vsftpd",
+    "snmpd", "finger",
+]
+MASKED = ["avahi-daemon.service", "avahi-daemon.socket", "rpcbind.service", "rpcbind.socket",
+          "cups-browsed.service", "ctrl-alt-del.target", "debug-shell.service"]
+
+
+class MinimalHardening(Control):
+    """Remove legacy remote-login and discovery software; mask what must never start."""
+
+    absent_packages: list[str] = Field(
+        default_factory=lambda: list(ABSENT),
+        description="Packages that must not be installed (purged if present).",
+    )
+    masked_units: list[str] = Field(
+        default_factory=lambda: list(MASKED),
+        description="systemd units masked so that nothing can start them.",
+    )
+
+    def contribute(self, server: Server, target: Target) -> Contribution:
+        c = Contribution()
+        if not self.enabled:
+            return c
+        pkgs = " ".join(sorted(self.absent_packages))
+        installed = (f"dpkg-query -W -f='${{db:Status-Abbrev}} ${{Package}}\\n' {pkgs} "
+                     "2>/dev/null | awk '$1 ~ /^[ih]i/ {print $2}'")
+        c.commands.append(Command(
+            "remove unneeded packages",
+            f"p=$({installed}); [ -z \"$p\" ] || DEBIAN_FRONTEND=noninteractive "
+            "apt-get purge -y -qq $p >/dev/null",
+            unless=f'test -z "$({installed})"',
+        ))
+        units = sorted(self.masked_units)
+        c.commands.append(Command(
+            "mask units that must never start",
+            "systemctl mask " + " ".join(units) + " >/dev/null 2>&1",
+            unless=" && ".join(f'test "$(readlink /etc/systemd/system/{u})" = /dev/null'
+                               for u in units),
+        ))
+        return c
