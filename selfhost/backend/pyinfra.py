@@ -22,14 +22,19 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import shlex
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
-from pyinfra import host, logger
-from pyinfra.api import FactBase, StringCommand, deploy, operation
+from pyinfra.api.command import StringCommand
+from pyinfra.api.deploy import deploy
 from pyinfra.api.exceptions import DeployError
+from pyinfra.api.facts import FactBase
+from pyinfra.api.hiddenvalue import HiddenValue  # masked in pyinfra's output
+from pyinfra.api.operation import operation
+from pyinfra.context import host
 from pyinfra.operations.util import any_changed
 
 from selfhost.backend.state import Query, State, parse, script
@@ -90,10 +95,9 @@ def _install_file_cmd(path: str, content: bytes, mode: str, owner: str, group: s
     tmp = f"{path}.selfhost-new"
     b64 = base64.b64encode(content).decode()
     if secret:
-        from pyinfra.api.hiddenvalue import HiddenValue
-
         return StringCommand(
-            f"mkdir -p {q(str(Path(path).parent))} && (umask 077; echo", HiddenValue(b64),
+            f"mkdir -p {q(str(Path(path).parent))} && (umask 077; echo",
+            HiddenValue(b64),  # type: ignore[no-untyped-call]
             f"| base64 -d > {q(tmp)}) && chown {q(owner)}:{q(group)} {q(tmp)} && "
             f"chmod {mode} {q(tmp)} && mv -f {q(tmp)} {q(path)}",
         )
@@ -193,7 +197,7 @@ def admin_user(user: str, groups: tuple[str, ...], password_hash: str | None,
     name = user
     current = state.users.get(name)
     if current is None:
-        yield (f"useradd --create-home --shell /bin/bash --user-group "
+        yield ("useradd --create-home --shell /bin/bash --user-group "
                + (f"--groups {','.join(groups)} " if groups else "") + q(name))
     else:
         missing = [g for g in groups if g not in current.groups]
@@ -204,10 +208,10 @@ def admin_user(user: str, groups: tuple[str, ...], password_hash: str | None,
     if password_hash is not None:
         line = f"{password_hash}\n"
         if current is None or current.shadow_sha1 != hashlib.sha1(line.encode()).hexdigest():
-            from pyinfra.api.hiddenvalue import HiddenValue  # masked in pyinfra's output
-
             yield StringCommand(
-                "echo", HiddenValue(q(f"{name}:{password_hash}")), "| chpasswd -e"
+                "echo",
+                HiddenValue(q(f"{name}:{password_hash}")),  # type: ignore[no-untyped-call]
+                "| chpasswd -e",
             )
 
 
@@ -338,7 +342,7 @@ def load(config: str | Path) -> Server:
         return load_server(config)
     except ConfigError as exc:
         for issue in exc.issues:
-            logger.error(issue.format())
+            logging.getLogger("pyinfra").error(issue.format())
         raise DeployError(f"{config}: {len(exc.issues)} error(s) in the model") from None
 
 

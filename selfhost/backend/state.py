@@ -106,7 +106,7 @@ def parse(q: Query, lines: list[str]) -> State:
         if len(f) < 3 or not f[1].isdigit():
             continue
         i = int(f[1])
-        if kind in "FD" and f[2] != "-" or kind == "D" and len(f) == 4:
+        if (kind in "FD" and f[2] != "-") or (kind == "D" and len(f) == 4):
             meta = f[3].split() if len(f) == 4 else []
             if len(meta) == 3:
                 fs = FileState(f[2], meta[0].zfill(4), meta[1], meta[2])

@@ -67,10 +67,10 @@ class FirewallHardening(Control):
             "",
             "table inet selfhost {",
         ]
-        if lan4:
-            out.append(f"\tset lan4 {{ type ipv4_addr; flags interval; elements = {{ {', '.join(lan4)} }}; }}")
-        if lan6:
-            out.append(f"\tset lan6 {{ type ipv6_addr; flags interval; elements = {{ {', '.join(lan6)} }}; }}")
+        for name, kind, nets in (("lan4", "ipv4_addr", lan4), ("lan6", "ipv6_addr", lan6)):
+            if nets:
+                out.append(f"\tset {name} {{ type {kind}; flags interval; "
+                           f"elements = {{ {', '.join(nets)} }}; }}")
         out += [
             "\tset ssh_meter4 { type ipv4_addr; flags dynamic; timeout 5m; }",
             "\tset ssh_meter6 { type ipv6_addr; flags dynamic; timeout 5m; }",

@@ -92,10 +92,8 @@ class SshHardening(Control):
 
     def sshd_config(self, server: Server, target: Target) -> str:
         admins = sorted(a.name for a in server.admins)
-        if self.allow_from:
-            allow_users = [f"{a}@{net}" for a in admins for net in self.allow_from]
-        else:
-            allow_users = admins
+        nets = self.allow_from
+        allow_users = [f"{a}@{n}" for a in admins for n in nets] if nets else admins
         yn = {True: "yes", False: "no"}
         settings: list[tuple[str, str]] = [
             ("Port", str(self.port)),

@@ -66,7 +66,8 @@ class Site(StrictModel):
     @classmethod
     def _host(cls, v: str) -> str:
         v = v.lower().rstrip(".")
-        if v != "@" and not re.fullmatch(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*", v):
+        label = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+        if v != "@" and not re.fullmatch(rf"{label}(\.{label})*", v):
             raise ValueError("not a valid host name")
         return v
 
