@@ -25,10 +25,11 @@ import hashlib
 import logging
 import shlex
 from collections.abc import Generator
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from pyinfra.api.command import StringCommand
+from pyinfra.api.command import FileUploadCommand, StringCommand
 from pyinfra.api.deploy import deploy
 from pyinfra.api.exceptions import DeployError
 from pyinfra.api.facts import FactBase
@@ -55,6 +56,9 @@ from selfhost.models.server import Server
 from selfhost.services.base import ManagedFile
 
 q = shlex.quote
+INLINE_MAX = 64 * 1024
+"""Files whose base64 form is longer than this are uploaded, not inlined in the command
+(one shell argument may not exceed 128 KiB on Linux)."""
 
 
 class TargetFacts(FactBase[dict[str, str]]):
@@ -103,7 +107,7 @@ def _install_file_cmd(path: str, content: bytes, mode: str, owner: str, group: s
         )
     steps = [
         f"mkdir -p {q(str(Path(path).parent))}",
-        f"echo {b64} | base64 -d > {q(tmp)}",
+        f"echo {b64} | base64 -d > {q(tmp)}" if len(b64) <= INLINE_MAX else f"test -f {q(tmp)}",
         f"chown {q(owner)}:{q(group)} {q(tmp)}",
         f"chmod {mode} {q(tmp)}",
     ]
@@ -121,7 +125,7 @@ def _install_file_cmd(path: str, content: bytes, mode: str, owner: str, group: s
 @operation()
 def managed_file(path: str, content: bytes, mode: str, owner: str, group: str,
                  validate: str | None, state: State,
-                 secret: bool = False) -> Generator[str | StringCommand, None, None]:
+                 secret: bool = False) -> Generator[str | StringCommand | FileUploadCommand, None, None]:
     """Ensure ``path`` has exactly ``content``, ``mode`` and ownership (validated first)."""
     current = state.files.get(path)
     sha1 = hashlib.sha1(content).hexdigest()
@@ -131,6 +135,8 @@ def managed_file(path: str, content: bytes, mode: str, owner: str, group: str,
         else:
             host.noop(f"{path} is up to date")
         return
+    if len(base64.b64encode(content)) > INLINE_MAX and not secret:
+        yield FileUploadCommand(BytesIO(content), f"{path}.selfhost-new")
     yield _install_file_cmd(path, content, mode, owner, group, validate, secret)
 
 
@@ -196,6 +202,8 @@ def admin_user(user: str, groups: tuple[str, ...], password_hash: str | None,
                state: State) -> Generator[StringCommand | str, None, None]:
     name = user
     current = state.users.get(name)
+    if current is not None and "sudo" in current.groups and "sudo" not in groups:
+        yield f"gpasswd -d {q(name)} sudo >/dev/null"
     if current is None:
         yield ("useradd --create-home --shell /bin/bash --user-group "
                + (f"--groups {','.join(groups)} " if groups else "") + q(name))

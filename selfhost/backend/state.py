@@ -53,13 +53,13 @@ def script(q: Query) -> str:
     for i, path in enumerate(q.files):
         parts.append(
             f"if [ -f {q_(path)} ]; then printf 'F\\t{i}\\t%s\\t%s\\n' "
-            f"\"$(sha1sum < {q_(path)} | cut -c1-40)\" \"$(stat -c '%a %U %G' {q_(path)})\"; "
+            f"\"$(sha1sum < {q_(path)} | cut -c1-40)\" \"$(stat -L -c '%a %U %G' {q_(path)})\"; "
             f"else printf 'F\\t{i}\\t-\\n'; fi"
         )
     for i, path in enumerate(q.dirs):
         parts.append(
             f"if [ -d {q_(path)} ]; then printf 'D\\t{i}\\t-\\t%s\\n' "
-            f"\"$(stat -c '%a %U %G' {q_(path)})\"; else printf 'D\\t{i}\\t-\\n'; fi"
+            f"\"$(stat -L -c '%a %U %G' {q_(path)})\"; else printf 'D\\t{i}\\t-\\n'; fi"
         )
     for i, guard in enumerate(q.guards):
         parts.append(
@@ -101,7 +101,7 @@ def parse(q: Query, lines: list[str]) -> State:
         f = line.split("\t")
         kind = f[0]
         if kind == "P" and len(f) >= 3:
-            st.packages[f[1]] = f[2].startswith("ii")
+            st.packages[f[1]] = f[2][:2] in ("ii", "hi")
             continue
         if len(f) < 3 or not f[1].isdigit():
             continue

@@ -33,9 +33,19 @@ def assertions(server: Server) -> list[tuple[Loc, str]]:
                 ("admins", i, "password_hash"),
                 "password logins are on, so every admin needs a password_hash",
             ))
+    if not any(a.sudo for a in server.admins):
+        problems.append((("admins",), "no admin has sudo: with root logins off, nobody could "
+                         "administer the server"))
+    if not server.hardening.firewall.lan and server.hardening.firewall.enabled:
+        for name, svc in ((n, getattr(server.services, n)) for n in type(server.services).model_fields):
+            if svc is not None and svc.enabled and getattr(svc, "lan_only", False):
+                problems.append((("services", name, "lan_only"),
+                                 "lan_only needs at least one network in hardening.firewall.lan"))
     # Ports: two sources on one port/protocol is a conflict.
     owners: dict[tuple[int, str], str] = {}
     for source, contribution in collect(server, Target()):
+        if source == "hardening.firewall":
+            continue  # extra ports, checked below
         for port in contribution.ports:
             key = (port.port, port.proto)
             if key in owners and owners[key] != source:

@@ -151,5 +151,7 @@ def compile_server(server: Server, target: Target | None = None) -> Plan:
         plan.data += c.data
         plan.dns += c.dns
     plan.ports = sorted(set(plan.ports), key=lambda p: (p.port, p.proto, p.service))
+    if not server.hardening.fail2ban.enabled:
+        plan.jails = []
     plan.disabled_controls = server.hardening.disabled()
     return plan

@@ -109,7 +109,8 @@ class FirewallHardening(Control):
             groups[(p.proto, p.lan_only)][p.port].add(p.service)
         for (proto, lan_only), by_port in sorted(groups.items()):
             for port, services in sorted(by_port.items()):
-                comment = f'comment "{",".join(sorted(services))}"'
+                text = ",".join(sorted(services)).replace('"', "'").replace("\\", "/")[:120]
+                comment = f'comment "{text}"'
                 if lan_only:
                     if lan4:
                         out.append(f"\t\tip saddr @lan4 {proto} dport {port} accept {comment}")
@@ -147,6 +148,7 @@ class FirewallHardening(Control):
             if keep != ssh.port:
                 all_ports.append(OpenPort(keep, "tcp", "ssh-session-in-use"))
         ssh_from = ssh.allow_from if ssh.enabled else []
+        c.ports = all_ports[len(ports):]
         c.files.append(
             ManagedFile(NFTABLES_CONF, self.ruleset(all_ports, ssh.port,
                                                     ssh.rate_limit_per_minute, ssh_from),

@@ -45,15 +45,8 @@ HARDENED_SYSCTL: dict[str, str] = {
     "net.ipv4.tcp_syncookies": "1",
     "net.ipv4.tcp_rfc1337": "1",
     "net.ipv4.tcp_timestamps": "0",
-    "net.ipv6.conf.all.accept_ra": "0",
-    "net.ipv6.conf.default.accept_ra": "0",
-    "net.ipv6.conf.default.router_solicitations": "0",
-    "net.ipv6.conf.default.accept_ra_rtr_pref": "0",
-    "net.ipv6.conf.default.accept_ra_pinfo": "0",
-    "net.ipv6.conf.default.accept_ra_defrtr": "0",
-    "net.ipv6.conf.default.autoconf": "0",
-    "net.ipv6.conf.default.dad_transmits": "0",
-    "net.ipv6.conf.default.max_addresses": "1",
+    # IPv6 router advertisements and SLAAC stay on: home networks hand out IPv6 that way, and
+    # turning them off (as some baselines do) silently removes the IPv6 default route.
     # Kernel: hide pointers and logs, restrict ptrace, BPF, perf, kexec, magic SysRq.
     "kernel.kptr_restrict": "2",
     "kernel.dmesg_restrict": "1",

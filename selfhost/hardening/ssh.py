@@ -145,8 +145,8 @@ class SshHardening(Control):
             "# Managed by selfhost: changes here are overwritten on the next deploy.",
             "# Crypto: ssh-audit policy for Debian "
             + ("13" if target.release == "trixie" else "12") + ".",
-            "# Drop-ins in sshd_config.d are read after these settings and cannot weaken them",
-            "# (the first value of a keyword wins).",
+            "# Drop-ins in sshd_config.d are read after these settings: they cannot change a",
+            "# keyword set here (the first value wins), but they can add Match blocks.",
         ]
         lines += [f"{k} {v}" for k, v in settings]
         lines.append("Include /etc/ssh/sshd_config.d/*.conf")

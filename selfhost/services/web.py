@@ -174,7 +174,8 @@ class WebService(Service):
                 c.sync_dirs.append((str(src), root))
             else:
                 c.data.append(DataPath(root, service=self.kind))
-            c.dns.append(DnsRecord(site.fqdn(domain), "CNAME", server.fqdn + "."))
+            if site.fqdn(domain) != domain:  # the apex cannot be a CNAME (it has SOA/NS)
+                c.dns.append(DnsRecord(site.fqdn(domain), "CNAME", server.fqdn + "."))
         c.data.append(DataPath("/var/lib/caddy", service=self.kind))
         c.files.append(
             ManagedFile(

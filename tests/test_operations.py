@@ -1,0 +1,535 @@
+"""The custom pyinfra operations, in pyinfra's own test style: operation arguments + host state
+-> commands. Operations are called through their undecorated generator (``op._inner``) inside
+a real pyinfra State/Host context (an ``@local`` inventory, never connected).
+
+The commands that change files are then run for real with /bin/sh in tmp_path, and the state
+read back with the real state script, so "install then re-read -> no-op" is checked end to end.
+Finally ``apply_plan`` is run against a real pyinfra State to check its wiring (which ops,
+which conditions) and that a converged host gets no commands at all.
+"""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import logging
+import os
+import pwd
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyinfra.api import Config, FileUploadCommand, Inventory, StringCommand
+from pyinfra.api import State as PyinfraState
+from pyinfra.context import ctx_config, ctx_host, ctx_inventory, ctx_state
+
+from selfhost.backend import pyinfra as backend
+from selfhost.backend.state import FileState, Query, State, UserState, parse, script
+from selfhost.compile import Target, compile_server
+from selfhost.compile.plan import (
+    Directory,
+    File,
+    Packages,
+    Reload,
+    Run,
+    Sync,
+    UnitState,
+    User,
+)
+from selfhost.models import Server
+
+ROOT = Path(__file__).resolve().parent.parent
+ME = pwd.getpwuid(os.getuid()).pw_name
+MY_GROUP = grp.getgrgid(os.getgid()).gr_name
+ALICE = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIO15aKF3qdwTP7p24+Rliy7SMGYyMZqFPJES7fSwQd7P "
+         "alice@laptop")
+
+
+@pytest.fixture
+def pyinfra_host(caplog: pytest.LogCaptureFixture) -> Iterator[Any]:
+    """A real pyinfra host in a real State, set as the current context (not connected)."""
+    caplog.set_level(logging.DEBUG, logger="pyinfra")
+    inventory = Inventory((["@local"], {}))
+    state = PyinfraState(inventory, Config())
+    host = inventory.get_host("@local")
+    with ctx_state.use(state), ctx_inventory.use(inventory), ctx_config.use(state.config), \
+            ctx_host.use(host):
+        yield host
+
+
+def commands(op: Any, **kwargs: Any) -> list[str]:
+    """The commands an operation yields, unmasked, as the shell would receive them."""
+    out = []
+    for cmd in op._inner(**kwargs):
+        out.append(cmd.get_raw_value() if isinstance(cmd, StringCommand) else cmd)
+    return out
+
+
+def noops(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage().split("noop: ", 1)[1] for r in caplog.records
+            if "noop: " in r.getMessage()]
+
+
+def sh(cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["/bin/sh", "-c", cmd], capture_output=True, text=True, timeout=30)
+
+
+def read_state(q: Query) -> State:
+    """The host state, read with the real batched script."""
+    res = sh(script(q))
+    assert res.returncode == 0, res.stderr
+    return parse(q, res.stdout.splitlines())
+
+
+def mode_of(path: Path) -> str:
+    return f"{path.stat().st_mode & 0o7777:04o}"
+
+
+def file_kwargs(path: Path, content: bytes, mode: str = "0640",
+                validate: str | None = None) -> dict[str, Any]:
+    return {"path": str(path), "content": content, "mode": mode, "owner": ME,
+            "group": MY_GROUP, "validate": validate}
+
+
+# --------------------------------------------------------------------------------------------
+# managed_file
+
+
+def test_managed_file_installs_a_missing_file(pyinfra_host: Any, tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "etc" / "app" / "app.conf"
+    kw = file_kwargs(path, b"key = value\n")
+    cmds = commands(backend.managed_file, **kw, state=read_state(Query(files=(str(path),))))
+    assert len(cmds) == 1
+    res = sh(cmds[0])
+    assert res.returncode == 0, res.stderr
+    assert path.read_bytes() == b"key = value\n"
+    assert mode_of(path) == "0640"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["app.conf"]  # no staged leftovers
+
+    # Re-read the real state: nothing left to do.
+    assert commands(backend.managed_file, **kw, state=read_state(Query(files=(str(path),)))) \
+        == []
+    assert noops(caplog) == [f"{path} is up to date"]
+
+
+def test_managed_file_fixes_only_mode_when_content_matches(pyinfra_host: Any,
+                                                           tmp_path: Path) -> None:
+    path = tmp_path / "app.conf"
+    path.write_bytes(b"same\n")
+    path.chmod(0o666)
+    kw = file_kwargs(path, b"same\n", mode="0600")
+    cmds = commands(backend.managed_file, **kw, state=read_state(Query(files=(str(path),))))
+    assert cmds == [f"chown {ME}:{MY_GROUP} {path} && chmod 0600 {path}"]
+    assert sh(cmds[0]).returncode == 0
+    assert mode_of(path) == "0600"
+    assert commands(backend.managed_file, **kw,
+                    state=read_state(Query(files=(str(path),)))) == []
+
+
+def test_managed_file_replaces_changed_content(pyinfra_host: Any, tmp_path: Path) -> None:
+    path = tmp_path / "app.conf"
+    path.write_bytes(b"old\n")
+    kw = file_kwargs(path, b"new\n", mode="0644")
+    cmds = commands(backend.managed_file, **kw, state=read_state(Query(files=(str(path),))))
+    assert len(cmds) == 1 and "base64 -d" in cmds[0]
+    assert sh(cmds[0]).returncode == 0
+    assert path.read_bytes() == b"new\n" and mode_of(path) == "0644"
+
+
+def test_failed_validation_leaves_the_live_file_untouched(pyinfra_host: Any,
+                                                          tmp_path: Path) -> None:
+    path = tmp_path / "sshd_config"
+    path.write_bytes(b"good config\n")
+    path.chmod(0o600)
+    kw = file_kwargs(path, b"broken config\n", mode="0600",
+                     validate="grep -q '^good' {path}")
+    (cmd,) = commands(backend.managed_file, **kw, state=read_state(Query(files=(str(path),))))
+    res = sh(cmd)
+    assert res.returncode != 0
+    assert "failed its check (grep); the live file was left untouched" in res.stderr
+    assert path.read_bytes() == b"good config\n"
+    assert mode_of(path) == "0600"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sshd_config"]
+
+
+def test_validation_checks_the_staged_file_before_it_goes_live(pyinfra_host: Any,
+                                                               tmp_path: Path) -> None:
+    path = tmp_path / "app.conf"
+    path.write_bytes(b"old\n")
+    # Passes only if {path} is the new version and the live file is still the old one.
+    validate = f"grep -qx new {{path}} && grep -qx old {path}"
+    (cmd,) = commands(backend.managed_file, **file_kwargs(path, b"new\n", validate=validate),
+                      state=State(files={str(path): None}))
+    res = sh(cmd)
+    assert res.returncode == 0, res.stderr
+    assert path.read_bytes() == b"new\n"
+
+
+def test_failed_nft_check_keeps_the_old_ruleset(pyinfra_host: Any, tmp_path: Path) -> None:
+    """The real validator: a broken ruleset never replaces the live one."""
+    if shutil.which("nft") is None or sh("echo 'table inet probe {}' | nft -c -f -").returncode:
+        pytest.skip("nft not usable here")
+    path = tmp_path / "nftables.conf"
+    good = b"table inet selfhost {\n\tchain input { type filter hook input priority 0; }\n}\n"
+    path.write_bytes(good)
+    bad = good.replace(b"priority 0;", b"priority 0; policy dorp;")
+    (cmd,) = commands(backend.managed_file,
+                      **file_kwargs(path, bad, mode="0700", validate="nft -c -f {path}"),
+                      state=State(files={str(path): None}))
+    assert sh(cmd).returncode != 0
+    assert path.read_bytes() == good
+    (cmd,) = commands(backend.managed_file,
+                      **file_kwargs(path, good + b"# ok\n", mode="0700",
+                                    validate="nft -c -f {path}"),
+                      state=State(files={str(path): None}))
+    assert sh(cmd).returncode == 0
+    assert path.read_bytes() == good + b"# ok\n"
+
+
+@pytest.mark.parametrize("content", [b"", b"no newline", bytes(range(256)) * 8,
+                                     "héllo ✓\n".encode()],
+                         ids=["empty", "no-newline", "binary", "utf8"])
+def test_managed_file_is_byte_exact(pyinfra_host: Any, tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "it's a \"file\" $(x)"
+    (cmd,) = commands(backend.managed_file, **file_kwargs(path, content),
+                      state=State(files={str(path): None}))
+    res = sh(cmd)
+    assert res.returncode == 0, res.stderr
+    assert path.read_bytes() == content
+    state = read_state(Query(files=(str(path),)))
+    assert state.files[str(path)] == FileState(hashlib.sha1(content).hexdigest(), "0640", ME,
+                                               MY_GROUP)
+
+
+def test_large_file_can_be_installed(pyinfra_host: Any, tmp_path: Path) -> None:
+    path = tmp_path / "photo.jpg"
+    content = os.urandom(200_000)
+    upload, cmd = commands(backend.managed_file, **file_kwargs(path, content),
+                           state=State(files={str(path): None}))
+    # Too large to travel inside a shell argument: uploaded next to the file, then installed.
+    assert isinstance(upload, FileUploadCommand)
+    assert upload.dest == f"{path}.selfhost-new"
+    assert len(cmd) < 4096
+    Path(upload.dest).write_bytes(upload.src.getvalue())
+    res = sh(cmd)
+    assert res.returncode == 0, res.stderr
+    assert path.read_bytes() == content
+
+
+def test_secret_file_is_masked_in_logs_and_private(pyinfra_host: Any, tmp_path: Path) -> None:
+    path = tmp_path / "secrets" / "restic-password"
+    content = b"correct horse battery staple\n"
+    kw = file_kwargs(path, content, mode="0600")
+    (cmd,) = list(backend.managed_file._inner(**kw, state=State(files={str(path): None}),
+                                              secret=True))
+    assert isinstance(cmd, StringCommand)
+    import base64
+
+    b64 = base64.b64encode(content).decode()
+    assert b64 not in cmd.get_masked_value() and b64 not in str(cmd)
+    assert b64 in cmd.get_raw_value()
+    res = sh(cmd.get_raw_value())
+    assert res.returncode == 0, res.stderr
+    assert path.read_bytes() == content
+    assert mode_of(path) == "0600"
+
+
+# --------------------------------------------------------------------------------------------
+# managed_dir
+
+
+def test_managed_dir(pyinfra_host: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "srv" / "www" / "site one"
+    kw = {"path": str(path), "mode": "0750", "owner": ME, "group": MY_GROUP}
+    (cmd,) = commands(backend.managed_dir, **kw, state=read_state(Query(dirs=(str(path),))))
+    assert sh(cmd).returncode == 0
+    assert path.is_dir() and mode_of(path) == "0750"
+    assert commands(backend.managed_dir, **kw, state=read_state(Query(dirs=(str(path),)))) == []
+    assert noops(caplog) == [f"{path} is up to date"]
+    path.chmod(0o777)
+    (cmd,) = commands(backend.managed_dir, **kw, state=read_state(Query(dirs=(str(path),))))
+    assert sh(cmd).returncode == 0 and mode_of(path) == "0750"
+
+
+# --------------------------------------------------------------------------------------------
+# packages, guarded commands, units, reloads
+
+
+def test_packages(pyinfra_host: Any, caplog: pytest.LogCaptureFixture) -> None:
+    names = ("caddy", "nftables", "sudo")
+    assert commands(backend.packages, names=names,
+                    state=State(packages=dict.fromkeys(names, True))) == []
+    assert noops(caplog) == ["all packages installed"]
+    (cmd,) = commands(backend.packages, names=names,
+                      state=State(packages={"caddy": False, "nftables": True, "sudo": False}))
+    assert cmd == (
+        "export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && "
+        "apt-get install -y -qq --no-install-recommends -o Dpkg::Options::=--force-confdef "
+        "-o Dpkg::Options::=--force-confold caddy sudo >/dev/null")
+    # a package the state does not mention counts as missing
+    assert "fail2ban" in commands(backend.packages, names=("fail2ban",), state=State())[0]
+
+
+def test_guarded_command_uses_the_real_guard_result(pyinfra_host: Any, tmp_path: Path) -> None:
+    flag = tmp_path / "done"
+    guard = f"test -f {flag}"
+    kw = {"label": "make flag", "command": f"touch {flag}", "unless": guard}
+    (cmd,) = commands(backend.guarded, **kw, state=read_state(Query(guards=(guard,))))
+    assert sh(cmd).returncode == 0
+    assert commands(backend.guarded, **kw, state=read_state(Query(guards=(guard,)))) == []
+    # without a guard the command always runs (on_change commands are gated by pyinfra _if)
+    assert commands(backend.guarded, label="x", command="echo hi", unless=None,
+                    state=State()) == ["echo hi"]
+
+
+@pytest.mark.parametrize(("current", "expected"), [
+    (("enabled", "active"), []),
+    (("static", "active"), []),
+    (("alias", "active"), []),
+    (("enabled", "inactive"), ["systemctl start ssh.service"]),
+    (("disabled", "active"), ["systemctl enable ssh.service >/dev/null 2>&1"]),
+    (("disabled", "failed"),
+     ["systemctl enable ssh.service >/dev/null 2>&1 && systemctl start ssh.service"]),
+    (("", ""), ["systemctl enable ssh.service >/dev/null 2>&1 && systemctl start ssh.service"]),
+])
+def test_unit_state(pyinfra_host: Any, current: tuple[str, str], expected: list[str]) -> None:
+    assert commands(backend.unit_state, unit="ssh.service", enabled=True, running=True,
+                    state=State(units={"ssh.service": current})) == expected
+
+
+def test_unit_state_not_enabled_not_running(pyinfra_host: Any) -> None:
+    assert commands(backend.unit_state, unit="x.timer", enabled=False, running=False,
+                    state=State(units={"x.timer": ("disabled", "inactive")})) == []
+
+
+def test_reload_unit(pyinfra_host: Any) -> None:
+    assert commands(backend.reload_unit, unit="ssh.service", action="reload") == [
+        "systemctl reload-or-restart ssh.service"]
+    assert commands(backend.reload_unit, unit="x y.service", action="restart") == [
+        "systemctl restart 'x y.service'"]
+
+
+# --------------------------------------------------------------------------------------------
+# admin users
+
+
+HASH = "$y$j9T$abc$def"
+HASH_SHA1 = hashlib.sha1(f"{HASH}\n".encode()).hexdigest()
+
+
+def test_admin_user_created(pyinfra_host: Any) -> None:
+    cmds = commands(backend.admin_user, user="alice", groups=("sudo",), password_hash=HASH,
+                    state=State(users={"alice": None}))
+    assert cmds == [
+        "useradd --create-home --shell /bin/bash --user-group --groups sudo alice",
+        f"echo 'alice:{HASH}' | chpasswd -e",
+    ]
+
+
+def test_admin_user_password_is_masked(pyinfra_host: Any) -> None:
+    cmds = list(backend.admin_user._inner(user="alice", groups=(), password_hash=HASH,
+                                          state=State(users={"alice": None})))
+    assert "--groups" not in cmds[0]
+    assert isinstance(cmds[1], StringCommand) and HASH not in str(cmds[1])
+
+
+@pytest.mark.parametrize(("current", "expected"), [
+    (UserState("/bin/bash", "/home/alice", ("alice", "sudo"), HASH_SHA1), []),
+    (UserState("/bin/bash", "/home/alice", ("alice",), HASH_SHA1),
+     ["usermod -aG sudo alice"]),
+    (UserState("/bin/sh", "/home/alice", ("alice", "sudo"), HASH_SHA1),
+     ["usermod --shell /bin/bash alice"]),
+    (UserState("/bin/bash", "/home/alice", ("alice", "sudo"), "0" * 40),
+     [f"echo 'alice:{HASH}' | chpasswd -e"]),
+])
+def test_admin_user_converges(pyinfra_host: Any, current: UserState,
+                              expected: list[str]) -> None:
+    assert commands(backend.admin_user, user="alice", groups=("sudo",), password_hash=HASH,
+                    state=State(users={"alice": current})) == expected
+
+
+def test_admin_user_leaves_sudo_group_when_sudo_is_revoked(pyinfra_host: Any) -> None:
+    cmds = commands(backend.admin_user, user="alice", groups=(), password_hash=None,
+                    state=State(users={"alice": UserState("/bin/bash", "/home/alice",
+                                                          ("alice", "sudo"), "")}))
+    assert any("sudo" in c and ("gpasswd -d" in c or "deluser" in c or "usermod -G" in c
+                                or "usermod -rG" in c) for c in cmds), cmds
+
+
+def test_admin_user_hash_comparison_matches_the_state_script(pyinfra_host: Any,
+                                                             tmp_path: Path) -> None:
+    """The op's sha1 of the wanted hash and the script's sha1 of the shadow field agree, so
+    an unchanged password is not set again. The script runs for real, against getent/id
+    stand-ins that know alice with password hash HASH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "getent").write_text(
+        "#!/bin/sh\n"
+        "case \"$1\" in\n"
+        "  passwd) echo 'alice:x:1001:1001::/home/alice:/bin/bash' ;;\n"
+        f"  shadow) echo 'alice:{HASH}:19000:0:99999:7:::' ;;\n"
+        "esac\n")
+    (bin_dir / "id").write_text("#!/bin/sh\necho alice sudo\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    q = Query(users=("alice",))
+    res = subprocess.run(["/bin/sh", "-c", script(q)], capture_output=True, text=True,
+                         env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    state = parse(q, res.stdout.splitlines())
+    assert commands(backend.admin_user, user="alice", groups=("sudo",), password_hash=HASH,
+                    state=state) == []
+    assert commands(backend.admin_user, user="alice", groups=("sudo",),
+                    password_hash="$y$j9T$new$hash", state=state) == [
+        "echo 'alice:$y$j9T$new$hash' | chpasswd -e"]
+
+
+def test_resolve_hash(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert backend._resolve_hash(HASH) == HASH
+    monkeypatch.setenv("SELFHOST_TEST_HASH", HASH)
+    assert backend._resolve_hash("secret:env:SELFHOST_TEST_HASH") == HASH
+    f = tmp_path / "hash"
+    f.write_text(HASH + "\n")
+    assert backend._resolve_hash(f"secret:file:{f}") == HASH
+    monkeypatch.delenv("SELFHOST_TEST_HASH")
+    with pytest.raises(LookupError):
+        backend._resolve_hash("secret:env:SELFHOST_TEST_HASH")
+
+
+def test_expand_sync(tmp_path: Path) -> None:
+    src = tmp_path / "site"
+    (src / "css").mkdir(parents=True)
+    (src / "index.html").write_text("<h1>hi</h1>")
+    (src / "css" / "a.css").write_text("body{}")
+    (src / "link.html").symlink_to(src / "index.html")
+    files = backend._expand_sync(Sync(str(src), "/srv/www/x", "services.web"))
+    assert [(f.path, f.mode) for f in files] == [("/srv/www/x/css/a.css", "0644"),
+                                                  ("/srv/www/x/index.html", "0644")]
+    with pytest.raises(backend.DeployError, match="does not exist"):
+        backend._expand_sync(Sync(str(tmp_path / "nope"), "/srv/www/x", "services.web"))
+
+
+# --------------------------------------------------------------------------------------------
+# apply_plan against a real pyinfra State
+
+
+def _server() -> Server:
+    return Server.model_validate({
+        "hostname": "nas", "domain": "home.arpa",
+        "admins": [{"name": "alice", "ssh_keys": [ALICE]}],
+        "services": {"web": {"sites": [{"host": "www", "source": "site"}]}},
+    }).with_base_dir(ROOT / "examples")
+
+
+def _apply(plan: Any, server: Server, state: State, monkeypatch: pytest.MonkeyPatch,
+           host: Any) -> tuple[list[Query], list[tuple[str, bool, list[str]]]]:
+    """Run apply_plan with ``state`` as the host's state; return the queries asked and, per
+    op in order, (name, gated by _if, commands)."""
+    queries: list[Query] = []
+
+    def fake_get_state(q: Query) -> State:
+        queries.append(q)
+        return state
+
+    monkeypatch.setattr(backend, "_get_state", fake_get_state)
+    backend.apply_plan(plan, server)
+    pstate = host.state
+    ops = []
+    for op_hash in pstate.get_op_order():
+        data = pstate.get_op_data_for_host(host, op_hash)
+        gated = callable(data.global_arguments.get("_if"))
+        cmds = [c.get_raw_value() if isinstance(c, StringCommand) else str(c)
+                for c in data.command_generator()]
+        (name,) = pstate.op_meta[op_hash].names
+        ops.append((name, gated, cmds))
+    return queries, ops
+
+
+def _converged(plan: Any, query: Query) -> State:
+    """The state of a host on which this plan has already been applied."""
+    files: dict[str, FileState | None] = {}
+    for step in plan.steps:
+        if isinstance(step, File):
+            f = step.file
+            files[f.path] = FileState(hashlib.sha1(f.content.encode()).hexdigest(), f.mode,
+                                      f.owner, f.group)
+        if isinstance(step, Sync):
+            for mf in backend._expand_sync(step):
+                data = (Path(step.src) / mf.path.removeprefix(step.dest + "/")).read_bytes()
+                files[mf.path] = FileState(hashlib.sha1(data).hexdigest(), mf.mode,
+                                           mf.owner, mf.group)
+        if isinstance(step, User):
+            keys = "".join(k + "\n" for k in step.ssh_keys).encode()
+            files[f"/home/{step.name}/.ssh/authorized_keys"] = FileState(
+                hashlib.sha1(keys).hexdigest(), "0600", step.name, step.name)
+    dirs: dict[str, FileState | None] = {}
+    for step in plan.steps:
+        if isinstance(step, Directory):
+            d = step.dir
+            dirs[d.path] = FileState("-", d.mode, d.owner, d.group)
+        if isinstance(step, User):
+            dirs[f"/home/{step.name}/.ssh"] = FileState("-", "0700", step.name, step.name)
+    users = {
+        s.name: UserState("/bin/bash", f"/home/{s.name}", (s.name, *s.groups), "")
+        for s in plan.steps if isinstance(s, User)
+    }
+    assert set(files) == set(query.files) and set(dirs) == set(query.dirs)
+    return State(files=files, dirs=dirs, guards=dict.fromkeys(query.guards, True),
+                 units={u: ("enabled", "active") for u in query.units},
+                 packages=dict.fromkeys(query.packages, True), users=users)
+
+
+def test_apply_plan_wiring(pyinfra_host: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = _server()
+    plan = compile_server(server, Target())
+    queries, ops = _apply(plan, server, parse(Query(), []), monkeypatch, pyinfra_host)
+
+    # One batched state read, asking for everything the plan depends on.
+    (q,) = queries
+    assert set(plan.files()) <= set(q.files)
+    assert "/srv/www/www.home.arpa/index.html" in q.files
+    assert "/home/alice/.ssh/authorized_keys" in q.files
+    assert "/home/alice/.ssh" in q.dirs and "/srv/www/www.home.arpa" in q.dirs
+    assert set(q.units) == {s.name for s in plan.steps if isinstance(s, UnitState)}
+    assert set(q.packages) == set(next(s for s in plan.steps if isinstance(s, Packages)).names)
+    assert set(q.guards) == {s.command.unless for s in plan.steps
+                             if isinstance(s, Run) and s.command.unless}
+    assert q.users == ("alice",)
+
+    names = [name for name, _, _ in ops]
+    assert names[0] == "Packages"
+    for path in plan.files():
+        assert f"File {path}" in names
+    assert "Site file /srv/www/www.home.arpa/index.html" in names
+    # Exactly the reloads and the on_change commands run only when their files changed.
+    gated = {name for name, is_gated, _ in ops if is_gated}
+    assert gated == (
+        {f"{s.action.title()} {s.unit}" for s in plan.steps if isinstance(s, Reload)}
+        | {s.command.name for s in plan.steps if isinstance(s, Run) and s.command.on_change})
+    assert {"Reload ssh.service", "Reload caddy.service", "Reload fail2ban.service",
+            "Reload nftables.service", "apply kernel settings"} <= gated
+    assert names.index("File /etc/nftables.conf") < names.index("Reload nftables.service")
+    assert names.index("Admin alice") < names.index("/home/alice/.ssh/authorized_keys")
+    # On a blank host every ungated op has work to do.
+    assert [name for name, is_gated, cmds in ops if not is_gated and not cmds] == []
+    reload_ssh = next(cmds for name, _, cmds in ops if name == "Reload ssh.service")
+    assert reload_ssh == ["systemctl reload-or-restart ssh.service"]
+
+
+def test_apply_plan_on_a_converged_host_sends_no_commands(pyinfra_host: Any,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    server = _server()
+    plan = compile_server(server, Target())
+    (q,), _ = _apply(plan, server, parse(Query(), []), monkeypatch, pyinfra_host)
+    # A fresh pyinfra State for the second deploy.
+    inventory = Inventory((["@local"], {}))
+    pstate = PyinfraState(inventory, Config())
+    host = inventory.get_host("@local")
+    with ctx_state.use(pstate), ctx_inventory.use(inventory), ctx_config.use(pstate.config), \
+            ctx_host.use(host):
+        _, ops = _apply(plan, server, _converged(plan, q), monkeypatch, host)
+    busy = [(name, cmds) for name, is_gated, cmds in ops if not is_gated and cmds]
+    assert busy == []

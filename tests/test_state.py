@@ -1,0 +1,267 @@
+"""The batched state script: generated shell, run for real with /bin/sh against files made in
+tmp_path, and its parser. Units, packages and users (which need systemd, dpkg and real
+accounts) are also checked on canned output lines."""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import os
+import pwd
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from selfhost.backend.state import FileState, Query, State, UserState, parse, script
+
+ME = pwd.getpwuid(os.getuid()).pw_name
+MY_GROUP = grp.getgrgid(os.getgid()).gr_name
+
+
+def run(q: Query) -> tuple[list[str], State]:
+    res = subprocess.run(["/bin/sh", "-c", script(q)], capture_output=True, text=True,
+                         timeout=30)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    return lines, parse(q, lines)
+
+
+def sha1(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Real execution
+
+
+def test_files(tmp_path: Path) -> None:
+    conf = tmp_path / "app.conf"
+    conf.write_bytes(b"key = value\n")
+    conf.chmod(0o640)
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    empty.chmod(0o600)
+    suid = tmp_path / "tool"
+    suid.write_bytes(b"\x00\xff binary")
+    suid.chmod(0o4755)
+    odd = tmp_path / "it's a file; $(echo pwned)"
+    odd.write_bytes(b"odd\n")
+    odd.chmod(0o644)
+    missing = tmp_path / "missing"
+    a_dir = tmp_path / "dir"
+    a_dir.mkdir()
+
+    q = Query(files=tuple(map(str, (conf, empty, suid, odd, missing, a_dir))))
+    _, st = run(q)
+
+    assert st.files[str(conf)] == FileState(sha1(b"key = value\n"), "0640", ME, MY_GROUP)
+    assert st.files[str(empty)] == FileState(sha1(b""), "0600", ME, MY_GROUP)
+    assert st.files[str(suid)] == FileState(sha1(b"\x00\xff binary"), "4755", ME, MY_GROUP)
+    assert st.files[str(odd)] == FileState(sha1(b"odd\n"), "0644", ME, MY_GROUP)
+    assert st.files[str(missing)] is None
+    assert st.files[str(a_dir)] is None  # a directory is not the file we manage
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_dirs(tmp_path: Path) -> None:
+    private = tmp_path / "private"
+    private.mkdir()
+    private.chmod(0o700)
+    sticky = tmp_path / "shared dir"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+
+    q = Query(dirs=(str(private), str(sticky), str(a_file), str(tmp_path / "nope")))
+    _, st = run(q)
+    assert st.dirs[str(private)] == FileState("-", "0700", ME, MY_GROUP)
+    assert st.dirs[str(sticky)] == FileState("-", "1777", ME, MY_GROUP)
+    assert st.dirs[str(a_file)] is None
+    assert st.dirs[str(tmp_path / "nope")] is None
+
+
+def test_guards(tmp_path: Path) -> None:
+    flag = tmp_path / "flag"
+    flag.write_text("ready\n")
+    guards = (
+        "true",
+        "false",
+        f"test -f {flag}",
+        f"test -f {tmp_path}/absent",
+        f"grep -qx ready {flag} && echo noise && echo more noise >&2",
+        "exit 3",
+        f"test \"$(cat {flag})\" = ready",
+        "awk 'BEGIN {exit 1}'",
+    )
+    lines, st = run(Query(guards=guards))
+    assert [st.guards[g] for g in guards] == [True, False, True, False, True, False, True, False]
+    assert not [ln for ln in lines if "noise" in ln]  # guard output never reaches the parser
+
+
+def test_one_round_trip_for_everything(tmp_path: Path) -> None:
+    """Many entries of every kind in one script; indexes past 9 map back correctly."""
+    files = []
+    for i in range(12):
+        p = tmp_path / f"f{i}"
+        p.write_text(str(i))
+        files.append(str(p))
+    dirs = [str(tmp_path)] * 2 + [str(tmp_path / "none")]
+    guards = [f"test -f {f}" for f in files] + [f"test -d {files[0]}"]
+    _, st = run(Query(files=tuple(files), dirs=tuple(dirs), guards=tuple(guards)))
+    for i, f in enumerate(files):
+        assert st.files[f] is not None and st.files[f].sha1 == sha1(str(i).encode())
+    assert all(st.guards[g] for g in guards[:-1]) and not st.guards[guards[-1]]
+    assert st.dirs[str(tmp_path / "none")] is None and st.dirs[str(tmp_path)] is not None
+
+
+def test_empty_query() -> None:
+    lines, st = run(Query())
+    assert lines == []
+    assert st == State()
+
+
+def test_script_survives_missing_tools_and_names(tmp_path: Path) -> None:
+    """Unknown packages, units and users produce defaults, and the script still exits 0."""
+    q = Query(units=("selfhost-no-such.service",), packages=("selfhost-no-such-package",),
+              users=("selfhost-no-such-user",), files=(str(tmp_path / "x"),))
+    _, st = run(q)
+    assert st.packages == {"selfhost-no-such-package": False}
+    assert st.users == {"selfhost-no-such-user": None}
+    assert st.files == {str(tmp_path / "x"): None}
+    assert st.units["selfhost-no-such.service"][1] != "active"
+
+
+@pytest.mark.skipif(shutil.which("dpkg-query") is None, reason="not a Debian system")
+def test_packages_for_real() -> None:
+    _, st = run(Query(packages=("dpkg", "selfhost-no-such-package")))
+    assert st.packages == {"dpkg": True, "selfhost-no-such-package": False}
+
+
+def test_users_for_real() -> None:
+    _, st = run(Query(users=(ME, "selfhost-no-such-user")))
+    me = st.users[ME]
+    entry = pwd.getpwnam(ME)
+    assert me is not None
+    assert (me.shell, me.home) == (entry.pw_shell, entry.pw_dir)
+    groups = {grp.getgrgid(g).gr_name for g in os.getgrouplist(ME, entry.pw_gid)}
+    assert set(me.groups) == groups
+    assert len(me.shadow_sha1) == 40
+    assert st.users["selfhost-no-such-user"] is None
+
+
+FAKE_GETENT = """#!/bin/sh
+case "$1 $2" in
+  "passwd alice") echo 'alice:x:1001:1001:Alice:/home/alice:/bin/bash' ;;
+  "shadow alice") echo 'alice:$y$j9T$abc$def:19000:0:99999:7:::' ;;
+  *) exit 2 ;;
+esac
+"""
+FAKE_ID = """#!/bin/sh
+[ "$1 $2" = "-nG alice" ] && echo "alice sudo users" || exit 1
+"""
+
+
+def fake_accounts(bin_dir: Path) -> dict[str, str]:
+    """PATH with stand-ins for getent and id that know one account, alice."""
+    bin_dir.mkdir()
+    for name, text in (("getent", FAKE_GETENT), ("id", FAKE_ID)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_users_from_a_stubbed_account_database(tmp_path: Path) -> None:
+    """The users part, run for real against getent/id stand-ins (reading /etc/shadow for a
+    real admin account would need root and such an account)."""
+    q = Query(users=("alice", "bob"))
+    res = subprocess.run(["/bin/sh", "-c", script(q)], capture_output=True, text=True,
+                         env=fake_accounts(tmp_path / "bin"), timeout=30)
+    assert res.returncode == 0, res.stderr
+    st = parse(q, res.stdout.splitlines())
+    assert st.users == {
+        "alice": UserState("/bin/bash", "/home/alice", ("alice", "sudo", "users"),
+                           sha1(b"$y$j9T$abc$def\n")),
+        "bob": None,
+    }
+
+
+def test_symlinked_file_reports_the_mode_of_what_it_hashes(tmp_path: Path) -> None:
+    target = tmp_path / "real.conf"
+    target.write_text("x\n")
+    target.chmod(0o644)
+    link = tmp_path / "link.conf"
+    link.symlink_to(target)
+    _, st = run(Query(files=(str(link),)))
+    assert st.files[str(link)] == FileState(sha1(b"x\n"), "0644", ME, MY_GROUP)
+
+
+def test_script_quotes_names() -> None:
+    text = script(Query(files=("/etc/a b",), units=("x;reboot",), users=("u$(id)",),
+                        packages=("p`id`",)))
+    assert "'/etc/a b'" in text
+    assert "'x;reboot'" in text and "'u$(id)'" in text and "'p`id`'" in text
+
+
+# --------------------------------------------------------------------------------------------
+# Parser on canned output (units, packages, users need a real Debian host)
+
+
+def test_parse_units() -> None:
+    q = Query(units=("ssh.service", "caddy.service", "apt-daily.timer", "gone.service"))
+    st = parse(q, [
+        "U\t0\tenabled\tactive",
+        "U\t1\tdisabled\tinactive",
+        "U\t2\tstatic",  # trailing empty field stripped by the transport
+        "U\t3",
+    ])
+    assert st.units == {
+        "ssh.service": ("enabled", "active"),
+        "caddy.service": ("disabled", "inactive"),
+        "apt-daily.timer": ("static", ""),
+        "gone.service": ("", ""),
+    }
+
+
+def test_parse_packages() -> None:
+    q = Query(packages=("caddy", "nftables", "fail2ban", "sudo"))
+    st = parse(q, ["P\tcaddy\tii ", "P\tnftables\trc ", "P\tfail2ban\tun ",
+                   "P\tsudo\tiF "])  # half-configured: not installed properly
+    assert st.packages == {"caddy": True, "nftables": False, "fail2ban": False, "sudo": False}
+
+
+def test_parse_held_package_is_installed() -> None:
+    st = parse(Query(packages=("caddy",)), ["P\tcaddy\thi "])
+    assert st.packages == {"caddy": True}
+
+
+def test_parse_users() -> None:
+    q = Query(users=("alice", "bob", "carol"))
+    st = parse(q, [
+        "W\t0\t/bin/bash\t/home/alice\talice,sudo\t" + "a" * 40,
+        "W\t1\t-",
+        "W\t2\t/bin/sh",  # truncated line: ignored
+    ])
+    assert st.users == {
+        "alice": UserState("/bin/bash", "/home/alice", ("alice", "sudo"), "a" * 40),
+        "bob": None,
+        "carol": None,
+    }
+
+
+def test_parse_ignores_noise() -> None:
+    """Banners or motd text on stdout must not be mistaken for state."""
+    q = Query(files=("/etc/x",), guards=("true",))
+    st = parse(q, ["Welcome to Debian!", "", "F\tx\tdeadbeef\t644 root root",
+                   "G", "Z\t0\t1", "F\t0\t" + "b" * 40 + "\t644 root root"])
+    assert st.files == {"/etc/x": FileState("b" * 40, "0644", "root", "root")}
+    assert st.guards == {"true": False}
+
+
+def test_parse_defaults_when_nothing_is_printed() -> None:
+    q = Query(files=("/a",), dirs=("/d",), guards=("g",), units=("u",), packages=("p",),
+              users=("w",))
+    assert parse(q, []) == State(files={"/a": None}, dirs={"/d": None}, guards={"g": False},
+                                 units={"u": ("", "")}, packages={"p": False}, users={"w": None})
