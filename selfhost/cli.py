@@ -1,0 +1,194 @@
+"""The ``selfhost`` command: check a server description, show its plan, print its schema.
+
+Exit status: 0 when everything is fine, 2 when a file is invalid (every problem is printed on
+standard error as ``FILE:LINE:COL: field.path: message``), 1 on an internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from selfhost.compile.target import RELEASES
+
+if TYPE_CHECKING:
+    from selfhost.models.server import Server
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_INVALID = 2
+
+DEFAULT_SCHEMA_PATH = Path("schema/selfhost.schema.json")
+
+
+def _err(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def _load(file: str, debug: bool) -> Server | int:
+    """Load and validate ``file``. If it is invalid, print its problems and return the exit
+    status instead."""
+    from selfhost.config import ConfigError, Issue, load_server
+
+    try:
+        return load_server(file)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            _err(issue.format())
+        return EXIT_INVALID
+    except Exception as exc:  # a bug, not bad input: say so without a traceback
+        if debug:
+            raise
+        _err(Issue(file, 1, 1, "-", f"internal error: {type(exc).__name__}: {exc} "
+                                    "(run with --debug for a traceback)").format())
+        return EXIT_INTERNAL
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    status = EXIT_OK
+    for file in args.files:
+        result = _load(file, args.debug)
+        if isinstance(result, int):
+            status = max(status, result)
+        else:
+            print(f"{file}: ok")
+    return status
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from selfhost.compile import Target, compile_server
+    from selfhost.config import Issue
+
+    server = _load(args.file, args.debug)
+    if isinstance(server, int):
+        return server
+    try:
+        plan = compile_server(server, Target(release=args.release))
+    except ValueError as exc:  # a conflict the model could not see (two writers of a file)
+        if args.debug:
+            raise
+        _err(Issue(args.file, 1, 1, "-", f"cannot compile a plan: {exc}").format())
+        return EXIT_INVALID
+    if args.json:
+        print(json.dumps(plan.to_data(), indent=2))
+    else:
+        sys.stdout.write(plan.render())
+    return EXIT_OK
+
+
+def schema_text() -> str:
+    """The JSON Schema of a server description, as written to the schema file."""
+    from selfhost.config import server_json_schema
+
+    return json.dumps(server_json_schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    text = schema_text()
+    if args.output is None or args.output == "-":
+        sys.stdout.write(text)
+        return EXIT_OK
+    out = Path(args.output)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        _err(f"selfhost schema: cannot write {out}: {exc.strerror or exc}")
+        return EXIT_INTERNAL
+    _err(f"wrote {out}")
+    return EXIT_OK
+
+
+def cmd_listening(args: argparse.Namespace) -> int:
+    """List sockets on the target that the model does not account for (exit 1 if any)."""
+    from selfhost.audit import SS_COMMAND, is_loopback, parse_ss, runner, unaccounted
+    from selfhost.compile import Target, compile_server
+
+    server = _load(args.file, args.debug)
+    if isinstance(server, int):
+        return server
+    run = runner(podman=args.podman, ssh=args.ssh, ssh_port=args.port)
+    try:
+        release = run(". /etc/os-release; echo $VERSION_CODENAME").strip()
+        sockets = parse_ss(run(SS_COMMAND))
+    except (RuntimeError, OSError) as exc:
+        _err(f"selfhost listening: {exc}")
+        return EXIT_INTERNAL
+    plan = compile_server(server, Target(release=release if release in RELEASES else "bookworm"))
+    extra = unaccounted(plan, sockets)
+    public = [s for s in sockets if s not in extra]
+    for sock in sorted(public, key=lambda s: (s.port, s.proto)):
+        print(f"{'internal' if is_loopback(sock.address) else 'ok':11} {sock.describe()}")
+    for sock in extra:
+        print(f"UNACCOUNTED {sock.describe()}")
+    print(f"{len(extra)} listening socket(s) not accounted for by {args.file}")
+    return 1 if extra else EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selfhost",
+        description="Describe a home server as typed data, check it, and see what a deploy "
+        "would do.",
+    )
+    parser.add_argument("--debug", action="store_true",
+                        help="show a traceback on internal errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check server descriptions and report every problem",
+                       description="Check YAML server descriptions. Prints 'FILE: ok' for a "
+                       "valid file, else every problem as FILE:LINE:COL: field.path: message "
+                       "(exit status 2).")
+    p.add_argument("files", nargs="+", metavar="FILE", help="YAML file(s) to check")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plan", help="show what a deploy of a server description would do",
+                       description="Validate FILE, then print the plan compiled from it.")
+    p.add_argument("file", metavar="FILE", help="YAML server description")
+    p.add_argument("--release", choices=RELEASES, default="bookworm",
+                   help="Debian release of the target (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON data")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of a server description",
+                       description="Print the JSON Schema of a server description (for "
+                       "editors using yaml-language-server), or write it to a file.")
+    p.add_argument("-o", "--output", metavar="PATH",
+                   help=f"write the schema to PATH (e.g. {DEFAULT_SCHEMA_PATH}) instead of "
+                   "printing it")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("listening", help="list sockets on a target the model does not account for",
+                       description="Run `ss` on the target and report every socket reachable "
+                       "from the network that no port of the model explains (exit status 1 if "
+                       "any). Loopback-only sockets are internal and not reported.")
+    p.add_argument("file", metavar="FILE", help="YAML server description")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--podman", metavar="NAME", help="a local podman container")
+    where.add_argument("--ssh", metavar="USER@HOST", help="a host reached with ssh (and sudo)")
+    p.add_argument("--port", type=int, help="SSH port")
+    p.set_defaults(func=cmd_listening)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        status: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `selfhost plan f | head`: the reader left, nothing to report
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
