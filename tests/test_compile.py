@@ -46,7 +46,7 @@ BOB = (ROOT / "tests" / "fixtures" / "keys" / "ed25519_bob.pub").read_text().str
 SSHD_CONFIG = "/etc/ssh/sshd_config"
 NFTABLES = "/etc/nftables.conf"
 CADDYFILE = "/etc/caddy/Caddyfile"
-JAIL = "/etc/fail2ban/jail.d/selfhost.local"
+JAIL = "/etc/fail2ban/jail.local"
 SUDOERS = "/etc/sudoers.d/selfhost-admins"
 SYSCTL = "/etc/sysctl.d/60-selfhost-hardening.conf"
 MODPROBE = "/etc/modprobe.d/selfhost-blacklist.conf"
@@ -54,7 +54,7 @@ MODPROBE = "/etc/modprobe.d/selfhost-blacklist.conf"
 # ssh-audit's built-in policies "Hardened Debian 12 (version 3)" / "Hardened Debian 13".
 KEX = {
     "bookworm": [
-        "sntrup761x25519-sha512@openssh.com", "curve25519-sha256",
+        "sntrup761x25519-sha512", "sntrup761x25519-sha512@openssh.com", "curve25519-sha256",
         "curve25519-sha256@libssh.org", "diffie-hellman-group16-sha512",
         "diffie-hellman-group18-sha512", "diffie-hellman-group-exchange-sha256",
     ],

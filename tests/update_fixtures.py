@@ -47,7 +47,7 @@ KEY_FILES = (
     "/etc/ssh/sshd_config",
     "/etc/nftables.conf",
     "/etc/caddy/Caddyfile",
-    "/etc/fail2ban/jail.d/selfhost.local",
+    "/etc/fail2ban/jail.local",
     "/etc/sudoers.d/selfhost-admins",
     "/etc/apt/apt.conf.d/52selfhost-unattended-upgrades",
 )

@@ -82,6 +82,7 @@ def collect(server: Server, target: Target) -> list[tuple[str, Contribution]]:
     out.append(("hardening.updates", h.updates.contribute(server, target)))
     out.append(("hardening.accounts", h.accounts.contribute(server, target)))
     out.append(("hardening.minimal", h.minimal.contribute(server, target)))
+    out.append(("hardening.audit", h.audit.contribute(server, target)))
     for name in type(server.services).model_fields:
         svc = getattr(server.services, name)
         if svc is not None and svc.enabled:

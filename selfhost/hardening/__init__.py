@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from selfhost.hardening.accounts import AccountsHardening
+from selfhost.hardening.audit import AuditHardening
 from selfhost.hardening.base import Control
 from selfhost.hardening.fail2ban import Fail2banHardening
 from selfhost.hardening.firewall import FirewallHardening
@@ -40,6 +41,10 @@ class Hardening(StrictModel):
     minimal: MinimalHardening = Field(
         default_factory=MinimalHardening,
         description="Legacy/discovery software absent, dangerous units masked.",
+    )
+    audit: AuditHardening = Field(
+        default_factory=AuditHardening,
+        description="auditd, process accounting, integrity checks, rootkit scanner, banners.",
     )
 
     def disabled(self) -> list[tuple[str, str]]:

@@ -72,7 +72,9 @@ class AccountsHardening(Control):
             guards.append(guard)
         c.commands.append(Command("login.defs: umask 027, yescrypt, password aging",
                                   " && ".join(cmds), unless=" && ".join(guards)))
-        c.files.append(ManagedFile(PROFILE_UMASK, f"# Managed by selfhost.\numask {self.umask}\n"))
+        no_core = "" if self.core_dumps else "ulimit -c 0 2>/dev/null || true\n"
+        c.files.append(ManagedFile(PROFILE_UMASK,
+                                   f"# Managed by selfhost.\numask {self.umask}\n{no_core}"))
         c.files.append(ManagedFile(PWQUALITY, "\n".join([
             "# Managed by selfhost: quality of new local passwords.",
             f"minlen = {self.password_min_length}",

@@ -13,9 +13,9 @@ if TYPE_CHECKING:
     from selfhost.compile.target import Target
     from selfhost.models.server import Server
 
-JAIL_CONF = "/etc/fail2ban/jail.d/selfhost.local"
+JAIL_CONF = "/etc/fail2ban/jail.local"
 VALIDATE = (
-    "d=$(mktemp -d) && cp -a /etc/fail2ban/. \"$d\" && cp {path} \"$d/jail.d/selfhost.local\" "
+    "d=$(mktemp -d) && cp -a /etc/fail2ban/. \"$d\" && cp {path} \"$d/jail.local\" "
     "&& fail2ban-client -c \"$d\" -t >/dev/null; rc=$?; rm -rf \"$d\"; exit $rc"
 )
 

@@ -56,6 +56,7 @@ HARDENED_SYSCTL: dict[str, str] = {
     "net.core.bpf_jit_harden": "2",
     "kernel.perf_event_paranoid": "3",
     "kernel.sysrq": "0",
+    "kernel.ctrl-alt-del": "0",
     "kernel.randomize_va_space": "2",
     "kernel.core_uses_pid": "1",
     "dev.tty.ldisc_autoload": "0",

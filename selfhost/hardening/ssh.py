@@ -28,7 +28,8 @@ CRYPTO: dict[str, dict[str, list[str]]] = {
     # OpenSSH 9.2 (Debian 12)
     "bookworm": {
         "KexAlgorithms": [
-            "sntrup761x25519-sha512@openssh.com", "curve25519-sha256",
+            # The name without @openssh.com needs openssh-server 1:9.2p1-2+deb12u4 (Dec 2024).
+            "sntrup761x25519-sha512", "sntrup761x25519-sha512@openssh.com", "curve25519-sha256",
             "curve25519-sha256@libssh.org", "diffie-hellman-group16-sha512",
             "diffie-hellman-group18-sha512", "diffie-hellman-group-exchange-sha256",
         ],
@@ -72,7 +73,7 @@ class SshHardening(Control):
     )
     max_auth_tries: int = Field(default=3, ge=1, le=10, description="MaxAuthTries.")
     login_grace_time: int = Field(default=30, ge=5, le=600, description="LoginGraceTime (s).")
-    max_sessions: int = Field(default=4, ge=1, le=64, description="MaxSessions per connection.")
+    max_sessions: int = Field(default=2, ge=1, le=64, description="MaxSessions per connection.")
     allow_tcp_forwarding: bool = Field(default=False, description="AllowTcpForwarding.")
     allow_agent_forwarding: bool = Field(default=False, description="AllowAgentForwarding.")
     x11_forwarding: bool = Field(default=False, description="X11Forwarding.")
