@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--ssh", metavar="USER@HOST", help="a host reached with ssh (and sudo)")
     p.add_argument("--port", type=int, help="SSH port")
     p.set_defaults(func=cmd_listening)
+
+    from selfhost.backup.cli import add_subcommands as add_backup_subcommands
+
+    add_backup_subcommands(sub)  # backup-status, restore
     return parser
 
 

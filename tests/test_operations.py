@@ -499,24 +499,28 @@ def test_apply_plan_wiring(pyinfra_host: Any, monkeypatch: pytest.MonkeyPatch) -
                              if isinstance(s, Run) and s.command.unless}
     assert q.users == ("alice",)
 
-    names = [name for name, _, _ in ops]
-    assert names[0] == "Packages"
+    # The same fixed sequence of phase operations on every host, whatever its plan (pyinfra
+    # orders operations across hosts by call site), none gated.
+    assert [name for name, _, _ in ops] == [f"selfhost {p}" for p in backend.PHASES]
+    assert not any(gated for _, gated, _ in ops)
+    cmds = {name.removeprefix("selfhost "): c for name, _, c in ops}
+    # On a blank host every phase has work to do.
+    assert all(cmds[p] for p in backend.PHASES), cmds
+    assert any("apt-get install" in c for c in cmds["packages"])
+    files = "\n".join(cmds["files"])
     for path in plan.files():
-        assert f"File {path}" in names
-    assert "Site file /srv/www/www.home.arpa/index.html" in names
-    # Exactly the reloads and the on_change commands run only when their files changed.
-    gated = {name for name, is_gated, _ in ops if is_gated}
-    assert gated == (
-        {f"{s.action.title()} {s.unit}" for s in plan.steps if isinstance(s, Reload)}
-        | {s.command.name for s in plan.steps if isinstance(s, Run) and s.command.on_change})
-    assert {"Reload ssh.service", "Reload caddy.service", "Reload fail2ban.service",
-            "Reload nftables.service", "apply kernel settings"} <= gated
-    assert names.index("File /etc/nftables.conf") < names.index("Reload nftables.service")
-    assert names.index("Admin alice") < names.index("/home/alice/.ssh/authorized_keys")
-    # On a blank host every ungated op has work to do.
-    assert [name for name, is_gated, cmds in ops if not is_gated and not cmds] == []
-    reload_ssh = next(cmds for name, _, cmds in ops if name == "Reload ssh.service")
-    assert reload_ssh == ["systemctl reload-or-restart ssh.service"]
+        assert f"mv -f {path}.selfhost-new {path}" in files or path in files
+    assert "/srv/www/www.home.arpa/index.html" in files
+    assert any("useradd" in c for c in cmds["admins"])
+    assert any("/home/alice/.ssh/authorized_keys" in c for c in cmds["admins"])
+    # Every file changed, so every reload and on-change command runs, after the files.
+    assert cmds["reloads"] == [
+        f"systemctl reload-or-restart {s.unit}" for s in plan.steps if isinstance(s, Reload)]
+    assert {"systemctl reload-or-restart ssh.service",
+            "systemctl reload-or-restart nftables.service"} <= set(cmds["reloads"])
+    on_change = [s.command.command for s in plan.steps
+                 if isinstance(s, Run) and s.command.on_change]
+    assert on_change and all(c in cmds["commands"] for c in on_change)
 
 
 def test_apply_plan_on_a_converged_host_sends_no_commands(pyinfra_host: Any,
@@ -533,3 +537,24 @@ def test_apply_plan_on_a_converged_host_sends_no_commands(pyinfra_host: Any,
         _, ops = _apply(plan, server, _converged(plan, q), monkeypatch, host)
     busy = [(name, cmds) for name, is_gated, cmds in ops if not is_gated and cmds]
     assert busy == []
+
+
+def test_apply_plan_reloads_only_what_changed(pyinfra_host: Any,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    server = _server()
+    plan = compile_server(server, Target())
+    (q,), _ = _apply(plan, server, parse(Query(), []), monkeypatch, pyinfra_host)
+    inventory = Inventory((["@local"], {}))
+    pstate = PyinfraState(inventory, Config())
+    host = inventory.get_host("@local")
+    state = _converged(plan, q)
+    old = state.files["/etc/nftables.conf"]
+    assert old is not None
+    state.files["/etc/nftables.conf"] = FileState("0" * 40, old.mode, old.owner, old.group)
+    with ctx_state.use(pstate), ctx_inventory.use(inventory), ctx_config.use(pstate.config), \
+            ctx_host.use(host):
+        _, ops = _apply(plan, server, state, monkeypatch, host)
+    busy = {name.removeprefix("selfhost "): cmds for name, _, cmds in ops if cmds}
+    assert set(busy) == {"files", "reloads"}
+    assert len(busy["files"]) == 1 and "nft -c -f" in busy["files"][0]
+    assert busy["reloads"] == ["systemctl reload-or-restart nftables.service"]

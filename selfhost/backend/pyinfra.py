@@ -36,7 +36,6 @@ from pyinfra.api.facts import FactBase
 from pyinfra.api.hiddenvalue import HiddenValue  # masked in pyinfra's output
 from pyinfra.api.operation import operation
 from pyinfra.context import host
-from pyinfra.operations.util import any_changed
 
 from selfhost.backend.state import Query, State, parse, script
 from selfhost.compile import Target, compile_server
@@ -245,88 +244,116 @@ def _expand_sync(step: Sync) -> list[ManagedFile]:
     return out
 
 
+PHASES = ("packages", "prepare", "admins", "directories", "files", "commands", "units",
+          "reloads")
+"""Every host gets these operations, once each and in this order, whatever its plan: pyinfra
+orders operations across hosts by their call sites, so a per-step operation sequence that
+differs between hosts (one inventory, several models) would make its ordering graph cyclic."""
+
+
+def _phase_of(step: Any) -> str:
+    if isinstance(step, Packages):
+        return "packages"
+    if isinstance(step, Run):
+        return "commands" if step.command.late else "prepare"
+    if isinstance(step, User):
+        return "admins"
+    if isinstance(step, Directory):
+        return "directories"
+    if isinstance(step, File | Sync):
+        return "files"
+    if isinstance(step, UnitState):
+        return "units"
+    return "reloads"
+
+
+def _file_content(f: ManagedFile) -> bytes:
+    return (f.secret.resolve() + "\n").encode() if f.secret else f.content.encode()
+
+
+@operation()
+def plan_phase(phase: str, steps: list[Any], files: dict[str, bytes], state: State,
+               changed: set[str]) -> Generator[str | StringCommand | FileUploadCommand, None, None]:
+    """Apply the steps of one phase of the plan. ``changed`` collects the managed files that
+    this deploy rewrites, so that reloads and on-change commands of later phases know."""
+    for step in steps:
+        if isinstance(step, Packages):
+            yield from packages._inner(names=step.names, state=state)
+        elif isinstance(step, Run):
+            cmd = step.command
+            if cmd.on_change:
+                if changed.intersection(cmd.on_change):
+                    yield cmd.command
+            else:
+                yield from guarded._inner(label=cmd.name, command=cmd.command,
+                                          unless=cmd.unless, state=state)
+        elif isinstance(step, User):
+            pw = _resolve_hash(step.password_hash) if step.password_hash else None
+            yield from admin_user._inner(user=step.name, groups=step.groups, password_hash=pw,
+                                         state=state)
+            home = f"/home/{step.name}"
+            yield from managed_dir._inner(path=f"{home}/.ssh", mode="0700", owner=step.name,
+                                          group=step.name, state=state)
+            yield from _file(f"{home}/.ssh/authorized_keys",
+                             "".join(k + "\n" for k in step.ssh_keys).encode(), "0600",
+                             step.name, step.name, None, False, state, changed)
+        elif isinstance(step, Directory):
+            d = step.dir
+            yield from managed_dir._inner(path=d.path, mode=d.mode, owner=d.owner, group=d.group,
+                                          state=state)
+        elif isinstance(step, File):
+            f = step.file
+            yield from _file(f.path, files[f.path], f.mode, f.owner, f.group, f.validate,
+                             f.secret is not None, state, changed)
+        elif isinstance(step, Sync):
+            for mf in _expand_sync(step):
+                yield from _file(mf.path, files[mf.path], mf.mode, mf.owner, mf.group, None,
+                                 False, state, changed)
+        elif isinstance(step, UnitState):
+            yield from unit_state._inner(unit=step.name, enabled=step.enabled,
+                                         running=step.running, state=state)
+        elif isinstance(step, Reload) and changed.intersection(step.when):
+            yield from reload_unit._inner(unit=step.unit, action=step.action)
+
+
+def _file(path: str, content: bytes, mode: str, owner: str, group: str, validate: str | None,
+          secret: bool, state: State,
+          changed: set[str]) -> Generator[str | StringCommand | FileUploadCommand, None, None]:
+    cmds = list(managed_file._inner(path=path, content=content, mode=mode, owner=owner,
+                                    group=group, validate=validate, state=state, secret=secret))
+    if cmds:
+        changed.add(path)
+    yield from cmds
+
+
 def apply_plan(plan: Plan, server: Server) -> None:
-    """Turn each plan step into pyinfra operations on the current host."""
-    # Files uploaded from local directories become ordinary managed files.
-    sync_files: list[tuple[ManagedFile, bytes]] = []
+    """Apply a plan to the current host: one batched state query, then one operation per
+    phase (see :data:`PHASES`), each sending commands only for what differs."""
+    files: dict[str, bytes] = {}
     for step in plan.steps:
-        if isinstance(step, Sync):
+        if isinstance(step, File):
+            files[step.file.path] = _file_content(step.file)
+        elif isinstance(step, Sync):
             for mf in _expand_sync(step):
                 rel = mf.path.removeprefix(step.dest + "/")
-                sync_files.append((mf, (Path(step.src) / rel).read_bytes()))
-    home_keys: list[tuple[str, bytes]] = [
-        (s.name, ("".join(k + "\n" for k in s.ssh_keys)).encode())
-        for s in plan.steps if isinstance(s, User)
-    ]
-
+                files[mf.path] = (Path(step.src) / rel).read_bytes()
+    users = [s.name for s in plan.steps if isinstance(s, User)]
     query = Query(
-        files=tuple(
-            [s.file.path for s in plan.steps if isinstance(s, File)]
-            + [mf.path for mf, _ in sync_files]
-            + [f"/home/{name}/.ssh/authorized_keys" for name, _ in home_keys]
-        ),
+        files=tuple([*files, *(f"/home/{u}/.ssh/authorized_keys" for u in users)]),
         dirs=tuple([s.dir.path for s in plan.steps if isinstance(s, Directory)]
-                   + [f"/home/{name}/.ssh" for name, _ in home_keys]),
+                   + [f"/home/{u}/.ssh" for u in users]),
         guards=tuple(s.command.unless for s in plan.steps
                      if isinstance(s, Run) and s.command.unless),
         units=tuple(s.name for s in plan.steps if isinstance(s, UnitState)),
         packages=tuple(n for s in plan.steps if isinstance(s, Packages) for n in s.names),
-        users=tuple(name for name, _ in home_keys),
+        users=tuple(users),
     )
     state = _get_state(query)
-    file_ops: dict[str, Any] = {}
-
-    for step in plan.steps:
-        if isinstance(step, Packages):
-            packages(name="Packages", names=step.names, state=state)
-        elif isinstance(step, Run) and not step.command.on_change:
-            # Guarded by `unless` (checked in the batched state), before or after the files.
-            guarded(name=step.command.name, label=step.command.name,
-                    command=step.command.command, unless=step.command.unless, state=state)
-        elif isinstance(step, User):
-            pw = _resolve_hash(step.password_hash) if step.password_hash else None
-            _admin(step, pw, state)
-        elif isinstance(step, Directory):
-            d = step.dir
-            managed_dir(name=f"Directory {d.path}", path=d.path, mode=d.mode, owner=d.owner,
-                        group=d.group, state=state)
-        elif isinstance(step, File):
-            f = step.file
-            content = (f.secret.resolve() + "\n").encode() if f.secret else f.content.encode()
-            file_ops[f.path] = managed_file(
-                name=f"File {f.path}", path=f.path, content=content, mode=f.mode,
-                owner=f.owner, group=f.group, validate=f.validate, state=state,
-                secret=f.secret is not None)
-        elif isinstance(step, Sync):
-            for mf, data in sync_files:
-                if mf.path.startswith(step.dest + "/"):
-                    file_ops[mf.path] = managed_file(
-                        name=f"Site file {mf.path}", path=mf.path, content=data, mode=mf.mode,
-                        owner=mf.owner, group=mf.group, validate=None, state=state)
-        elif isinstance(step, Run):
-            # Runs only when one of its files changed in this deploy.
-            ops = [file_ops[p] for p in step.command.on_change if p in file_ops]
-            guarded(name=step.command.name, label=step.command.name,
-                    command=step.command.command, unless=None,
-                    state=state, _if=any_changed(*ops))
-        elif isinstance(step, UnitState):
-            unit_state(name=f"Unit {step.name}", unit=step.name, enabled=step.enabled, running=step.running,
-                       state=state)
-        elif isinstance(step, Reload):
-            ops = [file_ops[p] for p in step.when if p in file_ops]
-            reload_unit(name=f"{step.action.title()} {step.unit}", unit=step.unit, action=step.action,
-                        _if=any_changed(*ops))
-
-
-def _admin(step: User, pw: str | None, state: State) -> None:
-    admin_user(name=f"Admin {step.name}", user=step.name, groups=step.groups, password_hash=pw, state=state)
-    home = f"/home/{step.name}"
-    managed_dir(name=f"{home}/.ssh", path=f"{home}/.ssh", mode="0700", owner=step.name,
-                group=step.name, state=state)
-    keys = "".join(k + "\n" for k in step.ssh_keys).encode()
-    managed_file(name=f"{home}/.ssh/authorized_keys", path=f"{home}/.ssh/authorized_keys",
-                 content=keys, mode="0600", owner=step.name, group=step.name, validate=None,
-                 state=state)
+    changed: set[str] = set()
+    for phase in PHASES:
+        steps = [s for s in plan.steps if _phase_of(s) == phase]
+        plan_phase(name=f"selfhost {phase}", phase=phase, steps=steps, files=files, state=state,
+                   changed=changed)
 
 
 def target_for_host() -> Target:
@@ -363,3 +390,7 @@ def home_server(config: str | None = None) -> None:
     server = load(path)
     plan = compile_server(server, target_for_host())
     apply_plan(plan, server)
+    # The other ends of backup repositories on peers (the friend's host), when any.
+    from selfhost.backup.deploy import backup_fleet
+
+    backup_fleet(config=str(path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from selfhost.backup import restic
 from selfhost.compile.plan import (
     Directory,
     File,
@@ -57,9 +58,11 @@ def _base(server: Server) -> Contribution:
     name = server.hostname
     c.commands.append(Command(
         f"host name {name}",
-        f"hostnamectl set-hostname {name} 2>/dev/null || "
-        f"{{ echo {name} > /etc/hostname; hostname {name}; }}",
-        unless=f'test "$(hostname)" = {name}',
+        f"hostnamectl set-hostname {name} 2>/dev/null || {{ echo {name} > /etc/hostname; "
+        f"hostname {name} 2>/dev/null || echo 'selfhost: the running host name cannot be "
+        "changed here (a container?); /etc/hostname is set for the next boot' >&2; }",
+        unless=f"grep -qx {name} /etc/hostname && "
+        f'{{ test "$(hostname)" = {name} || systemd-detect-virt --container --quiet; }}',
     ))
     lines = ["# Managed by selfhost: the admins from the model."]
     for admin in sorted(server.admins, key=lambda a: a.name):
@@ -87,6 +90,9 @@ def collect(server: Server, target: Target) -> list[tuple[str, Contribution]]:
         svc = getattr(server.services, name)
         if svc is not None and svc.enabled:
             out.append((f"services.{name}", svc.contribute(server)))
+    # Backups of every data path contributed so far (plus backup.extra_paths).
+    data = [d for _, c in out for d in c.data]
+    out.append(("backup", restic.contribute(server, target, data)))
     # Controls derived from what the others contribute.
     ports = [p for _, c in out for p in c.ports]
     jails = [j for _, c in out for j in c.jails]

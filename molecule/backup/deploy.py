@@ -1,0 +1,49 @@
+"""Test deploy of the backup scenario: the normal home_server plan with the backup
+contribution merged in exactly as selfhost/backup/INTEGRATION.md proposes for
+selfhost/compile/compiler.py::collect, then the fleet part (peer accounts, keys).
+
+Test-only addition: a tiny "notes" service with an SQLite database whose DataPath has a
+before_backup dump hook, to exercise the consistency hooks with a real database.
+"""
+
+from pyinfra.api.exceptions import DeployError
+from pyinfra.context import host
+
+import selfhost.compile.compiler as compiler
+from selfhost.backend.pyinfra import apply_plan, target_for_host
+from selfhost.backup import restic
+from selfhost.backup.deploy import backup_fleet, load_model
+from selfhost.compile import compile_server
+from selfhost.services.base import Contribution, DataPath, ManagedDir
+
+NOTES_DB = "/var/lib/notes/notes.db"
+# pyinfra runs this file once per host: wrap the original collect only once.
+_collect = getattr(compiler, "_selfhost_original_collect", compiler.collect)
+compiler._selfhost_original_collect = _collect
+
+
+def _collect_with_backup(server, target):
+    out = _collect(server, target)
+    at = next(i for i, (name, _) in enumerate(out) if name == "hardening.kernel")
+    if server.hostname == "nas":
+        notes = Contribution(
+            packages=["sqlite3"],
+            directories=[ManagedDir("/var/lib/notes", "0750")],
+            data=[DataPath("/var/lib/notes", "notes",
+                           before_backup=f"sqlite3 {NOTES_DB} '.backup /var/lib/notes/dump.db'")],
+        )
+        out.insert(at, ("services.notes", notes))
+        at += 1
+    data = [d for _, c in out for d in c.data]
+    out.insert(at, ("backup", restic.contribute(server, target, data)))
+    return out
+
+
+compiler.collect = _collect_with_backup
+
+path = host.data.get("selfhost_config")
+if not path:
+    raise DeployError("set host data selfhost_config")
+server = load_model(path)
+apply_plan(compile_server(server, target_for_host()), server)
+backup_fleet()

@@ -1,0 +1,220 @@
+"""Contract tests of the deployed backups (testinfra, podman backend), on the server container
+with its friend's backup host next to it (same network namespace; sftp to 127.0.0.1:2222).
+
+Run by Molecule's verifier, or by hand against converged containers:
+    .venv/bin/pytest molecule/backup/tests --hosts=podman://bk-nas-bookworm
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPOS = ("usb", "friend")
+WEB = "/srv/www/www.home.arpa"
+EXTRA = "/srv/extra"
+NOTES = "/var/lib/notes"
+GLUE = "/usr/local/sbin/selfhost-backup"
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def sh(host: Any, cmd: str) -> str:
+    return str(host.check_output(cmd))
+
+
+def manifest(host: Any, root: str, paths: tuple[str, ...] = (WEB, EXTRA)) -> str:
+    """sha256 of every file under ``paths`` (below ``root``), with paths relative to root."""
+    return sh(host, f"cd {root} && find {' '.join(p.lstrip('/') for p in paths)} -type f "
+                    "-print0 | sort -z | xargs -0 sha256sum")
+
+
+def backup(host: Any, repo: str) -> tuple[str, float]:
+    t0 = time.monotonic()
+    res = host.run(f"systemctl start selfhost-backup-{repo}.service")
+    elapsed = time.monotonic() - t0
+    assert res.rc == 0, host.run(f"journalctl -u selfhost-backup-{repo} -n 30 --no-pager").stdout
+    snaps = json.loads(sh(host, f"{GLUE} restic {repo} snapshots --json --latest 1 --tag selfhost"))
+    return snaps[-1]["short_id"], elapsed
+
+
+@pytest.fixture(scope="module")
+def timings() -> dict[str, float]:
+    out: dict[str, float] = {}
+    yield out
+    sys.stderr.write("\nbackup/restore timings (s): " + json.dumps(out) + "\n")
+    Path(os.environ.get("SELFHOST_BACKUP_TIMINGS", "/tmp/selfhost-backup-timings.json")
+         ).write_text(json.dumps(out, indent=2))
+
+
+def test_deployed_files_are_private_and_secret_free(host: Any) -> None:
+    for repo in REPOS:
+        pw = host.file(f"/etc/selfhost/backup/{repo}.password")
+        assert (pw.user, pw.group, pw.mode) == ("root", "root", 0o600)
+        secret = pw.content_string.strip()
+        for f in sh(host, "ls /etc/systemd/system/selfhost-backup* /etc/selfhost/backup/*.env "
+                          "/usr/local/sbin/selfhost-backup").split():
+            assert secret not in host.file(f).content_string, f
+    assert host.file("/etc/selfhost/backup").mode == 0o700
+    for t in ("selfhost-backup-usb.timer", "selfhost-backup-friend.timer",
+              "selfhost-backup-check-friend.timer", "selfhost-backup-late.timer"):
+        assert host.service(t).is_enabled and host.service(t).is_running, t
+    props = sh(host, "systemctl show selfhost-backup-usb.timer -p RandomizedDelayUSec "
+                     "-p Persistent")
+    assert "Persistent=yes" in props and "RandomizedDelayUSec=1h" in props
+
+
+def test_friend_account_is_sftp_only_and_chrooted(host: Any) -> None:
+    import testinfra
+
+    friend = testinfra.get_host("podman://" + os.environ.get("SELFHOST_BACKUP_FRIEND",
+                                                              "bk-friend-bookworm"))
+    conf = friend.check_output("/usr/sbin/sshd -T -C user=backup-nas,host=x,addr=127.0.0.1")
+    assert "chrootdirectory /srv/backup-peers/nas" in conf
+    assert "forcecommand internal-sftp" in conf
+    assert "authenticationmethods publickey" in conf
+    assert "backup-nas" in friend.check_output("/usr/sbin/sshd -T | grep -i '^allowusers'")
+    assert friend.user("backup-nas").shell == "/usr/sbin/nologin"
+    # The key cannot run commands: the forced internal-sftp does not run `id`.
+    res = host.run("ssh -F /etc/selfhost/backup/friend.ssh_config selfhost-backup-friend id")
+    assert "uid=" not in res.stdout
+    # ...and cannot see outside its chroot.
+    res = host.run("echo 'ls /' | sftp -b - -F /etc/selfhost/backup/friend.ssh_config "
+                   "selfhost-backup-friend")
+    assert res.rc == 0 and "etc" not in res.stdout.split() and "data" in res.stdout
+
+
+def test_backup_modify_delete_restore_each_snapshot(host: Any, timings: dict[str, float]) -> None:
+    sh(host, f"mkdir -p {WEB}/img {EXTRA} && echo '<h1>v1</h1>' > {WEB}/index.html && "
+             f"head -c 3000000 /dev/urandom > {WEB}/img/photo.bin && "
+             f"head -c 20000000 /dev/urandom > {EXTRA}/big.bin && echo one > {EXTRA}/note.txt")
+    v1 = manifest(host, "/")
+    s1 = {}
+    for repo in REPOS:
+        s1[repo], timings[f"backup1_{repo}"] = backup(host, repo)
+    sh(host, f"echo '<h1>v2</h1>' > {WEB}/index.html && echo two >> {EXTRA}/note.txt && "
+             f"head -c 100 /dev/urandom >> {EXTRA}/big.bin && echo new > {EXTRA}/added.txt")
+    v2 = manifest(host, "/")
+    assert v1 != v2
+    s2 = {}
+    for repo in REPOS:
+        s2[repo], timings[f"backup2_{repo}"] = backup(host, repo)
+        assert s2[repo] != s1[repo]
+    sh(host, f"rm -rf {WEB}/* {EXTRA}")
+    for repo in REPOS:
+        for snap, expected in ((s1[repo], v1), (s2[repo], v2)):
+            target = f"/var/tmp/restore-{repo}-{snap}"
+            t0 = time.monotonic()
+            sh(host, f"rm -rf {target} && {GLUE} restore {repo} {snap} {target} {WEB} {EXTRA}")
+            timings[f"restore_{repo}_{'s1' if snap == s1[repo] else 's2'}"] = \
+                time.monotonic() - t0
+            assert manifest(host, target) == expected
+            # byte for byte, not only hashes
+            sh(host, f"cmp {target}{EXTRA}/big.bin {target}{EXTRA}/big.bin")
+    # In place, the way an admin recovers: latest snapshot over the live (deleted) paths.
+    sh(host, f"{GLUE} restore usb latest / {WEB} {EXTRA}")
+    assert manifest(host, "/") == v2
+
+
+def test_cli_restore_by_service(host: Any) -> None:
+    name = host.backend.name if hasattr(host.backend, "name") else "bk-nas-bookworm"
+    res = subprocess.run([sys.executable, "-m", "selfhost.backup.cli", "restore",
+                          f"podman:{name}", "friend", "latest", "--service", "web",
+                          "--to", "/var/tmp/cli-restore"], capture_output=True, text=True,
+                         cwd=REPO_ROOT, check=False)
+    assert res.returncode == 0, res.stderr
+    assert host.file(f"/var/tmp/cli-restore{WEB}/index.html").content_string == "<h1>v2</h1>\n"
+
+
+def test_sqlite_dump_hook_while_writing(host: Any) -> None:
+    db = f"{NOTES}/notes.db"
+    sh(host, f"rm -f {db} {NOTES}/dump.db && sqlite3 {db} 'pragma journal_mode=wal; "
+             "create table notes(id integer primary key, body text);' >/dev/null")
+    sh(host, f"for i in $(seq 1 500); do echo \"insert into notes(body) values ('n$i');\"; "
+             f"done | sqlite3 {db}")
+    # A writer keeps inserting during the backup.
+    sh(host, f"nohup sh -c 'i=0; while [ ! -e /run/stop-writer ]; do i=$((i+1)); "
+             f"sqlite3 {db} \"insert into notes(body) values (\\\"w$i\\\")\"; done' "
+             ">/dev/null 2>&1 &")
+    time.sleep(1)
+    try:
+        snap, _ = backup(host, "usb")
+    finally:
+        sh(host, "touch /run/stop-writer; sleep 1; rm -f /run/stop-writer")
+    target = "/var/tmp/restore-notes"
+    sh(host, f"rm -rf {target} && {GLUE} restore usb {snap} {target} {NOTES}")
+    restored = f"{target}{NOTES}/dump.db"
+    assert sh(host, f"sqlite3 {restored} 'pragma integrity_check;'") == "ok"
+    count = int(sh(host, f"sqlite3 {restored} 'select count(*) from notes;'"))
+    assert count >= 501  # every row committed before the backup started, plus writer rows
+    assert sh(host, f"sqlite3 {restored} \"select body from notes where id = 500;\"") == "n500"
+
+
+def test_retention_forgets_simulated_history(host: Any) -> None:
+    """60 daily snapshots (2024-05-02 .. 2024-06-30, 12:00), forgotten with the usb repository's
+    configured retention (keep_within 2d, daily 7, weekly 4, monthly 6) by the same forget call
+    as the glue. Expected: 06-24..06-30 (daily), Sundays 06-23, 06-16, 06-09 (weekly), 05-31
+    (monthly); keep_within 2d adds nothing new."""
+    script = (
+        "set -e; set -a; . /etc/selfhost/backup/usb.env; set +a; "
+        "export RESTIC_REPOSITORY=/var/tmp/retention-repo; rm -rf $RESTIC_REPOSITORY; "
+        "restic init -q; "
+        "for i in $(seq 59 -1 0); do d=$(date -u -d \"2024-06-30 12:00 UTC $i days ago\" \"+%F %T\"); "
+        "restic backup -q --tag selfhost --time \"$d\" /etc/hostname; done; "
+        "restic forget -q --tag selfhost --host $(hostname) --group-by host,tags --prune "
+        "$SELFHOST_FORGET >/dev/null; restic snapshots --json"
+    )
+    snaps = json.loads(sh(host, f"bash -c {shlex.quote(script)}"))
+    days = sorted(s["time"][:10] for s in snaps)
+    assert days == ["2024-05-31", "2024-06-09", "2024-06-16", "2024-06-23", "2024-06-24",
+                    "2024-06-25", "2024-06-26", "2024-06-27", "2024-06-28", "2024-06-29",
+                    "2024-06-30"]
+
+
+def test_failed_backup_alerts_in_journal(host: Any) -> None:
+    since = sh(host, "date '+%F %T'")
+    sh(host, "mv /var/backups/restic-usb /var/backups/restic-usb.away")
+    try:
+        assert host.run("systemctl start selfhost-backup-usb.service").rc != 0
+        time.sleep(2)
+        log = sh(host, f"journalctl -t selfhost-backup -p err --since '{since}' --no-pager")
+        assert "selfhost-backup-usb.service failed" in log
+        # never silently re-initialised
+        assert not host.file("/var/backups/restic-usb/config").exists
+    finally:
+        sh(host, "rm -rf /var/backups/restic-usb; mv /var/backups/restic-usb.away "
+                 "/var/backups/restic-usb; systemctl reset-failed")
+
+
+def test_late_backup_alerts_and_status_shows_age(host: Any) -> None:
+    since = sh(host, "date '+%F %T'")
+    stamp = "/var/lib/selfhost-backup/friend.last-success"
+    sh(host, f"cp {stamp} {stamp}.keep && echo $(( $(date +%s) - 50 * 3600 )) > {stamp}")
+    try:
+        assert host.run("systemctl start selfhost-backup-late.service").rc != 0
+        log = sh(host, f"journalctl -t selfhost-backup -p err --since '{since}' --no-pager")
+        assert "backup to repository friend is late: last success 50 hours ago" in log
+    finally:
+        sh(host, f"mv {stamp}.keep {stamp}; systemctl reset-failed")
+    assert host.run("systemctl start selfhost-backup-late.service").rc == 0
+    name = host.backend.name if hasattr(host.backend, "name") else "bk-nas-bookworm"
+    res = subprocess.run([sys.executable, "-m", "selfhost.backup.cli", "backup-status",
+                          f"podman:{name}", "--json"], capture_output=True, text=True,
+                         cwd=REPO_ROOT, check=False)
+    rows = json.loads(res.stdout)
+    assert res.returncode == 0 and {r["repository"] for r in rows} == set(REPOS)
+    for r in rows:
+        assert r["ok"] and r["snapshot"] and 0 <= r["age_hours"] < 1
+
+
+def test_check_runs(host: Any) -> None:
+    for repo in REPOS:
+        res = host.run(f"systemctl start selfhost-backup-check-{repo}.service")
+        assert res.rc == 0, host.run(f"journalctl -u selfhost-backup-check-{repo} -n 20").stdout
