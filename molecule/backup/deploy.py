@@ -1,6 +1,5 @@
-"""Test deploy of the backup scenario: the normal home_server plan with the backup
-contribution merged in exactly as selfhost/backup/INTEGRATION.md proposes for
-selfhost/compile/compiler.py::collect, then the fleet part (peer accounts, keys).
+"""Test deploy of the backup scenario: the normal home_server plan (backups included), then
+the fleet part (peer accounts, keys).
 
 Test-only addition: a tiny "notes" service with an SQLite database whose DataPath has a
 before_backup dump hook, to exercise the consistency hooks with a real database.
@@ -34,8 +33,10 @@ def _collect_with_backup(server, target):
         )
         out.insert(at, ("services.notes", notes))
         at += 1
-    data = [d for _, c in out for d in c.data]
-    out.insert(at, ("backup", restic.contribute(server, target, data)))
+        # The backup contribution (built before this test-only service) must include it.
+        b = next(i for i, (name, _) in enumerate(out) if name == "backup")
+        data = [d for name, c in out if name != "backup" for d in c.data]
+        out[b] = ("backup", restic.contribute(server, target, data))
     return out
 
 
