@@ -159,7 +159,9 @@ def packages(names: tuple[str, ...], state: State) -> Generator[str, None, None]
         return
     yield (
         "export DEBIAN_FRONTEND=noninteractive; "
-        "apt-get update -qq && apt-get install -y -qq --no-install-recommends "
+        "apt-get update -qq -o Acquire::http::Timeout=30 -o Acquire::Retries=3 && "
+        "apt-get install -y -qq --no-install-recommends "
+        "-o Acquire::http::Timeout=30 -o Acquire::Retries=3 "
         "-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "
         + " ".join(q(n) for n in missing) + " >/dev/null"
     )
