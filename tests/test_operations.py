@@ -267,8 +267,10 @@ def test_packages(pyinfra_host: Any, caplog: pytest.LogCaptureFixture) -> None:
     (cmd,) = commands(backend.packages, names=names,
                       state=State(packages={"caddy": False, "nftables": True, "sudo": False}))
     assert cmd == (
-        "export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && "
-        "apt-get install -y -qq --no-install-recommends -o Dpkg::Options::=--force-confdef "
+        "export DEBIAN_FRONTEND=noninteractive; "
+        "apt-get update -qq -o Acquire::http::Timeout=30 -o Acquire::Retries=3 && "
+        "apt-get install -y -qq --no-install-recommends "
+        "-o Acquire::http::Timeout=30 -o Acquire::Retries=3 -o Dpkg::Options::=--force-confdef "
         "-o Dpkg::Options::=--force-confold caddy sudo >/dev/null")
     # a package the state does not mention counts as missing
     assert "fail2ban" in commands(backend.packages, names=("fail2ban",), state=State())[0]
