@@ -66,7 +66,8 @@ class TargetFacts(FactBase[dict[str, str]]):
     def command(self) -> str:
         return (
             ". /etc/os-release; echo \"release=$VERSION_CODENAME\"; "
-            "echo \"container=$(systemd-detect-virt -c 2>/dev/null || echo none)\""
+            "echo \"container=$(systemd-detect-virt -c 2>/dev/null || echo none)\"; "
+            "echo \"ssh_port=${SSH_CONNECTION##* }\""
         )
 
     def process(self, output: list[str]) -> dict[str, str]:
@@ -277,7 +278,29 @@ def _file_content(f: ManagedFile) -> bytes:
 def plan_phase(phase: str, steps: list[Any], files: dict[str, bytes], state: State,
                changed: set[str]) -> Generator[str | StringCommand | FileUploadCommand, None, None]:
     """Apply the steps of one phase of the plan. ``changed`` collects the managed files that
-    this deploy rewrites, so that reloads and on-change commands of later phases know."""
+    this deploy rewrites, so that reloads and on-change commands of later phases know.
+
+    Consecutive plain commands are sent as one script (each in its own subshell, stopping at
+    the first failure): one round trip instead of one per step."""
+    batch: list[str] = []
+    for cmd in _phase_commands(steps, files, state, changed):
+        if isinstance(cmd, str):
+            batch.append(cmd)
+            continue
+        if batch:
+            yield _join(batch)
+            batch = []
+        yield cmd
+    if batch:
+        yield _join(batch)
+
+
+def _join(commands: list[str]) -> str:
+    return commands[0] if len(commands) == 1 else " && ".join(f"( {c}\n)" for c in commands)
+
+
+def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State,
+                    changed: set[str]) -> Generator[str | StringCommand | FileUploadCommand, None, None]:
     for step in steps:
         if isinstance(step, Packages):
             yield from packages._inner(names=step.names, state=state)
@@ -314,7 +337,10 @@ def plan_phase(phase: str, steps: list[Any], files: dict[str, bytes], state: Sta
         elif isinstance(step, UnitState):
             yield from unit_state._inner(unit=step.name, enabled=step.enabled,
                                          running=step.running, state=state)
-        elif isinstance(step, Reload) and changed.intersection(step.when):
+            if step.running and state.units.get(step.name, ("", ""))[1] != "active":
+                changed.add(f"unit-started:{step.name}")  # it reads its new files as it starts
+        elif (isinstance(step, Reload) and changed.intersection(step.when)
+              and f"unit-started:{step.unit}" not in changed):
             yield from reload_unit._inner(unit=step.unit, action=step.action)
 
 
@@ -360,14 +386,17 @@ def apply_plan(plan: Plan, server: Server) -> None:
 
 def target_for_host() -> Target:
     """Read what the compiler needs to know about the current host."""
-    facts = host.get_fact(TargetFacts)
+    # Without sudo: sudo drops SSH_CONNECTION, which tells the server-side port in use (a
+    # forwarded or NATed port on the client side says nothing about the server).
+    facts = host.get_fact(TargetFacts, _sudo=False)
     release = facts.get("release", "")
     if release not in RELEASES:
         raise DeployError(f"selfhost supports Debian {', '.join(RELEASES)}; "
                           f"this host runs {release or 'something else'!r}")
     keep: tuple[int, ...] = ()
     if type(host.connector).__name__ == "SSHConnector":
-        keep = (int(host.data.get("ssh_port") or 22),)
+        port = facts.get("ssh_port", "")
+        keep = (int(port) if port.isdigit() else int(host.data.get("ssh_port") or 22),)
     return Target(release=release, in_container=facts.get("container", "none") != "none",
                   keep_open_ports=keep)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,13 @@ RESERVED_USERS = {
 }
 _USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _HASH_RE = re.compile(r"^\$(y|gy|7|2b|2y|6)\$[./A-Za-z0-9$=,]+$")
+
+
+@functools.cache
+def _timezones() -> frozenset[str]:
+    from zoneinfo import available_timezones
+
+    return frozenset(available_timezones())
 
 
 class Admin(StrictModel):
@@ -132,12 +140,10 @@ class Server(StrictModel):
     @field_validator("timezone")
     @classmethod
     def _tz(cls, v: str) -> str:
-        from zoneinfo import available_timezones
-
-        if v not in available_timezones():
+        if v not in _timezones():
             import difflib
 
-            close = difflib.get_close_matches(v, sorted(available_timezones()), n=1)
+            close = difflib.get_close_matches(v, sorted(_timezones()), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown time zone {v!r}{hint}")
         return v
