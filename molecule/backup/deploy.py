@@ -29,7 +29,8 @@ def _collect_with_backup(server, target):
             packages=["sqlite3"],
             directories=[ManagedDir("/var/lib/notes", "0750")],
             data=[DataPath("/var/lib/notes", "notes",
-                           before_backup=f"sqlite3 {NOTES_DB} '.backup /var/lib/notes/dump.db'")],
+                           before_backup=f"sqlite3 -cmd '.timeout 20000' {NOTES_DB} "
+                           "'.backup /var/lib/notes/dump.db'")],
         )
         out.insert(at, ("services.notes", notes))
         at += 1
