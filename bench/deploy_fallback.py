@@ -9,9 +9,9 @@ from pathlib import Path
 from pyinfra import host
 from ruamel.yaml import YAML
 
-from selfhost.models import Server  # first: importing selfhost.compile first is circular (for now)
-from selfhost.backend.pyinfra import apply_plan, target_for_host  # noqa: I001
+from selfhost.backend.pyinfra import apply_plan, target_for_host
 from selfhost.compile import compile_server
+from selfhost.models import Server
 
 p = Path(host.data.get("selfhost_config"))
 s = Server.model_validate(YAML(typ="safe").load(p.read_text())).with_base_dir(p.parent.resolve())
