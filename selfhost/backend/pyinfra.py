@@ -337,10 +337,9 @@ def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State,
         elif isinstance(step, UnitState):
             yield from unit_state._inner(unit=step.name, enabled=step.enabled,
                                          running=step.running, state=state)
-            if step.running and state.units.get(step.name, ("", ""))[1] != "active":
-                changed.add(f"unit-started:{step.name}")  # it reads its new files as it starts
-        elif (isinstance(step, Reload) and changed.intersection(step.when)
-              and f"unit-started:{step.unit}" not in changed):
+        elif isinstance(step, Reload) and changed.intersection(step.when):
+            # Even for a unit that was not running before this deploy: installing its package
+            # may have started it with the package's default configuration.
             yield from reload_unit._inner(unit=step.unit, action=step.action)
 
 
