@@ -118,7 +118,7 @@ def test_env_and_data_files(server: Server) -> None:
     assert "StrictHostKeyChecking yes" in sshc
     assert files["/etc/selfhost/backup/include.txt"].content == \
         "/var/lib/notes\n/var/lib/caddy\n/srv/extra\n"
-    assert files["/etc/selfhost/backup/exclude.txt"].content == "*.tmp\n"
+    assert files["/etc/selfhost/backup/exclude.txt"].content == "*.tmp\n/var/lib/notes/notes.db*\n"
     assert files["/etc/selfhost/backup/stop-units.txt"].content == "notes.service\n"
     assert "sqlite3 /var/lib/notes/n.db" in files["/etc/selfhost/backup/pre-backup.sh"].content
     assert "notes\t/var/lib/notes\n" in files["/etc/selfhost/backup/services.txt"].content
