@@ -152,14 +152,8 @@ def podman_wrapper() -> Path:
 
 
 def pick_deploy() -> tuple[str, str]:
-    """deploys/home_server.py if it works today (it needs selfhost.config), else the fallback."""
-    p = sh([PY, "-c", "import selfhost.backend.pyinfra, selfhost.config; "
-            "selfhost.config.load_server"], check=False)
-    if p.returncode == 0:
-        return str(SRC / "deploys" / "home_server.py"), "deploys/home_server.py"
-    why = (p.stderr.strip().splitlines() or ["?"])[-1][:160]
-    return (str(BENCH / "deploy_fallback.py"),
-            f"bench/deploy_fallback.py (deploys/home_server.py: {why})")
+    """The deploy file every figure uses (from the code snapshot) and its label."""
+    return str(SRC / "deploys" / "home_server.py"), "deploys/home_server.py"
 
 
 _GRAND = re.compile(r"Grand total\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)")

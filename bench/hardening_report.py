@@ -244,8 +244,6 @@ def sysctl_recoverable(log: str) -> int:
 def deploy(r: Release, label: str, out: Path) -> int:
     """Deploy the example; return the changed count of pyinfra's 'Grand total' line."""
     script = ROOT / "deploys" / "home_server.py"
-    if not (ROOT / "selfhost" / "config.py").exists():
-        script = ROOT / "bench" / "deploy_fallback.py"  # the YAML loader is not there yet
     p = run([str(VENV / "pyinfra"), "-y", f"@podman/{r.container}", str(script),
              "--data", f"selfhost_config={EXAMPLE}"], cwd=ROOT)
     log = p.stdout + p.stderr

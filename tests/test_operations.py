@@ -10,6 +10,7 @@ which conditions) and that a converged host gets no commands at all.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import hashlib
 import logging
@@ -48,15 +49,21 @@ ALICE = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIO15aKF3qdwTP7p24+Rliy7SMGYyMZqFPJ
          "alice@laptop")
 
 
-@pytest.fixture
-def pyinfra_host(caplog: pytest.LogCaptureFixture) -> Iterator[Any]:
-    """A real pyinfra host in a real State, set as the current context (not connected)."""
-    caplog.set_level(logging.DEBUG, logger="pyinfra")
+@contextlib.contextmanager
+def fresh_pyinfra() -> Iterator[Any]:
+    """A real pyinfra host in a new State, set as the current context (not connected)."""
     inventory = Inventory((["@local"], {}))
     state = PyinfraState(inventory, Config())
     host = inventory.get_host("@local")
     with ctx_state.use(state), ctx_inventory.use(inventory), ctx_config.use(state.config), \
             ctx_host.use(host):
+        yield host
+
+
+@pytest.fixture
+def pyinfra_host(caplog: pytest.LogCaptureFixture) -> Iterator[Any]:
+    caplog.set_level(logging.DEBUG, logger="pyinfra")
+    with fresh_pyinfra() as host:
         yield host
 
 
@@ -532,12 +539,7 @@ def test_apply_plan_on_a_converged_host_sends_no_commands(pyinfra_host: Any,
     server = _server()
     plan = compile_server(server, Target())
     (q,), _ = _apply(plan, server, parse(Query(), []), monkeypatch, pyinfra_host)
-    # A fresh pyinfra State for the second deploy.
-    inventory = Inventory((["@local"], {}))
-    pstate = PyinfraState(inventory, Config())
-    host = inventory.get_host("@local")
-    with ctx_state.use(pstate), ctx_inventory.use(inventory), ctx_config.use(pstate.config), \
-            ctx_host.use(host):
+    with fresh_pyinfra() as host:  # a new pyinfra State for the second deploy
         _, ops = _apply(plan, server, _converged(plan, q), monkeypatch, host)
     busy = [(name, cmds) for name, is_gated, cmds in ops if not is_gated and cmds]
     assert busy == []
@@ -548,15 +550,11 @@ def test_apply_plan_reloads_only_what_changed(pyinfra_host: Any,
     server = _server()
     plan = compile_server(server, Target())
     (q,), _ = _apply(plan, server, parse(Query(), []), monkeypatch, pyinfra_host)
-    inventory = Inventory((["@local"], {}))
-    pstate = PyinfraState(inventory, Config())
-    host = inventory.get_host("@local")
     state = _converged(plan, q)
     old = state.files["/etc/nftables.conf"]
     assert old is not None
     state.files["/etc/nftables.conf"] = FileState("0" * 40, old.mode, old.owner, old.group)
-    with ctx_state.use(pstate), ctx_inventory.use(inventory), ctx_config.use(pstate.config), \
-            ctx_host.use(host):
+    with fresh_pyinfra() as host:
         _, ops = _apply(plan, server, state, monkeypatch, host)
     busy = {name.removeprefix("selfhost "): cmds for name, _, cmds in ops if cmds}
     assert set(busy) == {"files", "reloads"}
