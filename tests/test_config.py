@@ -405,6 +405,34 @@ def test_cross_field_problems_get_their_own_positions() -> None:
     ]
 
 
+def test_weak_password_is_located_and_never_shown(monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Path) -> None:
+    """A password reference that can be read while validating is strength-checked there; the
+    problem is reported like any other, at the reference, without the password."""
+    weak = "password1234567"
+    monkeypatch.setenv("SELFHOST_TEST_WEAK_PASSWORD", weak)
+    secret = tmp_path / "pw"
+    secret.write_text("mynasmynasmynas1\n")
+    text = MINIMAL + ("    password: {env: SELFHOST_TEST_WEAK_PASSWORD}\n"
+                      f"  - name: bob\n    ssh_keys: ['{KEY}']\n    password: {{file: {secret}}}\n")
+    path = tmp_path / "nas.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_server(path)
+    got = [i.format() for i in info.value.issues]
+    assert [g.split(": the password")[0] for g in got] == [
+        f"{path}:6:15: admins.0.password",
+        f"{path}:9:15: admins.1.password",
+    ]
+    assert "too weak: it is too easy to guess (zxcvbn rates it 1/4" in got[0]
+    assert "too weak: it contains the host name; it is too easy to guess" in got[1]
+    assert all(weak not in g and "mynas" not in g for g in got)
+    # Where the secret cannot be read, the model is valid: the deploy checks it.
+    monkeypatch.delenv("SELFHOST_TEST_WEAK_PASSWORD")
+    secret.unlink()
+    assert load_server(path).admins[0].password is not None
+
+
 # --------------------------------------------------------------------------- API
 
 

@@ -227,22 +227,94 @@ def test_large_file_can_be_installed(pyinfra_host: Any, tmp_path: Path) -> None:
     assert path.read_bytes() == content
 
 
-def test_secret_file_is_masked_in_logs_and_private(pyinfra_host: Any, tmp_path: Path) -> None:
+def shown(cmds: list[Any]) -> list[Any]:
+    """Commands as comparable data: an upload becomes ("upload", dest, bytes, temp file)."""
+    return [("upload", c.dest, c.src.getvalue(), c.remote_temp_filename)
+            if isinstance(c, FileUploadCommand) else c for c in cmds]
+
+
+def fake_sudo_upload(upload: FileUploadCommand) -> None:
+    """What pyinfra's SSH connector does with _sudo: sftp the bytes to the temporary file as
+    the login user, `cp` it onto the destination with sudo, remove the temporary file."""
+    temp = Path(upload.remote_temp_filename)
+    temp.write_bytes(upload.src.getvalue())
+    assert sh(f"cp {temp} '{upload.dest}' && rm -f {temp}").returncode == 0
+
+
+def test_secret_file_is_uploaded_never_in_a_command_line(pyinfra_host: Any,
+                                                         tmp_path: Path) -> None:
     path = tmp_path / "secrets" / "restic-password"
+    upload_dir = tmp_path / "upload"
+    upload_dir.mkdir(mode=0o700)
     content = b"correct horse battery staple\n"
-    kw = file_kwargs(path, content, mode="0600")
-    (cmd,) = list(backend.managed_file._inner(**kw, state=State(files={str(path): None}),
-                                              secret=True))
-    assert isinstance(cmd, StringCommand)
+    kw = file_kwargs(path, content, mode="0640")
+    cmds = list(backend.managed_file._inner(
+        **kw, state=State(files={str(path): None}, upload_dir=str(upload_dir)), secret=True))
+    staged = f"{path}.selfhost-new"
+    assert len(cmds) == 3
+    prepare, upload, finish = cmds
+    # The secret travels only as an upload, in no shell command (not even base64 or masked).
+    assert isinstance(upload, FileUploadCommand)
+    assert upload.src.getvalue() == content and upload.dest == staged
+    # Through the login user's private directory, not a 0644 file in /tmp.
+    assert Path(upload.remote_temp_filename).parent == upload_dir
     import base64
 
-    b64 = base64.b64encode(content).decode()
-    assert b64 not in cmd.get_masked_value() and b64 not in str(cmd)
-    assert b64 in cmd.get_raw_value()
-    res = sh(cmd.get_raw_value())
+    for cmd in (prepare, finish):
+        assert isinstance(cmd, str)
+        for needle in (b"correct horse", base64.b64encode(content)):
+            assert needle.decode() not in cmd
+    # The staged file exists, empty and 0600, before the bytes arrive.
+    assert prepare == f"mkdir -p {path.parent} && install -m 600 /dev/null {staged}"
+    assert sh(prepare).returncode == 0
+    assert Path(staged).read_bytes() == b"" and mode_of(Path(staged)) == "0600"
+    fake_sudo_upload(upload)
+    assert mode_of(Path(staged)) == "0600"  # cp onto an existing file keeps its mode
+    assert sorted(p.name for p in upload_dir.iterdir()) == []
+    res = sh(finish)
     assert res.returncode == 0, res.stderr
-    assert path.read_bytes() == content
-    assert mode_of(path) == "0600"
+    assert path.read_bytes() == content and mode_of(path) == "0640"
+    assert not Path(staged).exists()
+    # Installed: nothing more to do.
+    assert commands(backend.managed_file, **kw, secret=True,
+                    state=read_state(Query(files=(str(path),)))) == []
+
+
+def test_secret_file_is_checked_before_it_goes_live(pyinfra_host: Any, tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    path.write_bytes(b"old\n")
+    cmds = list(backend.managed_file._inner(
+        **file_kwargs(path, b"new\n", mode="0600", validate="grep -qx old {path}"),
+        state=State(files={str(path): None}, upload_dir=""), secret=True))
+    assert sh(cmds[0]).returncode == 0
+    Path(cmds[1].dest).write_bytes(cmds[1].src.getvalue())
+    assert cmds[1].remote_temp_filename is None  # no sudo: straight to the staged file
+    assert sh(cmds[2]).returncode != 0
+    assert path.read_bytes() == b"old\n"
+
+
+def test_secret_upload_without_a_private_directory_is_refused(
+        pyinfra_host: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kw = file_kwargs(tmp_path / "key", b"secret\n", mode="0600")
+    # Not prepared by the batched state: asked for once more, then refused.
+    asked: list[Query] = []
+
+    def no_dir(q: Query) -> State:
+        asked.append(q)
+        return State()
+
+    monkeypatch.setattr(backend, "_get_state", no_dir)
+    with pytest.raises(backend.DeployError, match="private upload directory"):
+        list(backend.managed_file._inner(**kw, state=State(), secret=True))
+    assert asked == [Query(upload_dir=True)]
+    # Prepared by that second query (a caller whose own Query did not ask for it).
+    monkeypatch.setattr(backend, "_get_state", lambda q: State(upload_dir="/home/a/.cache/u"))
+    cmds = list(backend.managed_file._inner(**kw, state=State(), secret=True))
+    assert cmds[1].remote_temp_filename.startswith("/home/a/.cache/u/")
+    # No directory because no sudo, but the operation escalates anyway (su): refused.
+    monkeypatch.setattr(pyinfra_host, "current_op_global_arguments", {"_su_user": "root"})
+    with pytest.raises(backend.DeployError, match="world-readable"):
+        list(backend.managed_file._inner(**kw, state=State(upload_dir=""), secret=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,20 +402,42 @@ HASH = "$y$j9T$abc$def"
 HASH_SHA1 = hashlib.sha1(f"{HASH}\n".encode()).hexdigest()
 
 
-def test_admin_user_created(pyinfra_host: Any) -> None:
-    cmds = commands(backend.admin_user, user="alice", groups=("sudo",), password_hash=HASH,
-                    state=State(users={"alice": None}))
-    assert cmds == [
-        "useradd --create-home --shell /bin/bash --user-group --groups sudo alice",
-        f"echo 'alice:{HASH}' | chpasswd -e",
+UPLOADS = "/home/deployer/.cache/selfhost-upload"
+CHPASSWD = "/run/selfhost/chpasswd-alice"
+
+
+def set_password(name: str, crypt_hash: str) -> list[Any]:
+    """The commands that give ``name`` the password ``crypt_hash`` (as `shown` lists them)."""
+    staged = f"/run/selfhost/chpasswd-{name}"
+    temp = f"{UPLOADS}/{hashlib.sha1(staged.encode()).hexdigest()[:20]}"
+    return [
+        f"install -d -m 700 /run/selfhost && install -m 600 /dev/null {staged}",
+        ("upload", staged, f"{name}:{crypt_hash}\n".encode(), temp),
+        f"chpasswd -e < {staged}; rc=$?; rm -f {staged}; exit $rc",
     ]
 
 
-def test_admin_user_password_is_masked(pyinfra_host: Any) -> None:
+def test_admin_user_created(pyinfra_host: Any) -> None:
+    cmds = shown(list(backend.admin_user._inner(
+        user="alice", groups=("sudo",), password_hash=HASH,
+        state=State(users={"alice": None}, upload_dir=UPLOADS))))
+    assert cmds == [
+        "useradd --create-home --shell /bin/bash --user-group --groups sudo alice",
+        *set_password("alice", HASH),
+    ]
+
+
+def test_admin_user_password_hash_is_in_no_command_line(pyinfra_host: Any) -> None:
     cmds = list(backend.admin_user._inner(user="alice", groups=(), password_hash=HASH,
-                                          state=State(users={"alice": None})))
+                                          state=State(users={"alice": None}, upload_dir="")))
     assert "--groups" not in cmds[0]
-    assert isinstance(cmds[1], StringCommand) and HASH not in str(cmds[1])
+    strings = [c for c in cmds if isinstance(c, str)]
+    assert len(strings) == len(cmds) - 1 and not any(HASH in c for c in strings)
+    (upload,) = [c for c in cmds if isinstance(c, FileUploadCommand)]
+    assert upload.src.getvalue() == f"alice:{HASH}\n".encode()
+    # The root-only staging file exists, 0600, before the upload.
+    assert cmds.index(upload) == cmds.index(f"install -d -m 700 /run/selfhost && "
+                                            f"install -m 600 /dev/null {CHPASSWD}") + 1
 
 
 @pytest.mark.parametrize(("current", "expected"), [
@@ -353,12 +447,50 @@ def test_admin_user_password_is_masked(pyinfra_host: Any) -> None:
     (UserState("/bin/sh", "/home/alice", ("alice", "sudo"), HASH_SHA1),
      ["usermod --shell /bin/bash alice"]),
     (UserState("/bin/bash", "/home/alice", ("alice", "sudo"), "0" * 40),
-     [f"echo 'alice:{HASH}' | chpasswd -e"]),
+     set_password("alice", HASH)),
 ])
 def test_admin_user_converges(pyinfra_host: Any, current: UserState,
-                              expected: list[str]) -> None:
-    assert commands(backend.admin_user, user="alice", groups=("sudo",), password_hash=HASH,
-                    state=State(users={"alice": current})) == expected
+                              expected: list[Any]) -> None:
+    assert shown(list(backend.admin_user._inner(
+        user="alice", groups=("sudo",), password_hash=HASH,
+        state=State(users={"alice": current}, upload_dir=UPLOADS)))) == expected
+
+
+def test_admin_user_password_is_set_from_the_uploaded_file(
+        pyinfra_host: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commands run for real (chpasswd is a stand-in recording its input): the staged
+    file is 0600 before the hash arrives, chpasswd reads it, and it is removed."""
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(backend, "CHPASSWD_DIR", str(run_dir))
+    uploads = tmp_path / "uploads"
+    uploads.mkdir(mode=0o700)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "chpasswd").write_text(f"#!/bin/sh\necho \"$*\" > {tmp_path}/args\n"
+                                      f"cat > {tmp_path}/input\n")
+    (bin_dir / "chpasswd").chmod(0o755)
+    env_path = f"PATH={bin_dir}:$PATH; export PATH; "
+    prepare, upload, apply = backend.admin_user._inner(
+        user="alice", groups=(), password_hash=HASH,
+        state=State(users={"alice": UserState("/bin/bash", "/home/alice", ("alice",), "")},
+                    upload_dir=str(uploads)))
+    staged = run_dir / "chpasswd-alice"
+    assert sh(prepare).returncode == 0
+    assert mode_of(run_dir) == "0700" and mode_of(staged) == "0600"
+    assert upload.dest == str(staged)
+    fake_sudo_upload(upload)
+    assert mode_of(staged) == "0600"
+    res = sh(env_path + apply)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "input").read_text() == f"alice:{HASH}\n"
+    assert (tmp_path / "args").read_text() == "-e\n"
+    assert not staged.exists() and list(uploads.iterdir()) == []
+    # A failing chpasswd fails the command, and the staged file is removed all the same.
+    (bin_dir / "chpasswd").write_text("#!/bin/sh\nexit 3\n")
+    assert sh(prepare).returncode == 0
+    fake_sudo_upload(upload)
+    assert sh(env_path + apply).returncode == 3
+    assert not staged.exists()
 
 
 def test_admin_user_leaves_sudo_group_when_sudo_is_revoked(pyinfra_host: Any) -> None:
@@ -391,9 +523,10 @@ def test_admin_user_hash_comparison_matches_the_state_script(pyinfra_host: Any,
     state = parse(q, res.stdout.splitlines())
     assert commands(backend.admin_user, user="alice", groups=("sudo",), password_hash=HASH,
                     state=state) == []
-    assert commands(backend.admin_user, user="alice", groups=("sudo",),
-                    password_hash="$y$j9T$new$hash", state=state) == [
-        "echo 'alice:$y$j9T$new$hash' | chpasswd -e"]
+    state.upload_dir = UPLOADS
+    assert shown(commands(backend.admin_user, user="alice", groups=("sudo",),
+                          password_hash="$y$j9T$new$hash", state=state)) == set_password(
+        "alice", "$y$j9T$new$hash")
 
 
 def test_resolve_hash(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -517,8 +650,9 @@ def test_apply_plan_wiring(pyinfra_host: Any, monkeypatch: pytest.MonkeyPatch) -
     # starts them: installing a package may already have started it with its default config.
     assert all(cmds[p] for p in backend.PHASES), cmds
     reloads = "\n".join(cmds["reloads"])
-    assert all(f"systemctl reload-or-restart {s.unit}" in reloads
-               for s in plan.steps if isinstance(s, Reload))
+    assert all(f"systemctl {'reload-or-restart' if s.action == 'reload' else 'restart'} {s.unit}"
+               in reloads for s in plan.steps if isinstance(s, Reload))
+    assert "systemctl restart fail2ban.service" in reloads  # a reload can drop its actions
     assert any("apt-get install" in c for c in cmds["packages"])
     files = "\n".join(cmds["files"])
     for path in plan.files():
@@ -569,3 +703,176 @@ def test_joined_phase_script_stops_at_the_first_failure(tmp_path: Path) -> None:
     assert not marker.exists()
     assert sh(backend._join(["export X=1; true", f"touch {marker}"])).returncode == 0
     assert marker.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# apply_plan with an admin password read from a secret reference
+
+PW_VAR = "SELFHOST_TEST_ALICE_PASSWORD"
+STRONG = "Xk9#mQ2vL7pR4wZt8nBy"
+
+
+def _password_server(monkeypatch: pytest.MonkeyPatch) -> Server:
+    """alice with `password: {env: PW_VAR}`, validated while the variable is unset."""
+    monkeypatch.delenv(PW_VAR, raising=False)
+    return Server.model_validate({
+        "hostname": "nas", "domain": "home.arpa",
+        "admins": [{"name": "alice", "ssh_keys": [ALICE], "password": {"env": PW_VAR}}],
+    })
+
+
+def _op_commands(host: Any) -> dict[str, list[Any]]:
+    """Per phase, the commands as objects (uploads included)."""
+    pstate = host.state
+    out = {}
+    for op_hash in pstate.get_op_order():
+        (name,) = pstate.op_meta[op_hash].names
+        data = pstate.get_op_data_for_host(host, op_hash)
+        out[name.removeprefix("selfhost ")] = list(data.command_generator())
+    return out
+
+
+def _with_password(plan: Any, query: Query, crypt_hash: str | None) -> State:
+    state = _converged(plan, query)
+    user = state.users["alice"]
+    assert user is not None
+    if crypt_hash is not None:
+        from selfhost.models.passwords import shadow_sha1
+
+        user.shadow_sha1 = shadow_sha1(crypt_hash)
+        state.settings["alice"] = crypt_hash.rsplit("$", 1)[0]
+    state.upload_dir = UPLOADS
+    return state
+
+
+@pytest.mark.parametrize("value", ["password1234567", "alicealicealice12", "Zq8#xL2w"])
+def test_apply_plan_refuses_a_weak_password_before_any_operation(
+        pyinfra_host: Any, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    server = _password_server(monkeypatch)
+    plan = compile_server(server, Target())
+    monkeypatch.setenv(PW_VAR, value)  # set only now: the deploy must check it itself
+    with pytest.raises(backend.DeployError) as info:
+        _apply(plan, server, State(), monkeypatch, pyinfra_host)
+    message = str(info.value)
+    assert "too weak" in message and f"env:{PW_VAR}" in message
+    assert value not in message
+    assert pyinfra_host.state.get_op_order() == []  # nothing was queued, let alone sent
+
+
+def test_apply_plan_refuses_an_unreadable_password(pyinfra_host: Any,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    server = _password_server(monkeypatch)
+    with pytest.raises(backend.DeployError, match=f"cannot read the password .env:{PW_VAR}"):
+        _apply(compile_server(server, Target()), server, State(), monkeypatch, pyinfra_host)
+    assert pyinfra_host.state.get_op_order() == []
+
+
+def test_apply_plan_unchanged_password_sends_nothing(pyinfra_host: Any,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("ctypes")
+    from selfhost.models.passwords import hash_password
+
+    server = _password_server(monkeypatch)
+    plan = compile_server(server, Target())
+    monkeypatch.setenv(PW_VAR, STRONG)
+    current = hash_password(STRONG)  # what the first deploy set, with its own salt
+    with fresh_pyinfra() as host:
+        (q,), _ = _apply(plan, server, _with_password(plan, _query(plan, server, monkeypatch),
+                                                      current), monkeypatch, host)
+        assert q.upload_dir and q.users == ("alice",)
+        assert _op_commands(host)["admins"] == []
+
+
+def _query(plan: Any, server: Server, monkeypatch: pytest.MonkeyPatch) -> Query:
+    """The batched query apply_plan asks for this plan."""
+    with fresh_pyinfra() as host:
+        state = State(upload_dir=UPLOADS)
+        (q,), _ = _apply(plan, server, state, monkeypatch, host)
+    return q
+
+
+def test_apply_plan_changed_password_uploads_a_new_hash(pyinfra_host: Any,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from selfhost.models.passwords import crypt, hash_password
+
+    server = _password_server(monkeypatch)
+    plan = compile_server(server, Target())
+    monkeypatch.setenv(PW_VAR, STRONG)
+    old = hash_password("An-Older#Passphrase-2023")
+    state = _with_password(plan, _query(plan, server, monkeypatch), old)
+    with fresh_pyinfra() as host:
+        _apply(plan, server, state, monkeypatch, host)
+        cmds = _op_commands(host)
+    admins = cmds["admins"]
+    uploads = [c for c in admins if isinstance(c, FileUploadCommand)]
+    (upload,) = uploads
+    line = upload.src.getvalue().decode()
+    name, new_hash = line.rstrip("\n").split(":", 1)
+    assert name == "alice" and new_hash.startswith("$y$") and new_hash != old
+    assert crypt(STRONG, new_hash) == new_hash  # the new hash is of the password
+    assert upload.dest == CHPASSWD
+    assert upload.remote_temp_filename.startswith(UPLOADS + "/")
+    texts = [c.get_raw_value() for phase in cmds.values() for c in phase
+             if isinstance(c, StringCommand)]
+    assert any(f"chpasswd -e < {CHPASSWD}" in t for t in texts)
+    for t in texts:
+        assert STRONG not in t and new_hash not in t
+    assert all(STRONG.encode() not in c.src.getvalue()
+               for phase in cmds.values() for c in phase if isinstance(c, FileUploadCommand))
+
+
+def test_apply_plan_new_admin_gets_a_hashed_password(pyinfra_host: Any,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    server = _password_server(monkeypatch)
+    plan = compile_server(server, Target())
+    monkeypatch.setenv(PW_VAR, STRONG)
+    _apply(plan, server, State(users={"alice": None}, upload_dir=""), monkeypatch, pyinfra_host)
+    admins = _op_commands(pyinfra_host)["admins"]
+    assert "useradd" in admins[0].get_raw_value()
+    (upload,) = [c for c in admins if isinstance(c, FileUploadCommand)]
+    assert upload.src.getvalue().startswith(b"alice:$y$")
+
+
+def test_apply_plan_without_libxcrypt_says_to_use_password_hash(
+        pyinfra_host: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from selfhost.models import passwords
+
+    def missing() -> Any:
+        raise passwords.CryptUnavailable("libcrypt was not found")
+
+    monkeypatch.setattr(passwords, "_libcrypt", missing)
+    server = _password_server(monkeypatch)
+    plan = compile_server(server, Target())
+    monkeypatch.setenv(PW_VAR, STRONG)
+    with pytest.raises(backend.DeployError, match="give `password_hash` instead"):
+        _apply(plan, server, State(upload_dir=""), monkeypatch, pyinfra_host)
+    assert pyinfra_host.state.get_op_order() == []
+
+
+def test_apply_plan_needs_the_private_upload_directory(pyinfra_host: Any,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    server = _password_server(monkeypatch)
+    plan = compile_server(server, Target())
+    monkeypatch.setenv(PW_VAR, STRONG)
+    with pytest.raises(backend.DeployError, match="private upload directory"):
+        _apply(plan, server, State(), monkeypatch, pyinfra_host)  # upload_dir: None
+    assert pyinfra_host.state.get_op_order() == []
+
+
+def test_apply_plan_refuses_a_hash_reference_that_is_no_hash(
+        pyinfra_host: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = Server.model_validate({
+        "hostname": "nas", "domain": "home.arpa",
+        "admins": [{"name": "alice", "ssh_keys": [ALICE],
+                    "password_hash": {"env": "SELFHOST_TEST_ALICE_HASH"}}]})
+    monkeypatch.setenv("SELFHOST_TEST_ALICE_HASH", "hunter2-plaintext")
+    with pytest.raises(backend.DeployError, match="not a strong crypt hash") as info:
+        _apply(compile_server(server, Target()), server, State(upload_dir=""), monkeypatch,
+               pyinfra_host)
+    assert "hunter2" not in str(info.value)
+    monkeypatch.setenv("SELFHOST_TEST_ALICE_HASH", HASH)
+    _apply(compile_server(server, Target()), server, State(users={"alice": None}, upload_dir=""),
+           monkeypatch, pyinfra_host)
+    uploads = [c for c in _op_commands(pyinfra_host)["admins"]
+               if isinstance(c, FileUploadCommand)]
+    assert [u.src.getvalue() for u in uploads] == [f"alice:{HASH}\n".encode()]

@@ -21,6 +21,7 @@ Use it from your own pyinfra deploy::
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import logging
 import shlex
@@ -33,11 +34,10 @@ from pyinfra.api.command import FileUploadCommand, StringCommand
 from pyinfra.api.deploy import deploy
 from pyinfra.api.exceptions import DeployError
 from pyinfra.api.facts import FactBase
-from pyinfra.api.hiddenvalue import HiddenValue  # masked in pyinfra's output
 from pyinfra.api.operation import operation
 from pyinfra.context import host
 
-from selfhost.backend.state import Query, State, parse, script
+from selfhost.backend.state import UPLOAD_DIR, Query, State, parse, script
 from selfhost.compile import Target, compile_server
 from selfhost.compile.plan import (
     Directory,
@@ -51,13 +51,16 @@ from selfhost.compile.plan import (
     User,
 )
 from selfhost.compile.target import RELEASES
-from selfhost.models.server import Server
+from selfhost.models.passwords import CryptUnavailable, WeakPassword, check_password, hash_for
+from selfhost.models.server import _HASH_RE, Server
 from selfhost.services.base import ManagedFile
 
 q = shlex.quote
 INLINE_MAX = 64 * 1024
 """Files whose base64 form is longer than this are uploaded, not inlined in the command
 (one shell argument may not exceed 128 KiB on Linux)."""
+CHPASSWD_DIR = "/run/selfhost"
+"""Root-only directory (on tmpfs) where a ``user:hash`` line waits for ``chpasswd -e``."""
 
 
 class TargetFacts(FactBase[dict[str, str]]):
@@ -94,23 +97,21 @@ class _RawLines(FactBase[list[str]]):
 
 
 def _install_file_cmd(path: str, content: bytes, mode: str, owner: str, group: str,
-                      validate: str | None, secret: bool = False) -> str | StringCommand:
+                      validate: str | None) -> str:
     """Shell: write ``content`` to a staged file, check it, then move it into place."""
     tmp = f"{path}.selfhost-new"
     b64 = base64.b64encode(content).decode()
-    if secret:
-        return StringCommand(
-            f"mkdir -p {q(str(Path(path).parent))} && (umask 077; echo",
-            HiddenValue(b64),  # type: ignore[no-untyped-call]
-            f"| base64 -d > {q(tmp)}) && chown {q(owner)}:{q(group)} {q(tmp)} && "
-            f"chmod {mode} {q(tmp)} && mv -f {q(tmp)} {q(path)}",
-        )
     steps = [
         f"mkdir -p {q(str(Path(path).parent))}",
         f"echo {b64} | base64 -d > {q(tmp)}" if len(b64) <= INLINE_MAX else f"test -f {q(tmp)}",
-        f"chown {q(owner)}:{q(group)} {q(tmp)}",
-        f"chmod {mode} {q(tmp)}",
     ]
+    return " && ".join([*steps, _finish_cmd(tmp, path, mode, owner, group, validate)])
+
+
+def _finish_cmd(tmp: str, path: str, mode: str, owner: str, group: str,
+                validate: str | None) -> str:
+    """Shell: give the staged file ``tmp`` its owner and mode, check it, move it to ``path``."""
+    steps = [f"chown {q(owner)}:{q(group)} {q(tmp)}", f"chmod {mode} {q(tmp)}"]
     if validate:
         check = validate.replace("{path}", q(tmp))
         steps.append(
@@ -122,11 +123,48 @@ def _install_file_cmd(path: str, content: bytes, mode: str, owner: str, group: s
     return " && ".join(steps)
 
 
+def _remote_temp(state: State, dest: str) -> str | None:
+    """Where pyinfra's sudo upload of ``dest`` first lands, as the login user: a file in
+    that user's private upload directory (never pyinfra's default, a 0644 file in /tmp).
+    ``None`` when no sudo is involved (the upload goes straight to ``dest``)."""
+    if state.upload_dir is None:
+        # The batched state of this deploy did not prepare it (a caller's own Query).
+        state.upload_dir = _get_state(Query(upload_dir=True)).upload_dir
+    if state.upload_dir is None:
+        raise DeployError(
+            f"cannot prepare the login user's private upload directory (~/{UPLOAD_DIR}, "
+            "mode 0700, owned by that user) on the target; a secret is never uploaded "
+            "through a world-readable temporary file")
+    if state.upload_dir:
+        return f"{state.upload_dir}/{hashlib.sha1(dest.encode()).hexdigest()[:20]}"
+    args: dict[str, Any] = dict(host.current_op_global_arguments or {})
+    if any(args.get(k) for k in ("_sudo", "_su_user", "_doas", "_dzdo")):
+        raise DeployError("secrets can be uploaded as root or through sudo (or doas) only: "
+                          "with this privilege escalation the upload would go through a "
+                          "world-readable temporary file")
+    return None
+
+
+def _upload_secret(staged: str, data: bytes, state: State,
+                   prepare: str) -> list[str | FileUploadCommand]:
+    """Commands that put ``data`` into ``staged`` without it ever being world-readable or in
+    a command line: ``staged`` is first created empty and 0600 (root's), then the bytes are
+    uploaded onto it (sudo's ``cp`` and sftp keep the mode of an existing file; podman cp
+    writes a 0600 file)."""
+    temp = _remote_temp(state, staged)
+    return [
+        f"{prepare} && install -m 600 /dev/null {q(staged)}",
+        FileUploadCommand(BytesIO(data), staged, remote_temp_filename=temp),
+    ]
+
+
 @operation()
 def managed_file(path: str, content: bytes, mode: str, owner: str, group: str,
                  validate: str | None, state: State,
                  secret: bool = False) -> Generator[str | StringCommand | FileUploadCommand, None, None]:
-    """Ensure ``path`` has exactly ``content``, ``mode`` and ownership (validated first)."""
+    """Ensure ``path`` has exactly ``content``, ``mode`` and ownership (validated first).
+
+    A ``secret`` file's content is uploaded, never put in a command line."""
     current = state.files.get(path)
     sha1 = hashlib.sha1(content).hexdigest()
     if current is not None and current.sha1 == sha1:
@@ -135,9 +173,14 @@ def managed_file(path: str, content: bytes, mode: str, owner: str, group: str,
         else:
             host.noop(f"{path} is up to date")
         return
-    if len(base64.b64encode(content)) > INLINE_MAX and not secret:
+    if secret:
+        tmp = f"{path}.selfhost-new"
+        yield from _upload_secret(tmp, content, state, f"mkdir -p {q(str(Path(path).parent))}")
+        yield _finish_cmd(tmp, path, mode, owner, group, validate)
+        return
+    if len(base64.b64encode(content)) > INLINE_MAX:
         yield FileUploadCommand(BytesIO(content), f"{path}.selfhost-new")
-    yield _install_file_cmd(path, content, mode, owner, group, validate, secret)
+    yield _install_file_cmd(path, content, mode, owner, group, validate)
 
 
 @operation()
@@ -201,7 +244,7 @@ def reload_unit(unit: str, action: str) -> Generator[str, None, None]:
 
 @operation()
 def admin_user(user: str, groups: tuple[str, ...], password_hash: str | None,
-               state: State) -> Generator[StringCommand | str, None, None]:
+               state: State) -> Generator[str | FileUploadCommand, None, None]:
     name = user
     current = state.users.get(name)
     if current is not None and "sudo" in current.groups and "sudo" not in groups:
@@ -218,21 +261,81 @@ def admin_user(user: str, groups: tuple[str, ...], password_hash: str | None,
     if password_hash is not None:
         line = f"{password_hash}\n"
         if current is None or current.shadow_sha1 != hashlib.sha1(line.encode()).hexdigest():
-            yield StringCommand(
-                "echo",
-                HiddenValue(q(f"{name}:{password_hash}")),  # type: ignore[no-untyped-call]
-                "| chpasswd -e",
-            )
+            # The hash travels as a file, never in a command line (`ps` shows those).
+            staged = f"{CHPASSWD_DIR}/chpasswd-{name}"
+            yield from _upload_secret(staged, f"{name}:{password_hash}\n".encode(), state,
+                                      f"install -d -m 700 {CHPASSWD_DIR}")
+            yield f"chpasswd -e < {q(staged)}; rc=$?; rm -f {q(staged)}; exit $rc"
 
 
 def _resolve_hash(value: str) -> str:
     if not value.startswith("secret:"):
         return value
+    return _resolve_secret(value)
+
+
+def _resolve_secret(value: str) -> str:
+    """The value of a ``secret:env:VAR`` / ``secret:file:PATH`` reference of the plan."""
     from selfhost.models.base import SecretRef
 
     where = value.removeprefix("secret:")
     kind, _, ref = where.partition(":")
     return SecretRef(**{kind: ref}).resolve()
+
+
+def _user_secrets(plan: Plan, server: Server) -> dict[str, tuple[str, str]]:
+    """Every admin's password or password hash that the plan refers to, read on this machine
+    and checked, by user: ``("hash", crypt_hash)`` or ``("password", plaintext)``.
+
+    Runs before any operation, so that a missing or weak secret stops the deploy before it
+    changes anything."""
+    out: dict[str, tuple[str, str]] = {}
+    for step in plan.steps:
+        if not isinstance(step, User):
+            continue
+        ref = step.password or step.password_hash
+        if ref is None or not ref.startswith("secret:"):
+            continue
+        where = ref.removeprefix("secret:")
+        what = "password" if step.password else "password hash"
+        try:
+            value = _resolve_secret(ref)
+        except LookupError as exc:
+            raise DeployError(f"admin {step.name}: cannot read the {what} ({where}): {exc}; "
+                              "nothing was changed") from None
+        if step.password:
+            try:
+                check_password(value, login=step.name, hostname=server.hostname,
+                               domain=server.domain, min_length=server.password_min_length)
+            except WeakPassword as exc:
+                raise DeployError(f"admin {step.name}: {exc} (read from {where}); nothing "
+                                  "was changed") from None
+            out[step.name] = ("password", value)
+        else:
+            if not _HASH_RE.match(value):
+                raise DeployError(f"admin {step.name}: the password hash read from {where} is "
+                                  "not a strong crypt hash (yescrypt $y$ or SHA-512 $6$); "
+                                  "nothing was changed")
+            out[step.name] = ("hash", value)
+    return out
+
+
+def _with_hash(step: User, secrets: dict[str, tuple[str, str]], state: State) -> User:
+    """``step`` with its password as a crypt hash: the current one when the password is
+    unchanged (so nothing is sent), else a new one."""
+    secret = secrets.get(step.name)
+    if secret is None:
+        return step
+    kind, value = secret
+    if kind == "hash":
+        return dataclasses.replace(step, password_hash=value)
+    current = state.users.get(step.name)
+    try:
+        crypt_hash = hash_for(value, state.settings.get(step.name),
+                              current.shadow_sha1 if current else None)
+    except (CryptUnavailable, ValueError) as exc:
+        raise DeployError(f"admin {step.name}: {exc}; nothing was changed") from None
+    return dataclasses.replace(step, password_hash=crypt_hash, password=None)
 
 
 def _expand_sync(step: Sync) -> list[ManagedFile]:
@@ -313,6 +416,9 @@ def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State,
                 yield from guarded._inner(label=cmd.name, command=cmd.command,
                                           unless=cmd.unless, state=state)
         elif isinstance(step, User):
+            if step.password is not None:
+                raise DeployError(f"admin {step.name}: the password must be hashed first "
+                                  "(apply_plan does it)")
             pw = _resolve_hash(step.password_hash) if step.password_hash else None
             yield from admin_user._inner(user=step.name, groups=step.groups, password_hash=pw,
                                          state=state)
@@ -355,7 +461,11 @@ def _file(path: str, content: bytes, mode: str, owner: str, group: str, validate
 
 def apply_plan(plan: Plan, server: Server) -> None:
     """Apply a plan to the current host: one batched state query, then one operation per
-    phase (see :data:`PHASES`), each sending commands only for what differs."""
+    phase (see :data:`PHASES`), each sending commands only for what differs.
+
+    Every secret is read (and every admin password checked and hashed) before the first
+    operation, so that a missing or weak one changes nothing."""
+    secrets = _user_secrets(plan, server)
     files: dict[str, bytes] = {}
     for step in plan.steps:
         if isinstance(step, File):
@@ -374,11 +484,19 @@ def apply_plan(plan: Plan, server: Server) -> None:
         units=tuple(s.name for s in plan.steps if isinstance(s, UnitState)),
         packages=tuple(n for s in plan.steps if isinstance(s, Packages) for n in s.names),
         users=tuple(users),
+        upload_dir=any(isinstance(s, File) and s.file.secret is not None for s in plan.steps)
+        or any(isinstance(s, User) and (s.password_hash or s.password) for s in plan.steps),
     )
     state = _get_state(query)
+    if query.upload_dir and state.upload_dir is None:
+        raise DeployError(
+            f"cannot prepare the login user's private upload directory (~/{UPLOAD_DIR}, "
+            "mode 0700) on the target, needed to upload secrets; nothing was changed")
+    all_steps = [_with_hash(s, secrets, state) if isinstance(s, User) else s
+                 for s in plan.steps]
     changed: set[str] = set()
     for phase in PHASES:
-        steps = [s for s in plan.steps if _phase_of(s) == phase]
+        steps = [s for s in all_steps if _phase_of(s) == phase]
         plan_phase(name=f"selfhost {phase}", phase=phase, steps=steps, files=files, state=state,
                    changed=changed)
 

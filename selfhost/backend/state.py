@@ -6,8 +6,16 @@ the backend asks for all of them at once and compares locally.
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass, field
+
+UPLOAD_DIR = ".cache/selfhost-upload"
+"""Where, in the home of the user pyinfra logs in as, secrets are uploaded before sudo copies
+them into place: a directory only that user can enter (mode 0700)."""
+
+_SAFE_PATH = re.compile(r"^/[A-Za-z0-9._@+/-]+$")  # pyinfra puts it unquoted in `cp TEMP DEST`
+_YESCRYPT_SETTING = re.compile(r"^\$y\$[./0-9A-Za-z]+\$[./0-9A-Za-z]+$")
 
 
 @dataclass(frozen=True)
@@ -18,6 +26,8 @@ class Query:
     units: tuple[str, ...] = ()
     packages: tuple[str, ...] = ()
     users: tuple[str, ...] = ()
+    upload_dir: bool = False
+    """Also prepare the private upload directory of the login user (see :data:`UPLOAD_DIR`)."""
 
 
 @dataclass
@@ -44,6 +54,28 @@ class State:
     units: dict[str, tuple[str, str]] = field(default_factory=dict)  # (enabled, active)
     packages: dict[str, bool] = field(default_factory=dict)
     users: dict[str, UserState | None] = field(default_factory=dict)
+    settings: dict[str, str] = field(default_factory=dict)
+    """Per user with a yescrypt password hash, its setting ``$y$PARAMS$SALT`` (never the hash
+    value itself): enough to tell whether a password is unchanged by hashing it again."""
+    upload_dir: str | None = None
+    """The private upload directory of the login user (absolute path); ``""`` when no sudo is
+    involved, so uploads go straight to their destination; ``None`` when not asked for or
+    it could not be prepared safely."""
+
+
+_UPLOAD_DIR_SCRIPT = (
+    # Under sudo (or doas) this script runs as root, but pyinfra uploads with sftp as the
+    # login user, into a temporary file that sudo then copies into place: give that user a
+    # directory only they can enter (made as that user), and report it with its mode and
+    # owner. Without sudo, uploads go straight to their destination: nothing to prepare.
+    r"""u=${SUDO_USER:-${DOAS_USER:-}}
+if [ -z "$u" ]; then printf 'X\t0\t-\n'; else
+d="$(getent passwd "$u" | cut -d: -f6)/""" + UPLOAD_DIR + r""""
+mk='umask 077; mkdir -p "$1" && chmod 700 "$1" && find "$1" -type f -mmin +60 -delete'
+if [ "$(id -un)" = "$u" ]; then sh -c "$mk" sh "$d"
+else runuser -u "$u" -- sh -c "$mk" sh "$d"; fi >/dev/null 2>&1
+printf 'X\t0\t%s\t%s\t%s\n' "$d" "$(stat -c '%a %U' "$d" 2>/dev/null)" "$u"; fi"""
+)
 
 
 def script(q: Query) -> str:
@@ -78,12 +110,17 @@ def script(q: Query) -> str:
         )
     for i, user in enumerate(q.users):
         parts.append(
-            f"if e=$(getent passwd {q_(user)}); then printf 'W\\t{i}\\t%s\\t%s\\t%s\\t%s\\n' "
+            f"if e=$(getent passwd {q_(user)}); then printf 'W\\t{i}\\t%s\\t%s\\t%s\\t%s\\t%s\\n' "
             f"\"$(echo \"$e\" | cut -d: -f7)\" \"$(echo \"$e\" | cut -d: -f6)\" "
             f"\"$(id -nG {q_(user)} | tr ' ' ,)\" "
-            f"\"$(getent shadow {q_(user)} | cut -d: -f2 | sha1sum | cut -c1-40)\"; "
+            f"\"$(getent shadow {q_(user)} | cut -d: -f2 | sha1sum | cut -c1-40)\" "
+            # The hash's setting only (up to its last '$'), never the hash itself.
+            f"\"$(getent shadow {q_(user)} | cut -d: -f2 | "
+            f"sed -n 's/^\\(\\$.*\\)\\$[^$]*$/\\1/p' | grep . || echo -)\"; "
             f"else printf 'W\\t{i}\\t-\\n'; fi"
         )
+    if q.upload_dir:
+        parts.append(_UPLOAD_DIR_SCRIPT)
     parts.append("true")
     return "\n".join(parts)
 
@@ -120,4 +157,11 @@ def parse(q: Query, lines: list[str]) -> State:
             st.units[q.units[i]] = (f[2], f[3] if len(f) > 3 else "")
         elif kind == "W" and f[2] != "-" and len(f) >= 6:
             st.users[q.users[i]] = UserState(f[2], f[3], tuple(f[4].split(",")), f[5])
+            if len(f) >= 7 and _YESCRYPT_SETTING.match(f[6]):
+                st.settings[q.users[i]] = f[6]
+        elif kind == "X" and q.upload_dir and i == 0:
+            if f[2] == "-":
+                st.upload_dir = ""
+            elif len(f) >= 5 and _SAFE_PATH.match(f[2]) and f[3] == f"700 {f[4]}":
+                st.upload_dir = f[2]
     return st

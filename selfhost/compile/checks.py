@@ -28,10 +28,10 @@ def assertions(server: Server) -> list[tuple[Loc, str]]:
                 f"admin {admin.name!r} has no SSH key and password logins are off: "
                 "they could never log in",
             ))
-        if ssh.password_authentication and admin.password_hash is None:
+        if ssh.password_authentication and admin.password_hash is None and admin.password is None:
             problems.append((
-                ("admins", i, "password_hash"),
-                "password logins are on, so every admin needs a password_hash",
+                ("admins", i, "password"),
+                "password logins are on, so every admin needs a password (or password_hash)",
             ))
     if not any(a.sudo for a in server.admins):
         problems.append((("admins",), "no admin has sudo: with root logins off, nobody could "

@@ -67,7 +67,7 @@ def _base(server: Server) -> Contribution:
     lines = ["# Managed by selfhost: the admins from the model."]
     for admin in sorted(server.admins, key=lambda a: a.name):
         if admin.sudo:
-            nopasswd = "" if admin.password_hash is not None else "NOPASSWD: "
+            nopasswd = "" if admin.has_password else "NOPASSWD: "
             lines.append(f"{admin.name} ALL=(ALL:ALL) {nopasswd}ALL")
     c.files.append(ManagedFile(SUDOERS, "\n".join(lines) + "\n", mode="0440",
                                validate="visudo -cqf {path}"))
@@ -127,6 +127,7 @@ def compile_server(server: Server, target: Target | None = None) -> Plan:
             ssh_keys=tuple(admin.ssh_keys),
             password_hash=None if pw is None else pw if isinstance(pw, str)
             else f"secret:{pw.describe()}",
+            password=None if admin.password is None else f"secret:{admin.password.describe()}",
         ))
 
     seen_files: dict[str, str] = {}

@@ -37,9 +37,15 @@ class User:
     ssh_keys: tuple[str, ...]
     password_hash: str | None
     """A crypt hash, or ``secret:<where>`` to be resolved by the backend at deploy time."""
+    password: str | None = None
+    """``secret:<where>``: a plaintext password the backend reads at deploy time, checks for
+    strength and hashes on the deploying machine (exclusive with ``password_hash``)."""
 
     def describe(self) -> str:
         pw = ", password hash set" if self.password_hash else ""
+        if self.password:
+            kind, _, where = self.password.removeprefix("secret:").partition(":")
+            pw = f", password set from {kind} {where}, strength-checked"
         return (f"admin user {self.name} (groups: {', '.join(self.groups) or '-'}; "
                 f"{len(self.ssh_keys)} SSH key(s){pw})")
 
@@ -135,6 +141,8 @@ class Plan:
     def to_data(self) -> dict[str, Any]:
         def step_data(step: Step) -> dict[str, Any]:
             d = dataclasses.asdict(step)
+            if isinstance(step, User) and step.password is None:
+                d.pop("password")  # only shown when given (fixtures predate the field)
             if isinstance(step, File):
                 d["file"].pop("content")
                 if step.file.secret is not None:

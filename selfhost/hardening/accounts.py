@@ -53,7 +53,9 @@ class AccountsHardening(Control):
         c = Contribution()
         if not self.enabled:
             return c
-        c.packages += ["libpam-pwquality"]
+        # cracklib-runtime builds the dictionary pwquality's dictcheck reads: without it (a
+        # Recommends, skipped by --no-install-recommends) EVERY password change fails.
+        c.packages += ["libpam-pwquality", "cracklib-runtime"]
         settings = {
             "UMASK": self.umask,
             "ENCRYPT_METHOD": "YESCRYPT",

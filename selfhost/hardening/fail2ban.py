@@ -76,5 +76,8 @@ class Fail2banHardening(Control):
             return c
         c.packages += ["fail2ban", "python3-systemd"]
         c.files.append(ManagedFile(JAIL_CONF, self.jail_local(jails), validate=VALIDATE))
-        c.units.append(Unit("fail2ban.service", reload_on=(JAIL_CONF,)))
+        # Restart, not reload: fail2ban 1.1 (Debian 13) drops a jail's actions when a reload
+        # changes its banaction (Debian's default `nftables` -> our `nftables-multiport`), and
+        # the jail then bans nobody. Bans survive a restart (fail2ban's database restores them).
+        c.units.append(Unit("fail2ban.service", reload_on=(JAIL_CONF,), reload=False))
         return c

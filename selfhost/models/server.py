@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from selfhost.hardening import Hardening
@@ -47,20 +47,46 @@ class Admin(StrictModel):
         default=None,
         description="Optional password for sudo/console, as a crypt hash (yescrypt `$y$...` "
         "from `mkpasswd -m yescrypt`, or SHA-512 `$6$...`), or a reference to where that hash "
-        "is kept. Never the password itself.",
+        "is kept. Never the password itself (for that, see `password`).",
+    )
+    password: SecretRef | None = Field(
+        default=None,
+        description="Optional password for sudo/console, as a reference to where the "
+        "password is kept on the machine that runs the deploy ({env: VAR} or {file: PATH}); "
+        "never the password itself. It must be strong: at least 14 characters, without the "
+        "login, host or domain name, and rated 4/4 by zxcvbn (checked when the model is "
+        "validated if the secret can be read there, and again by the deploy). The deploy "
+        "hashes it with yescrypt; only the hash reaches the server. Exclusive with "
+        "`password_hash`.",
     )
     sudo: bool = Field(default=True, description="Member of the sudo group.")
 
-    @model_validator(mode="before")
+    # A plaintext password given by mistake must not end up in an error message or a log.
+    model_config = ConfigDict(hide_input_in_errors=True)
+
+    @field_validator("password", mode="before")
     @classmethod
-    def _no_plaintext(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "password" in data:
+    def _no_plaintext(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, dict | SecretRef):
             raise PydanticCustomError(
                 "plaintext_password",
-                "plaintext passwords are refused: give `password_hash` (e.g. from "
-                "`mkpasswd -m yescrypt`) or a reference {env: VAR} / {file: PATH} to it",
+                "plaintext passwords are refused: give a reference {env: VAR} or "
+                "{file: PATH} to where the password is kept, or `password_hash` (e.g. from "
+                "`mkpasswd -m yescrypt`)",
             )
-        return data
+        return v
+
+    @model_validator(mode="after")
+    def _one_password(self) -> Admin:
+        if self.password is not None and self.password_hash is not None:
+            raise ValueError("give either `password` (a reference to the password) or "
+                             "`password_hash`, not both")
+        return self
+
+    @property
+    def has_password(self) -> bool:
+        """Whether the admin gets a password (so sudo asks for it)."""
+        return self.password is not None or self.password_hash is not None
 
     @field_validator("name")
     @classmethod
@@ -124,6 +150,10 @@ class Server(StrictModel):
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
+    # Pydantic's own rendering of an error shows the input: a plaintext password given by
+    # mistake must not end up in a traceback or a log (the YAML loader never shows inputs).
+    model_config = ConfigDict(hide_input_in_errors=True)
+
     @property
     def fqdn(self) -> str:
         return f"{self.hostname}.{self.domain}"
@@ -152,7 +182,7 @@ class Server(StrictModel):
     def _assertions(self) -> Server:
         from selfhost.compile.checks import assertions
 
-        problems = assertions(self)
+        problems = assertions(self) + self._weak_passwords()
         if problems:
             raise PydanticCustomError(
                 "assertions",
@@ -164,3 +194,32 @@ class Server(StrictModel):
                 },
             )
         return self
+
+    def _weak_passwords(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Admin passwords that can be read on this machine and are too weak. A secret that
+        cannot be read here is checked by the deploy, where it is read."""
+        from selfhost.models.passwords import password_problems
+
+        min_length = self.password_min_length
+        out: list[tuple[tuple[str | int, ...], str]] = []
+        for i, admin in enumerate(self.admins):
+            if admin.password is None:
+                continue
+            try:
+                value = admin.password.resolve()
+            except LookupError:
+                continue
+            problems = password_problems(value, login=admin.name, hostname=self.hostname,
+                                         domain=self.domain, min_length=min_length)
+            if problems:
+                out.append((("admins", i, "password"),
+                            f"the password from {admin.password.describe()} is too weak: "
+                            + "; ".join(problems)))
+        return out
+
+    @property
+    def password_min_length(self) -> int:
+        """Shortest accepted admin password: 14, or the accounts control's minimum if longer."""
+        from selfhost.models.passwords import MIN_LENGTH
+
+        return max(MIN_LENGTH, self.hardening.accounts.password_min_length)
