@@ -1,8 +1,11 @@
 """Test deploy of the backup scenario: the normal home_server plan (backups included), then
 the fleet part (peer accounts, keys).
 
-Test-only addition: a tiny "notes" service with an SQLite database whose DataPath has a
-before_backup dump hook, to exercise the consistency hooks with a real database.
+Test-only additions:
+- a tiny "notes" service with an SQLite database whose DataPath has a before_backup dump hook,
+  to exercise the consistency hooks with a real database;
+- `notify` pointing at an SMTP sink that the tests run on the server's own loopback
+  (127.0.0.1:2525), to check that alerts really leave as mail.
 """
 
 from pyinfra.api.exceptions import DeployError
@@ -13,6 +16,7 @@ from selfhost.backend.pyinfra import apply_plan, target_for_host
 from selfhost.backup import restic
 from selfhost.backup.deploy import backup_fleet, load_model
 from selfhost.compile import compile_server
+from selfhost.notify import Notify, SmtpRelay
 from selfhost.services.base import Contribution, DataPath, ManagedDir
 
 NOTES_DB = "/var/lib/notes/notes.db"
@@ -47,5 +51,8 @@ path = host.data.get("selfhost_config")
 if not path:
     raise DeployError("set host data selfhost_config")
 server = load_model(path)
+if server.hostname == "nas":
+    server = server.model_copy(update={"notify": Notify(
+        email="alice@example.org", smtp=SmtpRelay(host="127.0.0.1", port=2525, tls="off"))})
 apply_plan(compile_server(server, target_for_host()), server)
 backup_fleet()

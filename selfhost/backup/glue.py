@@ -48,7 +48,22 @@ load() {
   if [ -n "${SELFHOST_SFTP_COMMAND:-}" ]; then opts+=(-o "sftp.command=$SELFHOST_SFTP_COMMAND"); fi
 }
 
-r() { restic "${opts[@]}" "$@"; }
+r() {
+  local rc=0
+  restic "${opts[@]}" "$@" || rc=$?
+  if [ -n "${SELFHOST_SFTP_COMMAND:-}" ]; then
+    # restic does not always wait for its sftp `ssh` child (forget, errors): it exits a
+    # moment later, orphaned. Wait for it (at most 10 s), so that this unit ends with no
+    # process left behind (on cgroup v1, systemd may miss such a straggler's exit and
+    # wait for its stop timeout).
+    local i
+    for i in $(seq 100); do
+      pgrep -f -- "ssh -F $CONF/$repo.ssh_config " >/dev/null || break
+      sleep 0.1
+    done
+  fi
+  return "$rc"
+}
 
 restart_units() {
   local u

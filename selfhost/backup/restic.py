@@ -194,6 +194,12 @@ Persistent=true
 WantedBy=timers.target
 """
 
+MAIL_HOOK = """#!/bin/sh
+# Managed by selfhost: mail every backup alert to the admin (root is aliased to the admin's
+# address; see notify: in the model). Arguments: subject, message.
+printf 'To: root\\nSubject: %s\\n\\n%s\\n' "$1" "$2" | /usr/sbin/sendmail -t
+"""
+
 ALERT_README = HEADER + """# Executables in this directory run on every backup alert (failed or late backup)
 # with two arguments: a subject and a message. Use it to send mail once a mail service exists, e.g.
 #   #!/bin/sh
@@ -242,7 +248,7 @@ def contribute(server: Server, target: Target, data: list[DataPath]) -> Contribu
     c.packages.append("restic")
     types = {r.type for r in policy.repositories}
     if "sftp" in types:
-        c.packages.append("openssh-client")
+        c.packages += ["openssh-client", "procps"]  # procps: pgrep, used by the glue
     if "rclone" in types:
         c.packages.append("rclone")
 
@@ -268,6 +274,8 @@ def contribute(server: Server, target: Target, data: list[DataPath]) -> Contribu
     }
     for path, content in conf_files.items():
         c.files.append(ManagedFile(path, content, mode="0600"))
+    if server.notify is not None:
+        c.files.append(ManagedFile(f"{CONF}/alert.d/50-mail", MAIL_HOOK, mode="0700"))
     c.files.append(ManagedFile(GLUE_PATH, GLUE, mode="0755",
                                validate="bash -n {path}"))
 

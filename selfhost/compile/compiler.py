@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from selfhost import notify
 from selfhost.backup import restic
 from selfhost.compile.plan import (
     Directory,
@@ -78,6 +79,8 @@ def collect(server: Server, target: Target) -> list[tuple[str, Contribution]]:
     """Every contribution, with the model path of its source, in a fixed order."""
     h = server.hardening
     out: list[tuple[str, Contribution]] = [("base", _base(server))]
+    if server.notify is not None:
+        out.append(("notify", notify.contribute(server)))
     ssh = h.ssh.contribute(server, target)
     if h.ssh.enabled:
         ssh.commands[:0] = [HOST_KEYS, MODULI]

@@ -72,8 +72,13 @@ class UpdatesHardening(Control):
             'Unattended-Upgrade::Remove-Unused-Dependencies "true";',
             'Unattended-Upgrade::SyslogEnable "true";',
             'Unattended-Upgrade::SyslogFacility "daemon";',
-            "",
         ]
+        # The report: always in the journal (syslog above); by mail too when `notify` is set
+        # (root is aliased to the admin's address by msmtp).
+        if server.notify is not None:
+            lines += ['Unattended-Upgrade::Mail "root";',
+                      f'Unattended-Upgrade::MailReport "{server.notify.updates}";']
+        lines.append("")
         c.files.append(ManagedFile(UU_CONF, "\n".join(lines),
                                    validate="apt-config -c {path} dump >/dev/null"))
         mode = "a" if self.restart_services else "l"

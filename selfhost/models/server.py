@@ -14,6 +14,7 @@ from selfhost.hardening import Hardening
 from selfhost.models.backup import BackupPolicy
 from selfhost.models.base import Domain, Hostname, SecretRef, StrictModel
 from selfhost.models.ssh_keys import check_public_key
+from selfhost.notify import Notify
 from selfhost.services import Services
 
 RESERVED_USERS = {
@@ -146,6 +147,11 @@ class Server(StrictModel):
     )
     backup: BackupPolicy = Field(
         default_factory=BackupPolicy, description="Backup policy."
+    )
+    notify: Notify | None = Field(
+        default=None,
+        description="Mail to the admin through an SMTP relay (update reports, failed or late "
+        "backups). Without it, reports go to the journal only.",
     )
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)

@@ -74,8 +74,7 @@ def test_deployed_files_are_private_and_secret_free(host: Any) -> None:
 def test_friend_account_is_sftp_only_and_chrooted(host: Any) -> None:
     import testinfra
 
-    friend = testinfra.get_host("podman://" + os.environ.get("SELFHOST_BACKUP_FRIEND",
-                                                              "bk-friend-bookworm"))
+    friend = testinfra.get_host("podman://" + host.backend.name.replace("bk-nas-", "bk-friend-"))
     conf = friend.check_output("/usr/sbin/sshd -T -C user=backup-nas,host=x,addr=127.0.0.1")
     assert "chrootdirectory /srv/backup-peers/nas" in conf
     assert "forcecommand internal-sftp" in conf
@@ -98,14 +97,14 @@ def test_backup_modify_delete_restore_each_snapshot(host: Any, timings: dict[str
     v1 = manifest(host, "/")
     s1 = {}
     for repo in REPOS:
-        s1[repo], timings[f"backup1_{repo}"] = backup(host, repo)
+        s1[repo], timings[f"{host.backend.name} backup1_{repo}"] = backup(host, repo)
     sh(host, f"echo '<h1>v2</h1>' > {WEB}/index.html && echo two >> {EXTRA}/note.txt && "
              f"head -c 100 /dev/urandom >> {EXTRA}/big.bin && echo new > {EXTRA}/added.txt")
     v2 = manifest(host, "/")
     assert v1 != v2
     s2 = {}
     for repo in REPOS:
-        s2[repo], timings[f"backup2_{repo}"] = backup(host, repo)
+        s2[repo], timings[f"{host.backend.name} backup2_{repo}"] = backup(host, repo)
         assert s2[repo] != s1[repo]
     sh(host, f"rm -rf {WEB}/* {EXTRA}")
     for repo in REPOS:
@@ -113,7 +112,7 @@ def test_backup_modify_delete_restore_each_snapshot(host: Any, timings: dict[str
             target = f"/var/tmp/restore-{repo}-{snap}"
             t0 = time.monotonic()
             sh(host, f"rm -rf {target} && {GLUE} restore {repo} {snap} {target} {WEB} {EXTRA}")
-            timings[f"restore_{repo}_{'s1' if snap == s1[repo] else 's2'}"] = \
+            timings[f"{host.backend.name} restore_{repo}_{'s1' if snap == s1[repo] else 's2'}"] = \
                 time.monotonic() - t0
             assert manifest(host, target) == expected
             # byte for byte, not only hashes
@@ -178,7 +177,70 @@ def test_retention_forgets_simulated_history(host: Any) -> None:
                     "2024-06-30"]
 
 
-def test_failed_backup_alerts_in_journal(host: Any) -> None:
+# A minimal SMTP server for the tests, run on the server's own loopback: it stores each
+# message it receives as a file (recipients first), so a test can read what was mailed.
+SMTP_SINK = r"""
+import socket, sys
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", 2525))
+srv.listen(5)
+n = 0
+while True:
+    conn, _ = srv.accept()
+    f = conn.makefile("rwb")
+    def say(text):
+        f.write(text.encode() + b"\r\n")
+        f.flush()
+    say("220 sink ESMTP")
+    rcpt = []
+    for raw in f:
+        cmd = raw.decode(errors="replace").strip()
+        verb = cmd.upper()
+        if verb.startswith("RCPT TO:"):
+            rcpt.append(cmd[8:].strip())
+            say("250 ok")
+        elif verb == "DATA":
+            say("354 go on")
+            body = b""
+            for line in f:
+                if line.rstrip(b"\r\n") == b".":
+                    break
+                body += line
+            n += 1
+            with open(f"{sys.argv[1]}/{n:04d}.eml", "wb") as out:
+                out.write(("X-Rcpt: " + " ".join(rcpt) + "\r\n").encode() + body)
+            rcpt = []
+            say("250 stored")
+        elif verb == "QUIT":
+            say("221 bye")
+            break
+        else:
+            say("250 ok")
+    conn.close()
+"""
+MAILS = "/var/tmp/selfhost-mails"
+
+
+@pytest.fixture(scope="module")
+def smtp_sink(host: Any) -> Any:
+    host.run("pkill -f selfhost-smtp-sink.py")
+    sh(host, f"rm -rf {MAILS} && mkdir -p {MAILS}")
+    sh(host, f"cat > /var/tmp/selfhost-smtp-sink.py <<'EOF'\n{SMTP_SINK}\nEOF")
+    sh(host, f"nohup python3 /var/tmp/selfhost-smtp-sink.py {MAILS} >/dev/null 2>&1 &")
+    for _ in range(50):
+        if host.run("ss -Hltn 'sport = :2525' | grep -q 2525").rc == 0:
+            break
+        time.sleep(0.1)
+
+    def mails() -> list[str]:
+        out = sh(host, f"cat {MAILS}/*.eml 2>/dev/null; true")
+        return [m for m in out.split("X-Rcpt: ") if m]
+    yield mails
+    host.run("pkill -f selfhost-smtp-sink.py")
+
+
+def test_failed_backup_alerts_in_journal_and_by_mail(host: Any, smtp_sink: Any) -> None:
     since = sh(host, "date '+%F %T'")
     sh(host, "mv /var/backups/restic-usb /var/backups/restic-usb.away")
     try:
@@ -186,11 +248,35 @@ def test_failed_backup_alerts_in_journal(host: Any) -> None:
         time.sleep(2)
         log = sh(host, f"journalctl -t selfhost-backup -p err --since '{since}' --no-pager")
         assert "selfhost-backup-usb.service failed" in log
+        # ...and the admin got a mail (root aliased to the notify address by msmtp).
+        deadline = time.monotonic() + 20
+        while not smtp_sink() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        mails = smtp_sink()
+        assert len(mails) == 1, mails
+        assert mails[0].startswith("<alice@example.org>")
+        assert "Subject: [nas] backup failed: selfhost-backup-usb.service" in mails[0]
         # never silently re-initialised
         assert not host.file("/var/backups/restic-usb/config").exists
     finally:
         sh(host, "rm -rf /var/backups/restic-usb; mv /var/backups/restic-usb.away "
                  "/var/backups/restic-usb; systemctl reset-failed")
+
+
+def test_update_reports_are_mailed_to_the_admin(host: Any, smtp_sink: Any) -> None:
+    dump = sh(host, "apt-config dump")
+    assert 'Unattended-Upgrade::Mail "root";' in dump
+    assert 'Unattended-Upgrade::MailReport "on-change";' in dump
+    before = len(smtp_sink())
+    # What unattended-upgrades runs to send its report (sendmail found, so no mailx).
+    sh(host, "printf 'To: root\\nSubject: unattended-upgrades result\\n\\nok\\n' "
+             "| /usr/sbin/sendmail -oi -t")
+    deadline = time.monotonic() + 20
+    while len(smtp_sink()) == before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    mails = smtp_sink()
+    assert len(mails) == before + 1
+    assert mails[-1].startswith("<alice@example.org>") and "unattended-upgrades" in mails[-1]
 
 
 def test_late_backup_alerts_and_status_shows_age(host: Any) -> None:
