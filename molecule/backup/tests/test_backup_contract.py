@@ -172,9 +172,15 @@ def test_retention_forgets_simulated_history(host: Any) -> None:
     )
     snaps = json.loads(sh(host, f"bash -c {shlex.quote(script)}"))
     days = sorted(s["time"][:10] for s in snaps)
-    assert days == ["2024-05-31", "2024-06-09", "2024-06-16", "2024-06-23", "2024-06-24",
-                    "2024-06-25", "2024-06-26", "2024-06-27", "2024-06-28", "2024-06-29",
-                    "2024-06-30"]
+    expected = ["2024-05-31", "2024-06-09", "2024-06-16", "2024-06-23", "2024-06-24",
+                "2024-06-25", "2024-06-26", "2024-06-27", "2024-06-28", "2024-06-29",
+                "2024-06-30"]
+    # restic >= 0.17 (Debian 13) also keeps the oldest snapshot while a --keep-monthly (or
+    # other) policy has fewer periods than it asks for (here 2 months of 6): 2024-05-02.
+    version = sh(host, "restic version").split()[1]
+    if tuple(int(x) for x in version.split(".")[:2]) >= (0, 17):
+        expected.insert(0, "2024-05-02")
+    assert days == expected
 
 
 # A minimal SMTP server for the tests, run on the server's own loopback: it stores each

@@ -18,7 +18,6 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +27,12 @@ from selfhost.compile.compiler import compile_server
 from selfhost.compile.plan import File, Plan, Run, UnitState
 from selfhost.compile.target import Target
 from selfhost.config import load_server
+from test_system import retry  # the same directory (pytest puts it on sys.path)
 
 REPO = Path(__file__).resolve().parents[3]
 MODEL_FILE = REPO / "examples" / "home.yaml"
 
 TEST_USER = "selfhost-probe"
-
-
-def retry(call: Any, ok: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = call()
-        if ok(result) or time.monotonic() > deadline:
-            return result
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
