@@ -529,16 +529,15 @@ def test_admin_user_hash_comparison_matches_the_state_script(pyinfra_host: Any,
         "alice", "$y$j9T$new$hash")
 
 
-def test_resolve_hash(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    assert backend._resolve_hash(HASH) == HASH
+def test_resolve_secret(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SELFHOST_TEST_HASH", HASH)
-    assert backend._resolve_hash("secret:env:SELFHOST_TEST_HASH") == HASH
+    assert backend._resolve_secret("secret:env:SELFHOST_TEST_HASH") == HASH
     f = tmp_path / "hash"
     f.write_text(HASH + "\n")
-    assert backend._resolve_hash(f"secret:file:{f}") == HASH
+    assert backend._resolve_secret(f"secret:file:{f}") == HASH
     monkeypatch.delenv("SELFHOST_TEST_HASH")
     with pytest.raises(LookupError):
-        backend._resolve_hash("secret:env:SELFHOST_TEST_HASH")
+        backend._resolve_secret("secret:env:SELFHOST_TEST_HASH")
 
 
 def test_expand_sync(tmp_path: Path) -> None:

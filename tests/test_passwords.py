@@ -212,10 +212,10 @@ def test_plan_names_the_source_never_the_value(monkeypatch: pytest.MonkeyPatch) 
     assert "alice ALL=(ALL:ALL) ALL" in plan.files()[SUDOERS].splitlines()
 
 
-def test_plan_without_password_is_unchanged() -> None:
+def test_plan_without_password() -> None:
     plan = compile_server(Server.model_validate(model()), Target())
     (step,) = [s for s in plan.to_data()["steps"] if s["step"] == "User"]
-    assert "password" not in step  # the compile fixtures predate the field
+    assert step["password"] is None and step["password_hash"] is None
     assert "alice ALL=(ALL:ALL) NOPASSWD: ALL" in plan.files()[SUDOERS].splitlines()
 
 

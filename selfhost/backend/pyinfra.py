@@ -268,12 +268,6 @@ def admin_user(user: str, groups: tuple[str, ...], password_hash: str | None,
             yield f"chpasswd -e < {q(staged)}; rc=$?; rm -f {q(staged)}; exit $rc"
 
 
-def _resolve_hash(value: str) -> str:
-    if not value.startswith("secret:"):
-        return value
-    return _resolve_secret(value)
-
-
 def _resolve_secret(value: str) -> str:
     """The value of a ``secret:env:VAR`` / ``secret:file:PATH`` reference of the plan."""
     from selfhost.models.base import SecretRef
@@ -416,12 +410,11 @@ def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State,
                 yield from guarded._inner(label=cmd.name, command=cmd.command,
                                           unless=cmd.unless, state=state)
         elif isinstance(step, User):
-            if step.password is not None:
-                raise DeployError(f"admin {step.name}: the password must be hashed first "
-                                  "(apply_plan does it)")
-            pw = _resolve_hash(step.password_hash) if step.password_hash else None
-            yield from admin_user._inner(user=step.name, groups=step.groups, password_hash=pw,
-                                         state=state)
+            if step.password is not None or (step.password_hash or "").startswith("secret:"):
+                raise DeployError(f"admin {step.name}: the password must be read and hashed "
+                                  "first (apply_plan does it)")
+            yield from admin_user._inner(user=step.name, groups=step.groups,
+                                         password_hash=step.password_hash, state=state)
             home = f"/home/{step.name}"
             yield from managed_dir._inner(path=f"{home}/.ssh", mode="0700", owner=step.name,
                                           group=step.name, state=state)

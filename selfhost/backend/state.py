@@ -110,13 +110,13 @@ def script(q: Query) -> str:
         )
     for i, user in enumerate(q.users):
         parts.append(
-            f"if e=$(getent passwd {q_(user)}); then printf 'W\\t{i}\\t%s\\t%s\\t%s\\t%s\\t%s\\n' "
+            f"if e=$(getent passwd {q_(user)}); then h=$(getent shadow {q_(user)} | cut -d: -f2); "
+            f"printf 'W\\t{i}\\t%s\\t%s\\t%s\\t%s\\t%s\\n' "
             f"\"$(echo \"$e\" | cut -d: -f7)\" \"$(echo \"$e\" | cut -d: -f6)\" "
             f"\"$(id -nG {q_(user)} | tr ' ' ,)\" "
-            f"\"$(getent shadow {q_(user)} | cut -d: -f2 | sha1sum | cut -c1-40)\" "
+            f"\"$(echo \"$h\" | sha1sum | cut -c1-40)\" "
             # The hash's setting only (up to its last '$'), never the hash itself.
-            f"\"$(getent shadow {q_(user)} | cut -d: -f2 | "
-            f"sed -n 's/^\\(\\$.*\\)\\$[^$]*$/\\1/p' | grep . || echo -)\"; "
+            f"\"$(echo \"$h\" | sed -n 's/^\\(\\$.*\\)\\$[^$]*$/\\1/p' | grep . || echo -)\"; "
             f"else printf 'W\\t{i}\\t-\\n'; fi"
         )
     if q.upload_dir:

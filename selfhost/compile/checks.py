@@ -28,7 +28,7 @@ def assertions(server: Server) -> list[tuple[Loc, str]]:
                 f"admin {admin.name!r} has no SSH key and password logins are off: "
                 "they could never log in",
             ))
-        if ssh.password_authentication and admin.password_hash is None and admin.password is None:
+        if ssh.password_authentication and not admin.has_password:
             problems.append((
                 ("admins", i, "password"),
                 "password logins are on, so every admin needs a password (or password_hash)",
