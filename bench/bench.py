@@ -129,6 +129,36 @@ def remove_containers(names: list[str]) -> None:
                 CREATED.remove(name)
 
 
+def container_cpu_s(name: str) -> float | None:
+    """CPU seconds a container's cgroup has used so far (cgroup v1 cpuacct or v2 cpu.stat)."""
+    p = subprocess.run([REAL_PODMAN, "inspect", "--format", "{{.State.CgroupPath}}", name],
+                       capture_output=True, text=True,
+                       env={**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)})
+    path = p.stdout.strip()
+    if p.returncode != 0 or not path:
+        return None
+    v1 = Path("/sys/fs/cgroup/cpuacct") / path.lstrip("/") / "cpuacct.usage"
+    if v1.exists():
+        return int(v1.read_text()) / 1e9
+    v2 = Path("/sys/fs/cgroup") / path.lstrip("/") / "cpu.stat"
+    if v2.exists():
+        for line in v2.read_text().splitlines():
+            if line.startswith("usage_usec "):
+                return int(line.split()[1]) / 1e6
+    return None
+
+
+def cpu_used(names: list[str], before: dict[str, float | None]) -> dict[str, float] | None:
+    """CPU seconds each container used since ``before`` (None when not measurable)."""
+    out = {}
+    for n in names:
+        now, then = container_cpu_s(n), before.get(n)
+        if now is None or then is None:
+            return None
+        out[n] = round(now - then, 2)
+    return out
+
+
 def cleanup() -> None:
     remove_containers(list(CREATED))
     shutil.rmtree(TMP, ignore_errors=True)
@@ -164,8 +194,9 @@ def _num(s: str) -> int:
 
 
 def run_pyinfra(args: list[str], deploy: str, config: Path, tag: str,
-                timeout: float = 1500) -> dict[str, Any]:
-    """One pyinfra CLI run under bench/probe.py; returns timings, counts and the outcome."""
+                timeout: float = 1500, containers: list[str] | None = None) -> dict[str, Any]:
+    """One pyinfra CLI run under bench/probe.py; returns timings, counts and the outcome
+    (and, given the target ``containers``, the CPU seconds each one used)."""
     probe_log = TMP / f"probe-{tag}.json"
     podman_log = TMP / f"podman-{tag}.log"
     for f in (probe_log, podman_log):
@@ -174,12 +205,16 @@ def run_pyinfra(args: list[str], deploy: str, config: Path, tag: str,
            "BENCH_PROBE_LOG": str(probe_log), "BENCH_PODMAN_LOG": str(podman_log)}
     cmd = [PY, str(BENCH / "probe.py"), "-y", *args, deploy,
            "--data", f"selfhost_config={config}"]
+    cpu0 = {n: container_cpu_s(n) for n in containers or []}
     la = loadavg()
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=SRC)
     wall = time.perf_counter() - t0
+    cpu = cpu_used(containers, cpu0) if containers else None
     m = ([None, *_GRAND.finditer(p.stderr)])[-1]  # the last "Grand total" line
     res: dict[str, Any] = {"wall_s": wall, "rc": p.returncode, "loadavg_before": la}
+    if cpu is not None:
+        res["target_cpu_s"] = cpu
     if m:
         res.update(ops=_num(m[1]), changed=_num(m[2]), errors=_num(m[3]), unchanged=_num(m[4]))
     if p.returncode != 0 or not m:
@@ -263,8 +298,14 @@ def package_set(config: Path) -> list[str]:
         "s = Server.model_validate(YAML(typ='safe').load(p.read_text()))"
         ".with_base_dir(p.parent.resolve())\n"
         "plan = compile_server(s, Target(release='bookworm', in_container=True))\n"
-        "print(json.dumps([n for st in plan.steps if isinstance(st, Packages) "
-        "for n in st.names]))\n"
+        "from selfhost.compile.plan import Run\n"
+        "pkgs = [n for st in plan.steps if isinstance(st, Packages) for n in st.names]\n"
+        # The converge installs systemd-timesyncd in a guarded step of its own (it conflicts
+        # with other time daemons): it belongs to the same package set.
+        "if any(isinstance(st, Run) and st.command.name.startswith('time sync') "
+        "for st in plan.steps):\n"
+        "    pkgs.append('systemd-timesyncd')\n"
+        "print(json.dumps(pkgs))\n"
     )
     return json.loads(sh([PY, "-c", code]).stdout)
 
@@ -272,20 +313,25 @@ def package_set(config: Path) -> list[str]:
 def floor_install(name: str, pkgs: list[str]) -> dict[str, Any]:
     script = ("export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install "
               f"{APT_FLAGS} {' '.join(pkgs)} >/dev/null")
+    cpu0 = {name: container_cpu_s(name)}
     la = loadavg()
     t0 = time.perf_counter()
     p = sh([REAL_PODMAN, "exec", name, "sh", "-c", script], check=False, timeout=1500)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         log(f"floor install failed: {p.stderr[-1500:]}")
-    return {"wall_s": wall, "rc": p.returncode, "loadavg_before": la}
+    res: dict[str, Any] = {"wall_s": wall, "rc": p.returncode, "loadavg_before": la}
+    cpu = cpu_used([name], cpu0)
+    if cpu is not None:
+        res["target_cpu_s"] = cpu[name]
+    return res
 
 
-def floor_one(pkgs: list[str]) -> float:
+def floor_one(pkgs: list[str]) -> dict[str, Any]:
     name = f"{PREFIX}-f3floor-1"
     start_containers([name])
     try:
-        return floor_install(name, pkgs)["wall_s"]
+        return floor_install(name, pkgs)
     finally:
         remove_containers([name])
 
@@ -302,7 +348,8 @@ def figure1(runs: int, deploy: str) -> dict[str, Any]:
             order = ["deploy", "floor"] if r % 2 == 0 else ["floor", "deploy"]
             for what in order:
                 if what == "deploy":
-                    d = run_pyinfra([str(inventory([a]))], deploy, EXAMPLE, f"f1-{r}")
+                    d = run_pyinfra([str(inventory([a]))], deploy, EXAMPLE, f"f1-{r}",
+                                    containers=[a])
                     d["hosts"] = 1
                     deploys.append(d)
                     log(f"  run {r}: converge {d['wall_s']:.1f} s "
@@ -435,7 +482,8 @@ def figure3(runs: int, sizes: list[int], deploy: str, fig1: dict[str, Any] | Non
             names = [f"{PREFIX}-f3-{n}-{r}-{i}" for i in range(n)]
             start_containers(names)
             try:
-                d = run_pyinfra([str(inventory(names))], deploy, EXAMPLE, f"f3-{n}-{r}")
+                d = run_pyinfra([str(inventory(names))], deploy, EXAMPLE, f"f3-{n}-{r}",
+                                containers=names)
                 d["hosts"] = n
                 res[str(n)].append(d)
                 apt = d.get("apt_command_s", {})
@@ -448,13 +496,25 @@ def figure3(runs: int, sizes: list[int], deploy: str, fig1: dict[str, Any] | Non
     big = max(sizes)
     if big > 1 and with_floor:
         pkgs = fig1["packages"] if fig1 else package_set(EXAMPLE)
-        out["floor"] = {"1": fig1["floor_median_s"] if fig1 else floor_one(pkgs),
-                        str(big): fleet_floor(big, pkgs)["wall_s"]}
+        ones = ([f for f in fig1["floor_runs"] if f["rc"] == 0] if fig1
+                else [floor_one(pkgs)])
+        many = fleet_floor(big, pkgs)
+        out["floor"] = {"1": median([f["wall_s"] for f in ones]), str(big): many["wall_s"]}
+        out["floor_cpu_per_host_s"] = {
+            "1": median([f["target_cpu_s"] for f in ones if "target_cpu_s" in f]),
+            str(big): median([e["target_cpu_s"] for e in many["each"] if "target_cpu_s" in e])}
     out["median_s"] = {k: median([d["wall_s"] for d in v if d["rc"] == 0])
                        for k, v in res.items()}
     out["median_apt_per_host_s"] = {
         k: median([median(list(d.get("apt_command_s", {}).values()) or [float("nan")])
                    for d in v if d["rc"] == 0]) for k, v in res.items()}
+    # CPU seconds the targets used per host: with n hosts on c cores, no tool can converge
+    # the fleet faster than n * cpu / c, whatever it does about round trips.
+    out["median_cpu_per_host_s"] = {
+        k: median([median(list(d["target_cpu_s"].values()))
+                   for d in v if d["rc"] == 0 and d.get("target_cpu_s")])
+        for k, v in res.items()}
+    out["cpus"] = os.cpu_count()
     return out
 
 
@@ -540,10 +600,12 @@ def table(res: dict[str, Any]) -> str:
         med = r["median_s"]
         for n, v in med.items():
             k = len([d for d in r["runs"][n] if d["rc"] == 0])
+            cpu = r.get("median_cpu_per_host_s", {}).get(n)
             rows.append((f"3. fleet converge, {n} host(s)",
                          f"{fmt_s(v)} ({'median of ' if k > 1 else ''}{k} run{'s' * (k > 1)}; "
-                         f"apt per host {fmt_s(r['median_apt_per_host_s'][n])})",
-                         "-", "info"))
+                         f"apt per host {fmt_s(r['median_apt_per_host_s'][n])}"
+                         + (f"; target CPU per host {fmt_s(cpu)}" if cpu == cpu and cpu else "")
+                         + ")", "-", "info"))
         big = max(med, key=int)
         if big != "1" and "1" in med:
             ratio = med[big] / med["1"]
@@ -552,9 +614,21 @@ def table(res: dict[str, Any]) -> str:
                          verdict(ratio <= 2) if big == "8" else "info"))
             fl = r.get("floor", {})
             if big in fl and "1" in fl:
+                fcpu = r.get("floor_cpu_per_host_s", {})
                 rows.append((f"3. floor: {big} bare apt installs at once / 1",
                              f"{fmt_s(fl[big])} / {fmt_s(fl['1'])} = x{fl[big] / fl['1']:.2f}"
-                             " (1 run for the fleet)", "-", "info"))
+                             " (1 run for the fleet)"
+                             + (f"; target CPU per host {fmt_s(fcpu['1'])} alone, "
+                                f"{fmt_s(fcpu[big])} in the fleet" if fcpu else ""),
+                             "-", "info"))
+            cpu1 = r.get("median_cpu_per_host_s", {}).get("1")
+            cores = r.get("cpus")
+            if cpu1 and cpu1 == cpu1 and cores:
+                bound = int(big) * cpu1 / cores
+                rows.append((f"3. CPU bound: {big} hosts x {fmt_s(cpu1)} CPU / {cores} cores",
+                             f"{fmt_s(bound)} = x{bound / med['1']:.2f} the 1-host converge;"
+                             f" the {big}-host run took x{med[big] / bound:.2f} this bound",
+                             "-", "info"))
     if "4" in f:
         r = f["4"]
         for dim, label in (("sites", "sites in 1 server"), ("servers", "servers")):

@@ -750,3 +750,25 @@ def test_lan_only_service_with_no_lan_is_refused_or_reachable() -> None:
     except ValidationError:
         return
     assert "dport 443" in plan.files()[NFTABLES]
+
+
+# --------------------------------------------------------------------------- time sync
+
+def _time_sync_steps(plan: Plan) -> list[Run]:
+    return [s for s in plan.steps if isinstance(s, Run) and s.command.name.startswith(
+        "time sync")]
+
+
+def test_time_sync_installs_timesyncd_only_without_another_time_daemon() -> None:
+    [step] = _time_sync_steps(build())
+    assert "apt-get install" in step.command.command
+    assert "systemd-timesyncd" in step.command.command
+    # Never a package of the packages phase: apt would remove a conflicting chrony for it.
+    pkgs = next(s for s in build().steps if isinstance(s, Packages))
+    assert "systemd-timesyncd" not in pkgs.names
+    for daemon in ("chrony", "ntpsec", "openntpd", "systemd-timesyncd"):
+        assert daemon in (step.command.unless or "")
+
+
+def test_time_sync_can_be_turned_off() -> None:
+    assert _time_sync_steps(build(time_sync=False)) == []

@@ -102,5 +102,5 @@ def test_unsafe_relays_are_refused(smtp: dict[str, Any], message: str) -> None:
 
 
 def test_bad_address_is_refused() -> None:
-    with pytest.raises(ValidationError, match="notify.email"):
+    with pytest.raises(ValidationError, match=r"notify\.email"):
         server(notify={**NOTIFY, "email": "alice"})

@@ -367,6 +367,47 @@ def test_guarded_command_uses_the_real_guard_result(pyinfra_host: Any, tmp_path:
                     state=State()) == ["echo hi"]
 
 
+def test_guard_is_tested_again_on_the_target_when_packages_come_first(
+        pyinfra_host: Any, tmp_path: Path) -> None:
+    """The state is read before the packages phase. When that phase installs something, a
+    package's postinst may do a command's work itself (rkhunter records its own baseline): the
+    guard is then tested again right before the command, which runs only if it still fails."""
+    flag, ran = tmp_path / "done", tmp_path / "ran"
+    guard = f"test -f {flag}"
+    kw = {"label": "make flag", "command": f"touch {flag} {ran}", "unless": guard}
+    stale = read_state(Query(guards=(guard,)))  # read before the "package" made the flag
+    (cmd,) = commands(backend.guarded, **kw, state=stale, recheck=True)
+    flag.touch()  # what the postinst did meanwhile
+    assert sh(cmd).returncode == 0 and not ran.exists()
+    flag.unlink()
+    assert sh(cmd).returncode == 0 and ran.exists()
+    # A failing command still fails the script.
+    (bad,) = commands(backend.guarded, label="x", command="exit 3", unless="false",
+                      state=State(guards={"false": False}), recheck=True)
+    assert sh(bad).returncode == 3
+
+
+def test_apply_plan_rechecks_guards_only_when_it_installs_packages(
+        pyinfra_host: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = _server()
+    plan = compile_server(server, Target())
+    (q,), _ = _apply(plan, server, parse(Query(), []), monkeypatch, pyinfra_host)
+    guarded_cmds = [s.command for s in plan.steps
+                    if isinstance(s, Run) and s.command.unless and not s.command.on_change]
+    for installing in (True, False):
+        state = _converged(plan, q)
+        state.guards = dict.fromkeys(state.guards, False)
+        if installing:
+            state.packages["fail2ban"] = False
+        with fresh_pyinfra() as host:
+            _, ops = _apply(plan, server, state, monkeypatch, host)
+        script = "\n".join(c for name, _, cmds in ops for c in cmds
+                           if name in ("selfhost prepare", "selfhost commands"))
+        for c in guarded_cmds:
+            assert c.command in script
+            assert (f"if ( {c.unless}\n) >/dev/null 2>&1; then :; else" in script) is installing
+
+
 @pytest.mark.parametrize(("current", "expected"), [
     (("enabled", "active"), []),
     (("static", "active"), []),

@@ -213,10 +213,17 @@ def packages(names: tuple[str, ...], state: State) -> Generator[str, None, None]
 
 @operation()
 def guarded(label: str, command: str, unless: str | None,
-            state: State) -> Generator[str, None, None]:
-    """Run ``command`` unless its guard already holds (checked in the batched state)."""
+            state: State, recheck: bool = False) -> Generator[str, None, None]:
+    """Run ``command`` unless its guard already holds (checked in the batched state).
+
+    With ``recheck`` (this deploy installs packages first, so the state read before it may
+    be stale: a package's postinst can do the work itself, e.g. rkhunter records its
+    baseline), the guard is also tested again on the target, right before the command."""
     if unless is not None and state.guards.get(unless):
         host.noop(f"{label}: already done")
+        return
+    if unless is not None and recheck:
+        yield f"if ( {unless}\n) >/dev/null 2>&1; then :; else ( {command}\n); fi"
         return
     yield command
 
@@ -398,6 +405,7 @@ def _join(commands: list[str]) -> str:
 
 def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State,
                     changed: set[str]) -> Generator[str | StringCommand | FileUploadCommand, None, None]:
+    installing = not all(state.packages.values())
     for step in steps:
         if isinstance(step, Packages):
             yield from packages._inner(names=step.names, state=state)
@@ -408,7 +416,7 @@ def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State,
                     yield cmd.command
             else:
                 yield from guarded._inner(label=cmd.name, command=cmd.command,
-                                          unless=cmd.unless, state=state)
+                                          unless=cmd.unless, state=state, recheck=installing)
         elif isinstance(step, User):
             if step.password is not None or (step.password_hash or "").startswith("secret:"):
                 raise DeployError(f"admin {step.name}: the password must be read and hashed "

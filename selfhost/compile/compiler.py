@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 SUDOERS = "/etc/sudoers.d/selfhost-admins"
 BASE_PACKAGES = ["tzdata", "sudo", "ca-certificates", "curl"]
+TIME_DAEMONS = ("systemd-timesyncd", "chrony", "ntpsec", "ntp", "openntpd")
 
 HOST_KEYS = Command(
     "ssh host keys: Ed25519 and RSA 4096 only",
@@ -56,6 +57,17 @@ def _base(server: Server) -> Contribution:
         unless=f'test "$(readlink /etc/localtime)" = /usr/share/zoneinfo/{tz} && '
         f"grep -qx {tz} /etc/timezone",
     ))
+    if server.time_sync:
+        # A guarded command, not a package: systemd-timesyncd conflicts with the other time
+        # daemons, and apt would remove the admin's chrony to install it.
+        c.commands.append(Command(
+            "time sync: systemd-timesyncd (NTP)",
+            "export DEBIAN_FRONTEND=noninteractive; i='apt-get install -y -qq "
+            "--no-install-recommends systemd-timesyncd'; "
+            "$i >/dev/null 2>&1 || { apt-get update -qq && $i >/dev/null; }",
+            unless=f"dpkg-query -W -f='${{Status}}\\n' {' '.join(TIME_DAEMONS)} "
+            "2>/dev/null | grep -q 'ok installed'",
+        ))
     name = server.hostname
     c.commands.append(Command(
         f"host name {name}",

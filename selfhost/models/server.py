@@ -135,6 +135,13 @@ class Server(StrictModel):
         "'home.arpa' for a LAN-only server.",
     )
     timezone: str = Field(default="UTC", description="IANA time zone, e.g. 'Europe/Paris'.")
+    time_sync: bool = Field(
+        default=True,
+        description="Keep the clock right with systemd-timesyncd (NTP) unless another time "
+        "daemon (chrony, ntpsec, openntpd) is already installed: TLS certificates, TOTP "
+        "codes, logs and backup schedules need a correct clock. systemd does not run it "
+        "inside a container, where the host keeps the time.",
+    )
     admins: list[Admin] = Field(
         min_length=1,
         description="People who administer the server (at least one, each with an SSH key).",

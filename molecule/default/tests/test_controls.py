@@ -271,6 +271,19 @@ def test_audit_tools_installed_and_scheduled(host: Any, in_container: bool) -> N
     assert host.file("/var/lib/rkhunter/db/rkhunter.dat").size > 0
 
 
+def test_clock_is_kept_in_sync(host: Any, in_container: bool) -> None:
+    assert host.package("systemd-timesyncd").is_installed
+    timesyncd = host.service("systemd-timesyncd")
+    assert timesyncd.is_enabled
+    if in_container:
+        # ConditionVirtualization=!container: skipped, not failed (the host keeps the time).
+        state = host.run("systemctl is-failed systemd-timesyncd").stdout.strip()
+        assert state in ("inactive", "active"), state
+    else:
+        assert timesyncd.is_running
+        assert "NTP service: active" in host.check_output("timedatectl")
+
+
 def test_only_root_may_use_crontab(host: Any, probe_user: Any) -> None:
     res = as_login(host, "crontab -l")
     assert res.rc != 0 and "not allowed" in (res.stderr + res.stdout)
