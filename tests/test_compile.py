@@ -772,3 +772,14 @@ def test_time_sync_installs_timesyncd_only_without_another_time_daemon() -> None
 
 def test_time_sync_can_be_turned_off() -> None:
     assert _time_sync_steps(build(time_sync=False)) == []
+
+
+def _packages(plan: Plan) -> tuple[str, ...]:
+    return next(s for s in plan.steps if isinstance(s, Packages)).names
+
+
+def test_apparmor_on_real_kernels_only() -> None:
+    assert "apparmor" in _packages(build(Target("bookworm")))
+    assert "apparmor" not in _packages(build(Target("bookworm", in_container=True)))
+    off = {"hardening": {"kernel": {"apparmor": False}}}
+    assert "apparmor" not in _packages(build(Target("trixie"), **off))

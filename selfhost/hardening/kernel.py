@@ -97,6 +97,13 @@ class KernelHardening(Control):
         default=True,
         description="Blacklist unused filesystem/network modules (never vfat, which UEFI needs).",
     )
+    apparmor: bool = Field(
+        default=True,
+        description="Install AppArmor's tools and profiles, as a standard Debian install does: "
+        "Debian's kernels enable the AppArmor security module, and the profiles shipped by "
+        "packages confine those programs. Not installed in a container, where the host's "
+        "kernel decides.",
+    )
 
     def settings(self, service_sysctl: dict[str, tuple[str, str]]) -> list[tuple[str, str, str]]:
         """(key, value, comment) sorted by key: defaults, then service needs, then overrides."""
@@ -124,4 +131,6 @@ class KernelHardening(Control):
                     "# vfat is not listed: the EFI system partition needs it."]
             mods += [f"install {m} /bin/false\nblacklist {m}" for m in BLACKLIST]
             c.files.append(ManagedFile(MODPROBE_CONF, "\n".join(mods) + "\n"))
+        if self.apparmor and not target.in_container:
+            c.packages.append("apparmor")  # its postinst enables and starts apparmor.service
         return c

@@ -284,6 +284,14 @@ def test_clock_is_kept_in_sync(host: Any, in_container: bool) -> None:
         assert "NTP service: active" in host.check_output("timedatectl")
 
 
+def test_apparmor_confines_where_the_kernel_is_ours(host: Any, in_container: bool) -> None:
+    if in_container:
+        pytest.skip("AppArmor belongs to the host's kernel in a container")
+    assert host.package("apparmor").is_installed
+    assert host.run("aa-status --enabled").rc == 0
+    assert int(host.check_output("aa-status --profiled")) > 0
+
+
 def test_only_root_may_use_crontab(host: Any, probe_user: Any) -> None:
     res = as_login(host, "crontab -l")
     assert res.rc != 0 and "not allowed" in (res.stderr + res.stdout)
