@@ -23,6 +23,7 @@ bench/results/hardening/). Run it through the wrapper: ``bench/hardening-report`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -315,8 +316,11 @@ def one(release: str, keep: bool, out: Path) -> Release:
     return r
 
 
-def table(results: list[Release]) -> str:
-    rows = [("", *(f"Debian {DEBIAN[r.release]} ({r.release})" for r in results))]
+def table(results: list[Release], title: str = "",
+          timings: tuple[str, ...] = ("start container", "lynis untouched", "deploy", "redeploy",
+                                      "ssh-audit", "checks", "lynis deployed"),
+          estimate: bool = True) -> str:
+    rows = [(title, *(f"Debian {DEBIAN[r.release]} ({r.release})" for r in results))]
 
     def row(name: str, f: Any) -> None:
         rows.append((name, *(f(r) for r in results)))
@@ -326,8 +330,9 @@ def table(results: list[Release]) -> str:
         lambda r: f"{r.lynis_after}" + ("" if r.lynis_after is None else
                                          " PASS" if r.lynis_after >= LYNIS_TARGET else
                                          " below target"))
-    row("  estimate on a VM (sysctl, AIDE, auditd)",
-        lambda r: "-" if r.lynis_projection is None else f"~{r.lynis_projection:.0f}")
+    if estimate:
+        row("  estimate on a VM (sysctl, AIDE, auditd)",
+            lambda r: "-" if r.lynis_projection is None else f"~{r.lynis_projection:.0f}")
     row("ssh-audit policy", lambda r: r.ssh_audit_policy or "-")
     row("ssh-audit result", lambda r: {True: "PASS", False: "FAIL", None: "-"}[
         r.ssh_audit_passed])
@@ -335,8 +340,7 @@ def table(results: list[Release]) -> str:
         lambda r: f"{sum(c['passed'] for c in r.checks)}/{len(r.checks)}")
     row("idempotence: changed on 2nd deploy",
         lambda r: "-" if r.redeploy_changed is None else str(r.redeploy_changed))
-    for t in ("start container", "lynis untouched", "deploy", "redeploy", "ssh-audit",
-              "checks", "lynis deployed"):
+    for t in timings:
         row(f"time: {t} (s)", lambda r, t=t: str(r.timings.get(t, "-")))
     widths = [max(len(str(x[i])) for x in rows) for i in range(len(rows[0]))]
     lines = []
@@ -352,8 +356,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--release", action="append", choices=sorted(POLICIES),
                     help="release to test (repeatable; default: both)")
     ap.add_argument("--keep", action="store_true", help="keep the containers afterwards")
-    ap.add_argument("--json", type=Path, default=RESULTS / "hardening.json")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="result file (default: bench/results/hardening.json, or "
+                         "hardening-vm.json with --vm)")
+    ap.add_argument("--vm", action="store_true",
+                    help="measure qemu VMs (TCG, real kernel; images from images/build-vm) "
+                         "instead of podman containers, one release after the other")
     args = ap.parse_args(argv)
+    if args.vm:
+        return main_vm(args)
+    args.json = args.json or RESULTS / "hardening.json"
     if not shutil.which("podman"):
         print("podman is required", file=sys.stderr)
         return 2
@@ -402,6 +414,233 @@ def main(argv: list[str] | None = None) -> int:
         f.write("\n")
     Path(f.name).replace(args.json)
     print(f"\nJSON: {args.json.relative_to(ROOT)}")
+    ok = all(r.ssh_audit_passed and not r.errors and r.redeploy_changed == 0
+             and all(c["passed"] for c in r.checks) for r in results)
+    return 0 if ok else 1
+
+
+# ---------------------------------------------------------------- VM path (--vm)
+# The same measurement on a qemu VM (TCG) booted from images/build-vm's image through a fresh
+# copy-on-write overlay (bench/vm.py): a real kernel, so nothing is excused as container-only.
+# Everything goes over SSH on a port forwarded to 127.0.0.1: the first deploy as root (the
+# image's key), then - root login being off after it - the admin alice (same key) with sudo.
+
+VM_TIMINGS = ("build image", "boot to ssh", "lynis untouched", "deploy", "redeploy", "checks",
+              "lynis deployed", "ssh-audit")
+VM_DEPLOY_TIMEOUT = 1800
+VM_LYNIS_TIMEOUT = 1800
+
+
+@dataclass
+class VMRelease(Release):
+    target: str = "qemu VM (TCG)"
+    kernel: str = ""
+    ssh_port: int | None = None
+    lynis_lost_before: dict[str, int] = field(default_factory=dict)
+    failed_units: list[str] = field(default_factory=list)
+
+
+def _vm_module() -> Any:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import vm
+
+    return vm
+
+
+def vm_model(pubkey: str, tmp: Path) -> Path:
+    """examples/home.yaml with alice's key replaced by ``pubkey`` (as bench.py's ssh_model)."""
+    from ruamel.yaml import YAML
+
+    data = YAML(typ="safe").load(EXAMPLE.read_text())
+    for admin in data["admins"]:
+        if admin["name"] == "alice":
+            admin["ssh_keys"] = [pubkey]
+    for site in ((data.get("services") or {}).get("web") or {}).get("sites", []):
+        if site.get("source") and not Path(site["source"]).is_absolute():
+            site["source"] = str((EXAMPLE.parent / site["source"]).resolve())
+    out = tmp / "home-vm.yaml"
+    y = YAML()
+    y.default_flow_style = False
+    with out.open("w") as f:
+        y.dump(data, f)
+    return out
+
+
+def vm_lynis(vm: Any, label: str, out: Path) -> tuple[int, str, str]:
+    """Run the host's Lynis in the VM from a temporary directory (as :func:`lynis`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as stage:
+        st = Path(stage)
+        for src, dst in (("/usr/share/lynis/include", "include"), ("/usr/share/lynis/db", "db"),
+                         ("/etc/lynis/plugins", "plugins")):
+            shutil.copytree(src, st / dst)
+        shutil.copy2("/usr/sbin/lynis", st / "lynis")
+        shutil.copy2("/etc/lynis/default.prf", st / "default.prf")
+        vm.sh(f"rm -rf {LYNIS_DIR}")
+        vm.put_dir(st, LYNIS_DIR)
+    vm.sh(f"chown -R root:root {LYNIS_DIR}")
+    # sh ./lynis: on a real boot /run is mounted noexec (initramfs-tools does so).
+    p = vm.sh(f"cd {LYNIS_DIR} && sh ./lynis audit system --quick --no-colors --usecwd "
+              f"--logfile {LYNIS_DIR}/lynis.log --report-file {LYNIS_DIR}/report.dat",
+              timeout=VM_LYNIS_TIMEOUT)
+    (out / f"lynis-{label}.txt").write_text(p.stdout + p.stderr)
+    vm.get_file(f"{LYNIS_DIR}/report.dat", out / f"lynis-{label}.dat")
+    vm.get_file(f"{LYNIS_DIR}/lynis.log", out / f"lynis-{label}.log")
+    vm.sh(f"rm -rf {LYNIS_DIR}")
+    m = re.search(r"Hardening index : (\d+)", p.stdout)
+    if not m:
+        raise RuntimeError(f"VM: no hardening index in Lynis output (rc {p.returncode})")
+    return (int(m.group(1)), (out / f"lynis-{label}.dat").read_text(errors="replace"),
+            (out / f"lynis-{label}.log").read_text(errors="replace"))
+
+
+def vm_deploy(vm: Any, label: str, out: Path, model: Path, sudo: bool) -> int:
+    """Deploy the example over SSH as ``vm.user``; return the changed count (as :func:`deploy`)."""
+    script = ROOT / "deploys" / "home_server.py"
+    cmd = [str(VENV / "pyinfra"), "-y", "127.0.0.1", str(script),
+           "--user", vm.user, "--key", str(vm.key), "--port", str(vm.port),
+           *(["--sudo"] if sudo else []),
+           "--data", f"ssh_known_hosts_file={vm.workdir / 'known_hosts-pyinfra'}",
+           "--data", "ssh_strict_host_key_checking=accept-new",
+           "--data", "ssh_allow_agent=false", "--data", "ssh_look_for_keys=false",
+           "--data", f"selfhost_config={model}"]
+    try:
+        p = run(cmd, cwd=ROOT, timeout=VM_DEPLOY_TIMEOUT)
+        log, rc = p.stdout + p.stderr, p.returncode
+    except subprocess.TimeoutExpired as exc:
+        log = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+                      for x in (exc.stdout, exc.stderr))
+        rc = f"timeout after {VM_DEPLOY_TIMEOUT} s"
+    (out / f"deploy-{label}.log").write_text(log)
+    if rc != 0:
+        raise RuntimeError(f"{label} deploy as {vm.user} failed (rc {rc}), see "
+                           f"{(out / f'deploy-{label}.log').relative_to(ROOT)}")
+    m = re.search(r"Grand total\s+\d+\s+(\d+|-)\s+", log)
+    if not m:
+        raise RuntimeError(f"{label} deploy: no 'Grand total' line")
+    return 0 if m.group(1) == "-" else int(m.group(1))
+
+
+def vm_diagnostics(vm: Any, r: VMRelease, out: Path) -> None:
+    """Failed units and the boot's error journal, kept next to the logs."""
+    p = vm.sh("systemctl list-units --failed --no-legend --plain")
+    if p.returncode == 0:
+        r.failed_units = [ln.split()[0] for ln in p.stdout.splitlines() if ln.strip()]
+    p = vm.sh("systemctl --failed --no-pager; echo; journalctl -b -p err --no-pager | tail -200")
+    (out / "diagnostics.txt").write_text(p.stdout + p.stderr)
+
+
+def one_vm(release: str, out: Path) -> VMRelease:
+    vmm = _vm_module()
+    r = VMRelease(release=release, container=f"qemu-tcg:{release}")
+    d = out / release
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        with Timer(r, "build image"):
+            vmm.build(release)
+        with vmm.boot(release, keep_log=d / "serial.log") as vm:
+            r.timings["boot to ssh"] = vm.boot_s
+            r.ssh_port = vm.port
+            r.kernel = vm.sh("uname -r").stdout.strip()
+            with Timer(r, "lynis untouched"):
+                r.lynis_before, _, log = vm_lynis(vm, "before", d)
+            r.lynis_lost_before = lost_points(log)[0]
+            with tempfile.TemporaryDirectory() as tmp:
+                model = vm_model(vmm.KEY.with_suffix(".pub").read_text().strip(), Path(tmp))
+                try:
+                    with Timer(r, "deploy"):
+                        r.deploy_changed = vm_deploy(vm, "first", d, model, sudo=False)
+                    # Root login over SSH is off now: the admin (same key) with sudo.
+                    vm.login("alice")
+                    with Timer(r, "redeploy"):
+                        r.redeploy_changed = vm_deploy(vm, "second", d, model, sudo=True)
+                except Exception:
+                    with contextlib.suppress(Exception):
+                        vm_diagnostics(vm, r, d)
+                    raise
+            with Timer(r, "checks"):
+                for control, what, test in CHECKS:
+                    p = vm.sh(f"( {test} ) >/dev/null 2>&1")
+                    r.checks.append({"control": control, "check": what,
+                                     "passed": p.returncode == 0})
+            vm_diagnostics(vm, r, d)
+            with Timer(r, "lynis deployed"):
+                r.lynis_after, dat, log = vm_lynis(vm, "after", d)
+            r.lynis_warnings = re.findall(r"^warning\[\]=(.*)$", dat, re.M)
+            r.lynis_suggestions = re.findall(r"^suggestion\[\]=(.*)$", dat, re.M)
+            r.lynis_lost_after = lost_points(log)[0]
+            # Last: ssh-audit's probes may look like an attack to fail2ban, which could then
+            # ban the host side of the forwarded port (every later SSH command would fail).
+            with Timer(r, "ssh-audit"):
+                vm.sh("fail2ban-client unban --all; nft flush set inet selfhost ssh_meter4")
+                r.ssh_audit_policy = POLICIES[release]
+                p = run([str(VENV / "ssh-audit"), "--skip-rate-test", "-j", "-P",
+                         r.ssh_audit_policy, "-p", str(vm.port), "127.0.0.1"])
+                try:
+                    res = json.loads(p.stdout.strip().splitlines()[-1])
+                    r.ssh_audit_passed = bool(res.get("passed"))
+                    r.ssh_audit_errors = res.get("errors", [])
+                except (ValueError, IndexError):
+                    r.ssh_audit_passed = False
+                    r.ssh_audit_errors = [(p.stdout + p.stderr).strip()[-500:]]
+    except Exception as exc:  # reported in the table and the JSON
+        r.errors.append(str(exc))
+    return r
+
+
+def main_vm(args: argparse.Namespace) -> int:
+    for tool, pkg in (("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils"),
+                      ("debootstrap", "debootstrap")):
+        if not shutil.which(tool):
+            print(f"{tool} is required: apt-get install -y {pkg}", file=sys.stderr)
+            return 2
+    if not Path("/usr/sbin/lynis").exists():
+        print("Lynis is required on the host: apt-get install -y lynis", file=sys.stderr)
+        return 2
+    if not (VENV / "ssh-audit").exists():
+        print("ssh-audit 3.x is required: .venv/bin/pip install ssh-audit", file=sys.stderr)
+        return 2
+    if args.keep:
+        print("--keep is ignored with --vm (each VM runs from a throwaway overlay)",
+              file=sys.stderr)
+    json_path = args.json or RESULTS / "hardening-vm.json"
+    releases = args.release or ["bookworm", "trixie"]
+    out = RESULTS / "hardening-vm"
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    results = [one_vm(rel, out) for rel in releases]  # one VM at a time: TCG wants the cores
+    total = round(time.monotonic() - t0, 1)
+
+    print(table(results, title="VM (qemu TCG)", timings=VM_TIMINGS, estimate=False))
+    print(f"\ntotal wall time: {total} s (releases one after the other)")
+    for r in results:
+        for c in [c["check"] for c in r.checks if not c["passed"]]:
+            print(f"{r.release}: check failed: {c}")
+        for e in r.errors:
+            print(f"{r.release}: ERROR: {e}")
+        for e in r.ssh_audit_errors:
+            print(f"{r.release}: ssh-audit: {e}")
+        if r.failed_units:
+            print(f"{r.release}: failed units: {', '.join(r.failed_units)}")
+        lost = ", ".join(f"{t} -{n}" for t, n in r.lynis_lost_after.items())
+        print(f"{r.release}: Lynis points not awarded after deploy: {lost}")
+
+    doc = {
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "target": "qemu-system-x86_64 -accel tcg -m 2048 -smp 2, images/build-vm image "
+                  "through a fresh qcow2 overlay, SSH forwarded to 127.0.0.1",
+        "lynis_target": LYNIS_TARGET,
+        "wall_time_s": total,
+        "checks_counted": "the report's own checks (CHECKS in bench/hardening_report.py), "
+                          "run over SSH with sudo; molecule's testinfra tests are not counted",
+        "releases": [asdict(r) for r in results],
+    }
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=json_path.parent, delete=False) as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    Path(f.name).replace(json_path)
+    print(f"\nJSON: {json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path}")
     ok = all(r.ssh_audit_passed and not r.errors and r.redeploy_changed == 0
              and all(c["passed"] for c in r.checks) for r in results)
     return 0 if ok else 1

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_system import retry  # the same directory (pytest puts it on sys.path)
 
 from selfhost.compile.compiler import compile_server
 from selfhost.compile.plan import File, Plan, Run, UnitState
 from selfhost.compile.target import Target
 from selfhost.config import load_server
-from test_system import retry  # the same directory (pytest puts it on sys.path)
 
 REPO = Path(__file__).resolve().parents[3]
 MODEL_FILE = REPO / "examples" / "home.yaml"
@@ -194,7 +194,7 @@ def test_pam_password_quality_refuses_weak_passwords(host: Any) -> None:
     out = host.check_output(f"python3 -c {shlex.quote(PWQUALITY)} "
                             + " ".join(shlex.quote(p) for p in weak + strong))
     scores = [int(x) for x in out.split()]
-    assert all(s < 0 for s in scores[:len(weak)]), dict(zip(weak, scores))
+    assert all(s < 0 for s in scores[:len(weak)]), dict(zip(weak, scores, strict=False))
     assert scores[-1] >= 0
 
 
