@@ -133,6 +133,11 @@ class WebService(Service):
         lines = ["# Managed by selfhost: changes here are overwritten on the next deploy.", "{"]
         if mode == "acme" and self.acme_email:
             lines.append(f"\temail {self.acme_email}")
+        if mode == "internal":
+            # The server does not need to trust its own CA. Without this, caddy (no sudo
+            # rights) tries `sudo tee` into the system trust store at start: failed sudo
+            # attempts in the auth log, the kind of line an admin should be able to alert on.
+            lines.append("\tskip_install_trust")
         lines += ["\tadmin localhost:2019", "}", ""]
         for site in sorted(self.sites, key=lambda s: s.fqdn(domain)):
             fqdn = site.fqdn(domain)

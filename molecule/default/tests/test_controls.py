@@ -292,6 +292,14 @@ def test_apparmor_confines_where_the_kernel_is_ours(host: Any, in_container: boo
     assert int(host.check_output("aa-status --profiled")) > 0
 
 
+def test_no_failed_sudo_attempts_by_services(host: Any) -> None:
+    """Failed sudo attempts are what an admin alerts on: no service may cause one (caddy used
+    to try `sudo tee` to trust its own CA)."""
+    out = host.run("journalctl --no-pager -q _COMM=sudo | grep -E 'NOT in sudoers|auth could "
+                   "not identify' || true").stdout.strip()
+    assert out == ""
+
+
 def test_only_root_may_use_crontab(host: Any, probe_user: Any) -> None:
     res = as_login(host, "crontab -l")
     assert res.rc != 0 and "not allowed" in (res.stderr + res.stdout)
