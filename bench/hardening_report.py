@@ -447,17 +447,41 @@ def _vm_module() -> Any:
     return vm
 
 
+def vm_snapshot(tmp: Path) -> dict[str, Any]:
+    """Copy selfhost/, deploys/ and examples/ to ``tmp`` and import them from there (as
+    bench.py does): a VM run lasts close to an hour, and code committed meanwhile must not
+    change the deploy between its first and second run."""
+    global SNAPSHOT
+    for d in ("selfhost", "deploys", "examples"):
+        shutil.copytree(ROOT / d, tmp / d, ignore=shutil.ignore_patterns("__pycache__"))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(tmp), *filter(None, [os.environ.get("PYTHONPATH")])])
+    SNAPSHOT = tmp
+    where = run([str(VENV / "python"), "-c", "import selfhost; print(selfhost.__file__)"],
+                cwd=tmp).stdout.strip()
+    if not where.startswith(str(tmp)):
+        raise RuntimeError(f"the code copy is not what gets imported: {where}")
+    head = run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT).stdout.strip()
+    dirty = run(["git", "status", "--porcelain", "selfhost", "deploys", "examples"],
+                cwd=ROOT).stdout.count("\n")
+    return {"git_head": head or None, "dirty_paths": dirty}
+
+
+SNAPSHOT = ROOT
+
+
 def vm_model(pubkey: str, tmp: Path) -> Path:
     """examples/home.yaml with alice's key replaced by ``pubkey`` (as bench.py's ssh_model)."""
     from ruamel.yaml import YAML
 
-    data = YAML(typ="safe").load(EXAMPLE.read_text())
+    example = SNAPSHOT / "examples" / "home.yaml"
+    data = YAML(typ="safe").load(example.read_text())
     for admin in data["admins"]:
         if admin["name"] == "alice":
             admin["ssh_keys"] = [pubkey]
     for site in ((data.get("services") or {}).get("web") or {}).get("sites", []):
         if site.get("source") and not Path(site["source"]).is_absolute():
-            site["source"] = str((EXAMPLE.parent / site["source"]).resolve())
+            site["source"] = str((example.parent / site["source"]).resolve())
     out = tmp / "home-vm.yaml"
     y = YAML()
     y.default_flow_style = False
@@ -496,7 +520,7 @@ def vm_lynis(vm: Any, label: str, out: Path) -> tuple[int, str, str]:
 
 def vm_deploy(vm: Any, label: str, out: Path, model: Path, sudo: bool) -> int:
     """Deploy the example over SSH as ``vm.user``; return the changed count (as :func:`deploy`)."""
-    script = ROOT / "deploys" / "home_server.py"
+    script = SNAPSHOT / "deploys" / "home_server.py"
     cmd = [str(VENV / "pyinfra"), "-y", "127.0.0.1", str(script),
            "--user", vm.user, "--key", str(vm.key), "--port", str(vm.port),
            *(["--sudo"] if sudo else []),
@@ -505,7 +529,7 @@ def vm_deploy(vm: Any, label: str, out: Path, model: Path, sudo: bool) -> int:
            "--data", "ssh_allow_agent=false", "--data", "ssh_look_for_keys=false",
            "--data", f"selfhost_config={model}"]
     try:
-        p = run(cmd, cwd=ROOT, timeout=VM_DEPLOY_TIMEOUT)
+        p = run(cmd, cwd=SNAPSHOT, timeout=VM_DEPLOY_TIMEOUT)
         log, rc = p.stdout + p.stderr, p.returncode
     except subprocess.TimeoutExpired as exc:
         log = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
@@ -608,7 +632,9 @@ def main_vm(args: argparse.Namespace) -> int:
     out = RESULTS / "hardening-vm"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    results = [one_vm(rel, out) for rel in releases]  # one VM at a time: TCG wants the cores
+    with tempfile.TemporaryDirectory(prefix="selfhost-hr-src-") as src:
+        code = vm_snapshot(Path(src))
+        results = [one_vm(rel, out) for rel in releases]  # one VM at a time: TCG wants the cores
     total = round(time.monotonic() - t0, 1)
 
     print(table(results, title="VM (qemu TCG)", timings=VM_TIMINGS, estimate=False))
@@ -629,6 +655,7 @@ def main_vm(args: argparse.Namespace) -> int:
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "target": "qemu-system-x86_64 -accel tcg -m 2048 -smp 2, images/build-vm image "
                   "through a fresh qcow2 overlay, SSH forwarded to 127.0.0.1",
+        "code": code,
         "lynis_target": LYNIS_TARGET,
         "wall_time_s": total,
         "checks_counted": "the report's own checks (CHECKS in bench/hardening_report.py), "
