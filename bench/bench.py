@@ -374,21 +374,9 @@ def figure1(runs: int, deploy: str) -> dict[str, Any]:
 
 def ssh_model(pubkey: str) -> Path:
     """A copy of examples/home.yaml whose alice key is ours, with absolute site sources."""
-    from ruamel.yaml import YAML
+    from example_model import with_admin_key
 
-    data = YAML(typ="safe").load(EXAMPLE.read_text())
-    for admin in data["admins"]:
-        if admin["name"] == "alice":
-            admin["ssh_keys"] = [pubkey]
-    for site in ((data.get("services") or {}).get("web") or {}).get("sites", []):
-        if site.get("source") and not Path(site["source"]).is_absolute():
-            site["source"] = str((EXAMPLE.parent / site["source"]).resolve())
-    out = TMP / "home-bench.yaml"
-    y = YAML()
-    y.default_flow_style = False
-    with out.open("w") as f:
-        y.dump(data, f)
-    return out
+    return with_admin_key(EXAMPLE, pubkey, TMP / "home-bench.yaml")
 
 
 def figure2(runs: int, deploy: str) -> dict[str, Any]:

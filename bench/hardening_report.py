@@ -262,6 +262,11 @@ def ssh_audit(r: Release) -> None:
     # A fresh container has banned nobody; this only clears state left by earlier probes so
     # that re-running the report cannot be blocked by the server's own fail2ban/rate limit.
     sh(r.container, "fail2ban-client unban --all; nft flush set inet selfhost ssh_meter4")
+    run_ssh_audit(r, port)
+
+
+def run_ssh_audit(r: Release, port: str) -> None:
+    """ssh-audit's built-in hardened policy for the release, against 127.0.0.1:port."""
     r.ssh_audit_policy = POLICIES[r.release]
     # --skip-rate-test: ssh-audit's DHEat connection-rate probe opens ~40 connections; the
     # firewall's SSH rate limit and fail2ban then (rightly) cut it off mid-probe.
@@ -471,23 +476,10 @@ SNAPSHOT = ROOT
 
 
 def vm_model(pubkey: str, tmp: Path) -> Path:
-    """examples/home.yaml with alice's key replaced by ``pubkey`` (as bench.py's ssh_model)."""
-    from ruamel.yaml import YAML
+    """examples/home.yaml (from the snapshot) with alice's key replaced by ``pubkey``."""
+    from example_model import with_admin_key
 
-    example = SNAPSHOT / "examples" / "home.yaml"
-    data = YAML(typ="safe").load(example.read_text())
-    for admin in data["admins"]:
-        if admin["name"] == "alice":
-            admin["ssh_keys"] = [pubkey]
-    for site in ((data.get("services") or {}).get("web") or {}).get("sites", []):
-        if site.get("source") and not Path(site["source"]).is_absolute():
-            site["source"] = str((example.parent / site["source"]).resolve())
-    out = tmp / "home-vm.yaml"
-    y = YAML()
-    y.default_flow_style = False
-    with out.open("w") as f:
-        y.dump(data, f)
-    return out
+    return with_admin_key(SNAPSHOT / "examples" / "home.yaml", pubkey, tmp / "home-vm.yaml")
 
 
 def vm_lynis(vm: Any, label: str, out: Path) -> tuple[int, str, str]:
@@ -597,16 +589,7 @@ def one_vm(release: str, out: Path) -> VMRelease:
             # ban the host side of the forwarded port (every later SSH command would fail).
             with Timer(r, "ssh-audit"):
                 vm.sh("fail2ban-client unban --all; nft flush set inet selfhost ssh_meter4")
-                r.ssh_audit_policy = POLICIES[release]
-                p = run([str(VENV / "ssh-audit"), "--skip-rate-test", "-j", "-P",
-                         r.ssh_audit_policy, "-p", str(vm.port), "127.0.0.1"])
-                try:
-                    res = json.loads(p.stdout.strip().splitlines()[-1])
-                    r.ssh_audit_passed = bool(res.get("passed"))
-                    r.ssh_audit_errors = res.get("errors", [])
-                except (ValueError, IndexError):
-                    r.ssh_audit_passed = False
-                    r.ssh_audit_errors = [(p.stdout + p.stderr).strip()[-500:]]
+                run_ssh_audit(r, str(vm.port))
     except Exception as exc:  # reported in the table and the JSON
         r.errors.append(str(exc))
     return r
