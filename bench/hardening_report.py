@@ -144,6 +144,15 @@ class Release:
     errors: list[str] = field(default_factory=list)
 
 
+def missing_auditors() -> str | None:
+    """What to install first, or None when Lynis and ssh-audit are there."""
+    if not Path("/usr/sbin/lynis").exists():
+        return "Lynis is required on the host: apt-get install -y lynis"
+    if not (VENV / "ssh-audit").exists():
+        return "ssh-audit 3.x is required: .venv/bin/pip install ssh-audit"
+    return None
+
+
 def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, **kw)
 
@@ -374,11 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     if not shutil.which("podman"):
         print("podman is required", file=sys.stderr)
         return 2
-    if not Path("/usr/sbin/lynis").exists():
-        print("Lynis is required on the host: apt-get install -y lynis", file=sys.stderr)
-        return 2
-    if not (VENV / "ssh-audit").exists():
-        print("ssh-audit 3.x is required: .venv/bin/pip install ssh-audit", file=sys.stderr)
+    if (missing := missing_auditors()) is not None:
+        print(missing, file=sys.stderr)
         return 2
     releases = args.release or ["bookworm", "trixie"]
     out = RESULTS / "hardening"
@@ -596,16 +602,9 @@ def one_vm(release: str, out: Path) -> VMRelease:
 
 
 def main_vm(args: argparse.Namespace) -> int:
-    for tool, pkg in (("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils"),
-                      ("debootstrap", "debootstrap")):
-        if not shutil.which(tool):
-            print(f"{tool} is required: apt-get install -y {pkg}", file=sys.stderr)
-            return 2
-    if not Path("/usr/sbin/lynis").exists():
-        print("Lynis is required on the host: apt-get install -y lynis", file=sys.stderr)
-        return 2
-    if not (VENV / "ssh-audit").exists():
-        print("ssh-audit 3.x is required: .venv/bin/pip install ssh-audit", file=sys.stderr)
+    # qemu and debootstrap: images/build-vm installs them when missing.
+    if (missing := missing_auditors()) is not None:
+        print(missing, file=sys.stderr)
         return 2
     if args.keep:
         print("--keep is ignored with --vm (each VM runs from a throwaway overlay)",
