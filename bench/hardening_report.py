@@ -63,8 +63,8 @@ CONTAINER_LIMITS = {
     "FILE-6310": "separate /home and /var partitions are an installer decision, not a "
                  "deploy's",
     "MACF-6290": "no AppArmor/SELinux inside the container (the host kernel's LSM)",
-    "TIME-3104": "time sync belongs to the host (the minbase image has no NTP client, and "
-                 "systemd-timesyncd skips containers)",
+    "TIME-3104": "time sync belongs to the host (selfhost installs systemd-timesyncd, which "
+                 "does not run in a container)",
 }
 
 # The report's own checks: (control, what is verified, shell test run in the container).
@@ -144,6 +144,12 @@ class Release:
     errors: list[str] = field(default_factory=list)
 
 
+def shown(path: Path) -> Path:
+    """``path`` relative to the repository when it is inside it."""
+    path = path.resolve()
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
 def missing_auditors() -> str | None:
     """What to install first, or None when Lynis and ssh-audit are there."""
     if not Path("/usr/sbin/lynis").exists():
@@ -194,28 +200,38 @@ def start(r: Release) -> None:
     raise RuntimeError(f"{r.container}: systemd is {state!r}")
 
 
+# Lynis from the host's Debian package, as (source, name in the run directory).
+LYNIS_FILES = (("/usr/share/lynis/include", "include"), ("/usr/share/lynis/db", "db"),
+               ("/etc/lynis/plugins", "plugins"), ("/usr/sbin/lynis", "lynis"),
+               ("/etc/lynis/default.prf", "default.prf"))
+LYNIS_ARGS = ("audit", "system", "--quick", "--no-colors", "--usecwd",
+              "--logfile", f"{LYNIS_DIR}/lynis.log", "--report-file", f"{LYNIS_DIR}/report.dat")
+
+
+def lynis_result(where: str, output: str, rc: int, out: Path,
+                 label: str) -> tuple[int, str, str]:
+    """(hardening index, report, log) of a Lynis run whose files were fetched into ``out``."""
+    (out / f"lynis-{label}.txt").write_text(output)
+    m = re.search(r"Hardening index : (\d+)", output)
+    if not m:
+        raise RuntimeError(f"{where}: no hardening index in Lynis output (rc {rc})")
+    return (int(m.group(1)), (out / f"lynis-{label}.dat").read_text(errors="replace"),
+            (out / f"lynis-{label}.log").read_text(errors="replace"))
+
+
 def lynis(r: Release, label: str, out: Path) -> tuple[int, str, str]:
     """Run the host's Lynis inside the container from a temporary directory."""
     c = r.container
     out.mkdir(parents=True, exist_ok=True)
     sh(c, f"rm -rf {LYNIS_DIR} && mkdir -p {LYNIS_DIR}")
-    for src, dst in (("/usr/share/lynis/include", "include"), ("/usr/share/lynis/db", "db"),
-                     ("/etc/lynis/plugins", "plugins"), ("/usr/sbin/lynis", "lynis"),
-                     ("/etc/lynis/default.prf", "default.prf")):
+    for src, dst in LYNIS_FILES:
         podman("cp", src, f"{c}:{LYNIS_DIR}/{dst}")
     sh(c, f"chown -R root:root {LYNIS_DIR}")
-    p = podman("exec", "-w", LYNIS_DIR, c, "./lynis", "audit", "system", "--quick",
-               "--no-colors", "--usecwd", "--logfile", f"{LYNIS_DIR}/lynis.log",
-               "--report-file", f"{LYNIS_DIR}/report.dat", check=False)
-    (out / f"lynis-{label}.txt").write_text(p.stdout + p.stderr)
+    p = podman("exec", "-w", LYNIS_DIR, c, "./lynis", *LYNIS_ARGS, check=False)
     podman("cp", f"{c}:{LYNIS_DIR}/report.dat", str(out / f"lynis-{label}.dat"))
     podman("cp", f"{c}:{LYNIS_DIR}/lynis.log", str(out / f"lynis-{label}.log"))
     sh(c, f"rm -rf {LYNIS_DIR}")
-    m = re.search(r"Hardening index : (\d+)", p.stdout)
-    if not m:
-        raise RuntimeError(f"{c}: no hardening index in Lynis output (rc {p.returncode})")
-    return (int(m.group(1)), (out / f"lynis-{label}.dat").read_text(errors="replace"),
-            (out / f"lynis-{label}.log").read_text(errors="replace"))
+    return lynis_result(c, p.stdout + p.stderr, p.returncode, out, label)
 
 
 def lost_points(log: str) -> tuple[dict[str, int], int, int]:
@@ -424,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(doc, f, indent=2)
         f.write("\n")
     Path(f.name).replace(args.json)
-    print(f"\nJSON: {args.json.relative_to(ROOT)}")
+    print(f"\nJSON: {shown(args.json)}")
     ok = all(r.ssh_audit_passed and not r.errors and r.redeploy_changed == 0
              and all(c["passed"] for c in r.checks) for r in results)
     return 0 if ok else 1
@@ -493,27 +509,17 @@ def vm_lynis(vm: Any, label: str, out: Path) -> tuple[int, str, str]:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as stage:
         st = Path(stage)
-        for src, dst in (("/usr/share/lynis/include", "include"), ("/usr/share/lynis/db", "db"),
-                         ("/etc/lynis/plugins", "plugins")):
-            shutil.copytree(src, st / dst)
-        shutil.copy2("/usr/sbin/lynis", st / "lynis")
-        shutil.copy2("/etc/lynis/default.prf", st / "default.prf")
+        for src, dst in LYNIS_FILES:
+            (shutil.copytree if Path(src).is_dir() else shutil.copy2)(src, st / dst)
         vm.sh(f"rm -rf {LYNIS_DIR}")
         vm.put_dir(st, LYNIS_DIR)
     vm.sh(f"chown -R root:root {LYNIS_DIR}")
     # sh ./lynis: on a real boot /run is mounted noexec (initramfs-tools does so).
-    p = vm.sh(f"cd {LYNIS_DIR} && sh ./lynis audit system --quick --no-colors --usecwd "
-              f"--logfile {LYNIS_DIR}/lynis.log --report-file {LYNIS_DIR}/report.dat",
-              timeout=VM_LYNIS_TIMEOUT)
-    (out / f"lynis-{label}.txt").write_text(p.stdout + p.stderr)
+    p = vm.sh(f"cd {LYNIS_DIR} && sh ./lynis {' '.join(LYNIS_ARGS)}", timeout=VM_LYNIS_TIMEOUT)
     vm.get_file(f"{LYNIS_DIR}/report.dat", out / f"lynis-{label}.dat")
     vm.get_file(f"{LYNIS_DIR}/lynis.log", out / f"lynis-{label}.log")
     vm.sh(f"rm -rf {LYNIS_DIR}")
-    m = re.search(r"Hardening index : (\d+)", p.stdout)
-    if not m:
-        raise RuntimeError(f"VM: no hardening index in Lynis output (rc {p.returncode})")
-    return (int(m.group(1)), (out / f"lynis-{label}.dat").read_text(errors="replace"),
-            (out / f"lynis-{label}.log").read_text(errors="replace"))
+    return lynis_result("VM", p.stdout + p.stderr, p.returncode, out, label)
 
 
 def vm_deploy(vm: Any, label: str, out: Path, model: Path, sudo: bool) -> int:
@@ -536,7 +542,7 @@ def vm_deploy(vm: Any, label: str, out: Path, model: Path, sudo: bool) -> int:
     (out / f"deploy-{label}.log").write_text(log)
     if rc != 0:
         raise RuntimeError(f"{label} deploy as {vm.user} failed (rc {rc}), see "
-                           f"{(out / f'deploy-{label}.log').relative_to(ROOT)}")
+                           f"{shown(out / f'deploy-{label}.log')}")
     m = re.search(r"Grand total\s+\d+\s+(\d+|-)\s+", log)
     if not m:
         raise RuntimeError(f"{label} deploy: no 'Grand total' line")
@@ -649,7 +655,7 @@ def main_vm(args: argparse.Namespace) -> int:
         json.dump(doc, f, indent=2)
         f.write("\n")
     Path(f.name).replace(json_path)
-    print(f"\nJSON: {json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path}")
+    print(f"\nJSON: {shown(json_path)}")
     ok = all(r.ssh_audit_passed and not r.errors and r.redeploy_changed == 0
              and all(c["passed"] for c in r.checks) for r in results)
     return 0 if ok else 1

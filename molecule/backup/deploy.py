@@ -12,9 +12,9 @@ from pyinfra.api.exceptions import DeployError
 from pyinfra.context import host
 
 import selfhost.compile.compiler as compiler
-from selfhost.backend.pyinfra import apply_plan, target_for_host
+from selfhost.backend.pyinfra import apply_plan, load, target_for_host
 from selfhost.backup import restic
-from selfhost.backup.deploy import backup_fleet, load_model
+from selfhost.backup.deploy import backup_fleet
 from selfhost.compile import compile_server
 from selfhost.notify import Notify, SmtpRelay
 from selfhost.services.base import Contribution, DataPath, ManagedDir
@@ -50,7 +50,7 @@ compiler.collect = _collect_with_backup
 path = host.data.get("selfhost_config")
 if not path:
     raise DeployError("set host data selfhost_config")
-server = load_model(path)
+server = load(path)
 if server.hostname == "nas":
     server = server.model_copy(update={"notify": Notify(
         email="alice@example.org", smtp=SmtpRelay(host="127.0.0.1", port=2525, tls="off"))})

@@ -16,14 +16,12 @@ Use it after ``home_server()`` in a deploy file::
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pyinfra.api.deploy import deploy
 from pyinfra.api.exceptions import DeployError
 from pyinfra.api.facts import FactBase
 from pyinfra.context import host, inventory
 
-from selfhost.backend.pyinfra import _get_state, apply_plan, managed_file
+from selfhost.backend.pyinfra import _get_state, apply_plan, load, managed_file
 from selfhost.backend.state import Query
 from selfhost.backup.fleet import (
     PeerClient,
@@ -58,28 +56,13 @@ class Ed25519HostKey(FactBase[str]):
         return output[0].strip() if output else ""
 
 
-def load_model(path: str | Path) -> Server:
-    """Load a model file (selfhost.config's loader when present, plain YAML otherwise)."""
-    try:
-        from selfhost.config import load_server  # type: ignore[import-not-found,unused-ignore]
-
-        server: Server = load_server(path)
-        return server
-    except ImportError:
-        import yaml  # type: ignore[import-untyped,unused-ignore]
-
-        p = Path(path)
-        return Server.model_validate(yaml.safe_load(p.read_text())).with_base_dir(
-            p.resolve().parent)
-
-
 def fleet_models() -> dict[str, Server]:
     """Every inventory host's model, by inventory host name."""
     out: dict[str, Server] = {}
     for h in inventory:
         cfg = h.data.get("selfhost_config")
         if cfg:
-            out[h.name] = load_model(cfg)
+            out[h.name] = load(cfg)
     return out
 
 
@@ -109,7 +92,7 @@ def backup_fleet(config: str | None = None) -> None:
     path = config or host.data.get("selfhost_config")
     if not path:
         raise DeployError("no model: pass config=... or set host data selfhost_config")
-    server = load_model(path)
+    server = load(path)
     fleet[host.name] = server
 
     # 1. This host keeps other hosts' repositories.
@@ -159,4 +142,4 @@ def _find_peer(peer: str, fleet: dict[str, Server]):  # type: ignore[no-untyped-
     raise DeployError(f"backup peer {peer!r} is not a host of this inventory")
 
 
-__all__ = ["backup_fleet", "contribution_plan", "fleet_models", "load_model", "peer_user"]
+__all__ = ["backup_fleet", "contribution_plan", "fleet_models", "peer_user"]

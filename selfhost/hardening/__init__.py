@@ -32,7 +32,8 @@ class Hardening(StrictModel):
         default_factory=UpdatesHardening, description="Unattended security updates."
     )
     kernel: KernelHardening = Field(
-        default_factory=KernelHardening, description="sysctl and module blacklist."
+        default_factory=KernelHardening,
+        description="sysctl, module blacklist, AppArmor on real kernels.",
     )
     accounts: AccountsHardening = Field(
         default_factory=AccountsHardening,
