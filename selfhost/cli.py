@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from selfhost.compile.target import RELEASES
 
 if TYPE_CHECKING:
-    from selfhost.models.server import Server
+    from selfhost.models.fleet import Fleet
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -29,13 +29,16 @@ def _err(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def _load(file: str, debug: bool) -> Server | int:
-    """Load and validate ``file``. If it is invalid, print its problems and return the exit
-    status instead."""
-    from selfhost.config import ConfigError, Issue, load_server
+def _load(file: str, debug: bool) -> Fleet | int:
+    """Load and validate ``file`` (a fleet, or one server). If it is invalid, print its
+    problems and return the exit status instead. Warnings are printed too."""
+    from selfhost.config import ConfigError, Issue, load_fleet
 
     try:
-        return load_server(file)
+        fleet = load_fleet(file)
+        for warning in fleet.warnings:
+            _err(warning.format())
+        return fleet
     except ConfigError as exc:
         for issue in exc.issues:
             _err(issue.format())
@@ -55,28 +58,52 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if isinstance(result, int):
             status = max(status, result)
         else:
-            print(f"{file}: ok")
+            hosts = "" if len(result.hosts) == 1 else f" ({len(result.hosts)} hosts)"
+            print(f"{file}: ok{hosts}")
     return status
 
 
+def _host(fleet: Fleet, file: str, name: str | None) -> str | int:
+    """The fleet host called ``name`` (or the only one), else an error printed."""
+    if name is None:
+        if len(fleet.hosts) == 1:
+            return next(iter(fleet.hosts))
+        _err(f"{file}: describes {len(fleet.hosts)} hosts ({', '.join(fleet.hosts)}): "
+             "choose one with --host")
+        return EXIT_INVALID
+    found = fleet.find(name)
+    if found is None:
+        _err(f"{file}: no host {name!r} (hosts: {', '.join(fleet.hosts)})")
+        return EXIT_INVALID
+    return found
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
-    from selfhost.compile import Target, compile_server
+    from selfhost.compile import Target, compile_fleet
     from selfhost.config import Issue
 
-    server = _load(args.file, args.debug)
-    if isinstance(server, int):
-        return server
+    fleet = _load(args.file, args.debug)
+    if isinstance(fleet, int):
+        return fleet
+    hosts = list(fleet.hosts)
+    if args.host is not None:
+        one = _host(fleet, args.file, args.host)
+        if isinstance(one, int):
+            return one
+        hosts = [one]
     try:
-        plan = compile_server(server, Target(release=args.release))
+        plans = compile_fleet(fleet, {h: Target(release=args.release) for h in hosts},
+                              hosts=hosts)
     except ValueError as exc:  # a conflict the model could not see (two writers of a file)
         if args.debug:
             raise
         _err(Issue(args.file, 1, 1, "-", f"cannot compile a plan: {exc}").format())
         return EXIT_INVALID
     if args.json:
-        print(json.dumps(plan.to_data(), indent=2))
+        data = {h: p.to_data() for h, p in plans.items()}
+        print(json.dumps(data[hosts[0]] if len(fleet.hosts) == 1 else data, indent=2))
     else:
-        sys.stdout.write(plan.render())
+        sys.stdout.write("\n".join(p.render() for p in plans.values()))
     return EXIT_OK
 
 
@@ -106,11 +133,14 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_listening(args: argparse.Namespace) -> int:
     """List sockets on the target that the model does not account for (exit 1 if any)."""
     from selfhost.audit import SS_COMMAND, is_loopback, parse_ss, runner, unaccounted
-    from selfhost.compile import Target, compile_server
+    from selfhost.compile import Target, compile_fleet
 
-    server = _load(args.file, args.debug)
-    if isinstance(server, int):
-        return server
+    fleet = _load(args.file, args.debug)
+    if isinstance(fleet, int):
+        return fleet
+    me = _host(fleet, args.file, args.host)
+    if isinstance(me, int):
+        return me
     run = runner(podman=args.podman, ssh=args.ssh, ssh_port=args.port)
     try:
         release = run(". /etc/os-release; echo $VERSION_CODENAME").strip()
@@ -118,7 +148,8 @@ def cmd_listening(args: argparse.Namespace) -> int:
     except (RuntimeError, OSError) as exc:
         _err(f"selfhost listening: {exc}")
         return EXIT_INTERNAL
-    plan = compile_server(server, Target(release=release if release in RELEASES else "bookworm"))
+    target = Target(release=release if release in RELEASES else "bookworm")
+    plan = compile_fleet(fleet, {me: target}, hosts=[me])[me]
     extra = unaccounted(plan, sockets)
     public = [s for s in sockets if s not in extra]
     for sock in sorted(public, key=lambda s: (s.port, s.proto)):
@@ -147,11 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("plan", help="show what a deploy of a server description would do",
-                       description="Validate FILE, then print the plan compiled from it.")
-    p.add_argument("file", metavar="FILE", help="YAML server description")
+                       description="Validate FILE, then print the plan compiled from it (every host's, for "
+        "a fleet).")
+    p.add_argument("file", metavar="FILE", help="YAML server or fleet description")
     p.add_argument("--release", choices=RELEASES, default="bookworm",
                    help="Debian release of the target (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON data")
+    p.add_argument("--host", metavar="NAME", help="only this host of a fleet")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("schema", help="print the JSON Schema of a server description",
@@ -171,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--podman", metavar="NAME", help="a local podman container")
     where.add_argument("--ssh", metavar="USER@HOST", help="a host reached with ssh (and sudo)")
     p.add_argument("--port", type=int, help="SSH port")
+    p.add_argument("--host", metavar="NAME", help="which host of a fleet the target is")
     p.set_defaults(func=cmd_listening)
 
     from selfhost.backup.cli import add_subcommands as add_backup_subcommands

@@ -41,6 +41,7 @@ from ruamel.yaml.events import (
     SequenceStartEvent,
 )
 
+from selfhost.models.fleet import Fleet
 from selfhost.models.server import Server
 
 __all__ = [
@@ -102,12 +103,13 @@ class ConfigError(Exception):
 # --------------------------------------------------------------------------- public API
 
 
-def load_server(path: str | Path) -> Server:
-    """Read, check and validate a server description.
+def load_fleet(path: str | Path) -> Fleet:
+    """Read, check and validate a model file: a fleet (``hosts:``) or one server (a fleet of
+    one). Relative paths in the model are resolved against the file's directory.
 
-    Relative paths in the model are resolved against the file's directory.
-    Raises :class:`ConfigError` listing every problem.
-    """
+    Raises :class:`ConfigError` listing every problem: YAML, model fields, and the model's
+    assertions and request conflicts across modules and hosts (each at its FILE:LINE:COL).
+    Warnings (requests a switched-off control does not honour) are in ``fleet.warnings``."""
     p = Path(path)
     name = str(path)
     try:
@@ -118,7 +120,12 @@ def load_server(path: str | Path) -> Server:
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ConfigError([Issue(name, 1, 1, NO_FIELD, f"cannot read file: {reason}")]) from None
-    return load_server_bytes(raw, name, base_dir=p.parent.resolve())
+    return load_fleet_text(_decode(raw, name), name, base_dir=p.parent.resolve())
+
+
+def load_server(path: str | Path) -> Server:
+    """Like :func:`load_fleet`, for a file describing one server."""
+    return _one(load_fleet(path), str(path))
 
 
 def load_server_bytes(data: bytes, filename: str = "<bytes>",
@@ -131,18 +138,94 @@ def load_server_text(text: str, filename: str = "<string>",
                      base_dir: Path | None = None) -> Server:
     """Like :func:`load_server`, from YAML text. ``base_dir`` defaults to the current
     directory."""
+    return _one(load_fleet_text(text, filename, base_dir), filename)
+
+
+def _one(fleet: Fleet, filename: str) -> Server:
+    if len(fleet.hosts) != 1:
+        raise ConfigError([Issue(filename, 1, 1, "hosts", f"describes {len(fleet.hosts)} hosts; "
+                                 "this command takes a file of one server (or use a fleet "
+                                 "command)")])
+    return next(iter(fleet.hosts.values()))
+
+
+def load_fleet_text(text: str, filename: str = "<string>",
+                    base_dir: Path | None = None) -> Fleet:
+    """Like :func:`load_fleet`, from YAML text."""
+    from selfhost.validation import validate_fleet
+
     text = _check_text(text, filename)
     doc = _compose(text, filename)
     issues = list(doc.issues)
-    server: Server | None = None
+    fleet: Fleet | None = None
+    is_fleet = isinstance(doc.data, dict) and "hosts" in doc.data
+    if is_fleet:
+        doc.root = Fleet
+        _apply_defaults(doc)
     if doc.fatal is None:
         try:
-            server = Server.model_validate(doc.data)
+            fleet = (Fleet.model_validate(doc.data) if is_fleet
+                     else Fleet.of(Server.model_validate(doc.data)))
         except ValidationError as exc:
             issues += _validation_issues(exc, doc, filename)
-    if issues or server is None:
+    if issues or fleet is None:
         raise ConfigError(_sorted(issues))
-    return server.with_base_dir(base_dir or Path.cwd())
+    for server in fleet.hosts.values():
+        server.with_base_dir(base_dir or Path.cwd())
+    errors: list[Issue] = []
+    warnings: list[Issue] = []
+    for host, problems in validate_fleet(fleet).items():
+        prefix: Loc = ("hosts", host) if is_fleet else ()
+        for problem in problems:
+            issue = _problem_issue(problem, prefix, doc, filename)
+            (errors if problem.severity == "error" else warnings).append(issue)
+    if errors:
+        raise ConfigError(_sorted(errors))
+    fleet.warnings = _sorted(warnings)
+    return fleet
+
+
+def _problem_issue(problem: Any, prefix: Loc, doc: _Document, filename: str) -> Issue:
+    where = _locate((*prefix, *problem.loc), "assertion", doc)
+    message = problem.message
+    if problem.other is not None:
+        other = _locate((*prefix, *problem.other), "assertion", doc)
+        message += f" (the other side: {filename}:{other.mark[0]}:{other.mark[1]})"
+    if problem.severity == "warning":
+        message = "warning: " + message
+    return Issue(filename, where.mark[0], where.mark[1], _fmt_loc(where.path) if where.path
+                 else ROOT, message)
+
+
+def _apply_defaults(doc: _Document) -> None:
+    """Merge ``defaults:`` into every host's mapping (the host's own keys win; mappings merge
+    key by key), positions included, so errors point at the line they come from."""
+    data = doc.data
+    defaults, hosts = data.get("defaults"), data.get("hosts")
+    if not isinstance(defaults, dict) or not isinstance(hosts, dict) or not defaults:
+        return
+    dpos = doc.pos.children.get("defaults")
+    hpos = doc.pos.children.get("hosts")
+    if dpos is None or hpos is None:
+        return
+    for name, host in hosts.items():
+        if isinstance(host, dict) and hpos.children.get(name) is not None:
+            _merge_into(host, hpos.children[name], defaults, dpos)
+
+
+def _merge_into(dst: dict[Any, Any], dpos: _Pos, src: dict[Any, Any], spos: _Pos) -> None:
+    import copy
+
+    for key, value in src.items():
+        if key not in dst:
+            dst[key] = copy.deepcopy(value)
+            dpos.keys[key] = spos.keys.get(key, spos.mark)
+            if spos.children.get(key) is not None:
+                dpos.children[key] = spos.children[key]
+        elif isinstance(dst[key], dict) and isinstance(value, dict):
+            cd, cs = dpos.children.get(key), spos.children.get(key)
+            if cd is not None and cs is not None:
+                _merge_into(dst[key], cd, value, cs)
 
 
 def server_json_schema() -> dict[str, Any]:
@@ -343,6 +426,8 @@ class _Document:
     fatal: Issue | None = None
     """Set when no validation is possible (syntax error, limit hit, not a mapping...)."""
     poisoned: list[Loc] = field(default_factory=list)
+    root: Any = None
+    """The model of the document (default: one Server)."""
     """Paths whose value was refused (a tag): validation errors under them are noise."""
 
 
@@ -711,8 +796,8 @@ def _locate(loc: Loc, etype: str, doc: _Document) -> _Located:
     other segments are union-member labels (``constrained-str``, ``function-after[...]``) and
     are dropped.
     """
-    tps: list[Any] = [Server]
-    parent_tps: list[Any] = [Server]
+    tps: list[Any] = [doc.root or Server]
+    parent_tps: list[Any] = [doc.root or Server]
     data: Any = doc.data
     parent_data: Any = None
     pos: _Pos | None = doc.pos

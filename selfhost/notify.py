@@ -12,12 +12,14 @@ with ``passwordeval``; it never appears in msmtp's configuration or on a command
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from selfhost.compose.module import Contribution, Env, Module
+from selfhost.compose.requests import Request, Sendmail
+from selfhost.compose.resources import ManagedDir, ManagedFile
 from selfhost.models.base import SecretRef, StrictModel
-from selfhost.services.base import Contribution, ManagedDir, ManagedFile
 
 if TYPE_CHECKING:
     from selfhost.models.server import Server
@@ -66,7 +68,7 @@ class SmtpRelay(StrictModel):
         return self
 
 
-class Notify(StrictModel):
+class Notify(StrictModel, Module):
     """Where the server's reports go (update reports, failed/late backups, cron output)."""
 
     email: str = Field(
@@ -79,11 +81,15 @@ class Notify(StrictModel):
         "root@HOSTNAME.DOMAIN).",
     )
     smtp: SmtpRelay = Field(description="The SMTP relay the mail goes through.")
-    updates: Literal["always", "on-change", "only-on-error"] = Field(
-        default="on-change",
-        description="When unattended-upgrades mails a report: 'on-change' (something was "
-        "upgraded or failed), 'only-on-error', or 'always'.",
-    )
+
+    uses: ClassVar[tuple[type[Request], ...]] = (Sendmail,)
+
+    def requests(self, env: Env) -> list[Request]:
+        return [Sendmail("msmtp-mta")]
+
+    def contribute(self, env: Env) -> Contribution:
+        return contribute(env.server)
+
 
 
 def contribute(server: Server) -> Contribution:

@@ -38,7 +38,7 @@ from pyinfra.api.operation import operation
 from pyinfra.context import host
 
 from selfhost.backend.state import UPLOAD_DIR, Query, State, parse, script
-from selfhost.compile import Target, compile_server
+from selfhost.compile import CompileError, Target, compile_fleet
 from selfhost.compile.plan import (
     Directory,
     File,
@@ -51,9 +51,11 @@ from selfhost.compile.plan import (
     User,
 )
 from selfhost.compile.target import RELEASES
+from selfhost.compose.keys import DirKeyStore, KeyStore
+from selfhost.compose.resources import SECRET_MARK, ManagedFile, SecretPiece
+from selfhost.models.fleet import Fleet
 from selfhost.models.passwords import CryptUnavailable, WeakPassword, check_password, hash_for
 from selfhost.models.server import _HASH_RE, Server
-from selfhost.services.base import ManagedFile
 
 q = shlex.quote
 INLINE_MAX = 64 * 1024
@@ -374,8 +376,67 @@ def _phase_of(step: Any) -> str:
     return "reloads"
 
 
-def _file_content(f: ManagedFile) -> bytes:
-    return (f.secret.resolve() + "\n").encode() if f.secret else f.content.encode()
+def _file_content(f: ManagedFile, keys: KeyStore) -> bytes:
+    """The bytes of a managed file, its secrets read (and hashed) on this machine."""
+    if f.secret is not None:
+        return (f.secret.resolve() + "\n").encode()
+    if f.secret_file is not None:
+        return Path(f.secret_file).expanduser().read_bytes()
+    if f.host_key_of is not None:
+        return _known_hosts(*f.host_key_of).encode()
+    text = f.content
+    for i, piece in enumerate(f.secrets):
+        text = text.replace(SECRET_MARK.format(i), _secret_value(piece, keys))
+    return text.encode()
+
+
+def _secret_value(piece: SecretPiece, keys: KeyStore) -> str:
+    import hmac
+
+    from selfhost.models.passwords import bcrypt_hash
+
+    try:
+        value = piece.ref.resolve()
+    except LookupError as exc:
+        raise DeployError(f"cannot read the secret ({piece.ref.describe()}): {exc}; nothing "
+                          "was changed") from None
+    if piece.transform == "plain":
+        return value
+    salt = hmac.new(keys.salt_key(), f"{piece.context}\0{value}".encode(), "sha256").digest()
+    try:
+        crypted = bcrypt_hash(value, salt[:16])
+    except (CryptUnavailable, ValueError) as exc:
+        raise DeployError(f"the secret from {piece.ref.describe()}: {exc}") from None
+    if piece.transform == "bcrypt-base64":
+        return base64.b64encode(crypted.encode()).decode()
+    return crypted
+
+
+class Ed25519HostKey(FactBase[str]):
+    """The host's public Ed25519 SSH host key line."""
+
+    def command(self) -> str:
+        return "cat /etc/ssh/ssh_host_ed25519_key.pub 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> str:
+        return output[0].strip() if output else ""
+
+
+def _known_hosts(peer: str, address: str, port: int) -> str:
+    """A known_hosts line for ``address:port``, with the host key of the fleet host ``peer``
+    read from it (it must be a host of this deploy's inventory)."""
+    from pyinfra.context import inventory
+
+    from selfhost.backup.fleet import known_hosts_line
+
+    for h in inventory:
+        if peer in (h.name, h.data.get("selfhost_host")):
+            key = h.get_fact(Ed25519HostKey)
+            if not key:
+                raise DeployError(f"cannot read the SSH host key of {peer}")
+            return known_hosts_line(address, port, key)
+    raise DeployError(f"fleet host {peer!r} is not in this deploy's inventory: deploy both "
+                      "hosts together (its SSH host key goes into this host's known_hosts)")
 
 
 @operation()
@@ -436,7 +497,8 @@ def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State,
         elif isinstance(step, File):
             f = step.file
             yield from _file(f.path, files[f.path], f.mode, f.owner, f.group, f.validate,
-                             f.secret is not None, state, changed)
+                             bool(f.secret is not None or f.secrets or f.secret_file),
+                             state, changed)
         elif isinstance(step, Sync):
             for mf in _expand_sync(step):
                 yield from _file(mf.path, files[mf.path], mf.mode, mf.owner, mf.group, None,
@@ -460,17 +522,18 @@ def _file(path: str, content: bytes, mode: str, owner: str, group: str, validate
     yield from cmds
 
 
-def apply_plan(plan: Plan, server: Server) -> None:
+def apply_plan(plan: Plan, server: Server, keys: KeyStore | None = None) -> None:
     """Apply a plan to the current host: one batched state query, then one operation per
     phase (see :data:`PHASES`), each sending commands only for what differs.
 
     Every secret is read (and every admin password checked and hashed) before the first
     operation, so that a missing or weak one changes nothing."""
     secrets = _user_secrets(plan, server)
+    keys = keys or DirKeyStore()
     files: dict[str, bytes] = {}
     for step in plan.steps:
         if isinstance(step, File):
-            files[step.file.path] = _file_content(step.file)
+            files[step.file.path] = _file_content(step.file, keys)
         elif isinstance(step, Sync):
             for mf in _expand_sync(step):
                 rel = mf.path.removeprefix(step.dest + "/")
@@ -485,7 +548,9 @@ def apply_plan(plan: Plan, server: Server) -> None:
         units=tuple(s.name for s in plan.steps if isinstance(s, UnitState)),
         packages=tuple(n for s in plan.steps if isinstance(s, Packages) for n in s.names),
         users=tuple(users),
-        upload_dir=any(isinstance(s, File) and s.file.secret is not None for s in plan.steps)
+        upload_dir=any(isinstance(s, File) and (s.file.secret is not None or s.file.secrets
+                                                 or s.file.secret_file is not None)
+                       for s in plan.steps)
         or any(isinstance(s, User) and (s.password_hash or s.password) for s in plan.steps),
     )
     state = _get_state(query)
@@ -519,27 +584,53 @@ def target_for_host() -> Target:
                   keep_open_ports=keep)
 
 
-def load(config: str | Path) -> Server:
-    from selfhost.config import ConfigError, load_server
+def load(config: str | Path) -> Fleet:
+    """The fleet (or one-server) model of ``config``; errors are logged as FILE:LINE:COL."""
+    from selfhost.config import ConfigError, load_fleet
 
     try:
-        return load_server(config)
+        return load_fleet(config)
     except ConfigError as exc:
         for issue in exc.issues:
             logging.getLogger("pyinfra").error(issue.format())
         raise DeployError(f"{config}: {len(exc.issues)} error(s) in the model") from None
 
 
-@deploy("selfhost home server")
-def home_server(config: str | None = None) -> None:
-    """Deploy the server described by ``config`` (default: host data ``selfhost_config``)."""
-    path = config or host.data.get("selfhost_config")
-    if not path:
-        raise DeployError("no model: pass config=... or set host data selfhost_config")
-    server = load(path)
-    plan = compile_server(server, target_for_host())
-    apply_plan(plan, server)
-    # The other ends of backup repositories on peers (the friend's host), when any.
-    from selfhost.backup.deploy import backup_fleet
+def fleet_host(fleet: Fleet, name: str | None = None) -> str:
+    """Which host of the fleet the current pyinfra host is: host data ``selfhost_host``, else
+    the inventory name (or the model's host name / FQDN), else the only host."""
+    wanted = name or host.data.get("selfhost_host")
+    for candidate in ([wanted] if wanted else [host.name]):
+        found = fleet.find(str(candidate))
+        if found is not None:
+            return found
+    if not wanted and len(fleet.hosts) == 1:
+        return next(iter(fleet.hosts))
+    raise DeployError(f"{wanted or host.name!r} is not a host of the model (hosts: "
+                      f"{', '.join(sorted(fleet.hosts))}); set host data selfhost_host")
 
-    backup_fleet(config=str(path))
+
+@deploy("selfhost home server")
+def home_server(config: str | None = None, model: Fleet | Server | None = None,
+                name: str | None = None) -> None:
+    """Deploy this host's part of a model: from the file ``config`` (default: host data
+    ``selfhost_config``), or a model built in Python (``model``: a Fleet or a Server). In a
+    fleet, ``name`` (default: host data ``selfhost_host``, else the inventory name) says
+    which host this is."""
+    if model is None:
+        path = config or host.data.get("selfhost_config")
+        if not path:
+            raise DeployError("no model: pass config=... or model=..., or set host data "
+                              "selfhost_config")
+        fleet = load(path)
+    else:
+        fleet = model if isinstance(model, Fleet) else Fleet.of(model)
+    me = fleet_host(fleet, name)
+    keys = DirKeyStore()
+    try:
+        plan = compile_fleet(fleet, {me: target_for_host()}, keys, hosts=[me])[me]
+    except CompileError as exc:
+        raise DeployError(f"the model cannot be compiled: {exc}") from None
+    for notice in plan.notices:
+        logging.getLogger("pyinfra").warning(f"selfhost: {notice}")
+    apply_plan(plan, fleet.hosts[me], keys)

@@ -1,7 +1,8 @@
-"""The friend's backup host: sftp repositories kept by another host of the same inventory.
+"""The friend's backup host: sftp repositories kept by another host of the same fleet.
 
-The user writes the relation once, on the client (``type: sftp, peer: <inventory name>``).
-Both ends are then known at plan time:
+The user writes the relation once, on the client (``type: sftp, peer: <fleet host>``). The
+client's backup module sends a :class:`~selfhost.compose.requests.PeerBackupAccount` request
+to the peer, whose :class:`BackupPeers` module provides it. Both ends are known at plan time:
 
 - the client's SSH key pair is generated on the deploying machine, under
   ``backup.key_dir`` (``<client>-<repo>`` and ``.pub``, 0600/0700), so the public key can go
@@ -16,13 +17,15 @@ Both ends are then known at plan time:
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from selfhost.backup.restic import peer_user
-from selfhost.services.base import Command, Contribution, ManagedDir, ManagedFile, Unit
+from selfhost.compose.keys import FakeKeyStore
+from selfhost.compose.module import Contribution, Env, Module
+from selfhost.compose.requests import PeerBackupAccount, Request
+from selfhost.compose.resources import Command, ManagedDir, ManagedFile, Unit
 
 if TYPE_CHECKING:
     from selfhost.models.backup import Repository
@@ -52,35 +55,6 @@ def key_path(server: Server, repo: Repository) -> Path:
     return Path(server.backup.key_dir).expanduser() / f"{server.hostname}-{repo.name}"
 
 
-def ensure_keypair(path: Path) -> str:
-    """Create an Ed25519 key pair at ``path`` if missing; return the public key line."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path.parent.chmod(0o700)
-    if not path.exists():
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
-             f"selfhost-backup {path.name}", "-f", str(path)],
-            check=True, stdin=subprocess.DEVNULL,
-        )
-    path.chmod(0o600)
-    return path.with_name(path.name + ".pub").read_text().strip()
-
-
-def clients_of(peer_names: set[str],
-               fleet: dict[str, Server]) -> list[tuple[Server, Repository]]:
-    """The (client, repository) pairs keeping a repository on the host known as any of
-    ``peer_names`` (its inventory name or its model's host name)."""
-    out = []
-    for name in sorted(fleet):
-        server = fleet[name]
-        if not server.backup.active:
-            continue
-        for repo in server.backup.repositories:
-            if repo.type == "sftp" and repo.peer in peer_names:
-                out.append((server, repo))
-    return out
-
-
 def sshd_dropin(clients: list[PeerClient]) -> str:
     accounts = sorted({peer_user(c.client) for c in clients})
     lines = [
@@ -105,6 +79,19 @@ def sshd_dropin(clients: list[PeerClient]) -> str:
             "\tPermitTunnel no",
         ]
     return "\n".join(lines) + "\n"
+
+
+class BackupPeers(Module):
+    """Provider of :class:`PeerBackupAccount` requests: the accounts that keep other hosts'
+    repositories on this one."""
+
+    provides: ClassVar[tuple[type[Request], ...]] = (PeerBackupAccount,)
+
+    def contribute(self, env: Env) -> Contribution:
+        keys = env.keys or FakeKeyStore()
+        clients = [PeerClient(r.client, r.repo, keys.public_key(r.key_name))
+                   for r in env.incoming(PeerBackupAccount)]
+        return receiver_contribution(clients)
 
 
 def receiver_contribution(clients: list[PeerClient]) -> Contribution:

@@ -22,21 +22,16 @@ What is backed up: the data paths of the enabled services (``DataPath``), then
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from selfhost.backup.glue import GLUE
+from selfhost.compose.module import Contribution, Env
+from selfhost.compose.requests import BackupSource
+from selfhost.compose.resources import Command, ManagedDir, ManagedFile, Unit
 from selfhost.models.backup import Repository
-from selfhost.services.base import (
-    Command,
-    Contribution,
-    DataPath,
-    ManagedDir,
-    ManagedFile,
-    Unit,
-)
 
 if TYPE_CHECKING:
-    from selfhost.compile.target import Target
     from selfhost.models.server import Server
 
 CONF = "/etc/selfhost/backup"
@@ -239,12 +234,34 @@ def pre_backup_script(data: list[DataPath]) -> str:
     return "\n".join(out) + "\n"
 
 
-def contribute(server: Server, target: Target, data: list[DataPath]) -> Contribution:
+@dataclass(frozen=True)
+class DataPath:
+    """A backup source as the glue sees it: the path, the service it belongs to (for
+    ``selfhost restore --service``), its consistency hooks."""
+
+    path: str
+    service: str
+    before_backup: str | None = None
+    stop_units: tuple[str, ...] = ()
+
+
+def data_paths(sources: list[BackupSource]) -> list[DataPath]:
+    out = []
+    for s in sources:
+        parts = s.origin.split(".")
+        service = parts[1] if parts[0] == "services" and len(parts) > 1 else parts[0]
+        out.append(DataPath(s.path, service, s.before, s.stop_units))
+    return out
+
+
+def contribute(env: Env) -> Contribution:
     """Everything the backup policy adds to the server (nothing when it is not active)."""
+    server = env.server
     policy = server.backup
     c = Contribution()
     if not policy.active:
         return c
+    data = data_paths(env.incoming(BackupSource))
     c.packages.append("restic")
     types = {r.type for r in policy.repositories}
     if "sftp" in types:
@@ -274,7 +291,7 @@ def contribute(server: Server, target: Target, data: list[DataPath]) -> Contribu
     }
     for path, content in conf_files.items():
         c.files.append(ManagedFile(path, content, mode="0600"))
-    if server.notify is not None:
+    if env.has_sendmail():
         c.files.append(ManagedFile(f"{CONF}/alert.d/50-mail", MAIL_HOOK, mode="0700"))
     c.files.append(ManagedFile(GLUE_PATH, GLUE, mode="0755",
                                validate="bash -n {path}"))
@@ -286,6 +303,7 @@ def contribute(server: Server, target: Target, data: list[DataPath]) -> Contribu
     }
     timers: list[str] = ["selfhost-backup-late.timer"]
     for repo in policy.repositories:
+        repo = _with_peer_address(env, repo)
         names = unit_names(repo)
         c.files.append(ManagedFile(f"{CONF}/{repo.name}.env", env_file(server, repo),
                                    mode="0600"))
@@ -296,6 +314,7 @@ def contribute(server: Server, target: Target, data: list[DataPath]) -> Contribu
         if repo.type == "sftp":
             c.files.append(ManagedFile(f"{CONF}/{repo.name}.ssh_config",
                                        ssh_config(server, repo), mode="0600"))
+            c.files += sftp_identity(env, repo)
         unit_files[names["service"]] = _service(
             f"selfhost: back up to restic repository {repo.name}",
             f"{GLUE_PATH} run {repo.name}")
@@ -327,6 +346,44 @@ def contribute(server: Server, target: Target, data: list[DataPath]) -> Contribu
     for t in timers:
         c.units.append(Unit(t, reload_on=(f"{UNIT_DIR}/{t}",), reload=False))
     return c
+
+
+def _with_peer_address(env: Env, repo: Repository) -> Repository:
+    """A peer repository without ``host``: reached at the peer's first address in the fleet
+    (LAN, then VPN, then public), else its FQDN."""
+    if repo.type != "sftp" or repo.peer is None or repo.host is not None:
+        return repo
+    name = env.fleet.find(repo.peer)
+    if name is None:
+        return repo
+    peer = env.fleet.hosts[name]
+    a = peer.addresses
+    addrs = [str(x) for x in (*a.lan, *a.vpn, *a.public)]
+    return repo.model_copy(update={"host": addrs[0] if addrs else peer.fqdn})
+
+
+def sftp_identity(env: Env, repo: Repository) -> list[ManagedFile]:
+    """The repository's SSH private key (from the controller's key store, uploaded as a
+    secret) and its known_hosts entry (a peer's host key is read from the peer at deploy
+    time; another host's comes from ``host_key``)."""
+    out: list[ManagedFile] = []
+    from selfhost.backup.fleet import key_path
+
+    host, port, _, _ = sftp_endpoint(env.server, repo)
+    path = str(key_path(env.server, repo))
+    if env.keys is not None:
+        env.keys.public_key(path)  # make sure the pair exists before the deploy reads it
+    out.append(ManagedFile(key_file(repo), "", mode="0600", secret_file=path))
+    if repo.peer is not None:
+        peer = env.fleet.find(repo.peer) or repo.peer
+        out.append(ManagedFile(known_hosts_file(repo), "", mode="0600",
+                               host_key_of=(peer, host, port)))
+    elif repo.host_key:
+        from selfhost.backup.fleet import known_hosts_line
+
+        out.append(ManagedFile(known_hosts_file(repo), known_hosts_line(host, port, repo.host_key),
+                               mode="0600"))
+    return out
 
 
 def _calendar_of(unit: str) -> str | None:

@@ -1,7 +1,7 @@
-"""Compile a model into a plan: pure Python, deterministic, no target needed."""
+"""Compile a model into plans: pure Python, deterministic, no target needed."""
 
-from selfhost.compile.compiler import collect, compile_server
+from selfhost.compile.compiler import CompileError, collect, compile_fleet, compile_server
 from selfhost.compile.plan import Plan
 from selfhost.compile.target import Target
 
-__all__ = ["Plan", "Target", "collect", "compile_server"]
+__all__ = ["CompileError", "Plan", "Target", "collect", "compile_fleet", "compile_server"]

@@ -1,11 +1,14 @@
-"""Model -> plan. Pure and deterministic: no target access, no pyinfra state."""
+"""Model -> plans. Pure and deterministic: no target access, no pyinfra state.
+
+``compile_fleet`` routes every host's modules (:mod:`selfhost.compose.route`), refuses a
+model with validation errors, then asks each module for its contribution given the host's
+:class:`Target` and turns them into one ordered plan per host.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from selfhost import notify
-from selfhost.backup import restic
 from selfhost.compile.plan import (
     Directory,
     File,
@@ -19,115 +22,90 @@ from selfhost.compile.plan import (
     User,
 )
 from selfhost.compile.target import Target
-from selfhost.services.base import Command, Contribution, ManagedFile
+from selfhost.compose.keys import FakeKeyStore, KeyStore
+from selfhost.compose.module import Contribution, Problem
+from selfhost.compose.requests import (
+    AbsentPackage,
+    BackupSource,
+    DnsRecord,
+    HealthCheck,
+    Jail,
+    Port,
+)
+from selfhost.compose.route import Routed
+from selfhost.models.fleet import Fleet
 
 if TYPE_CHECKING:
     from selfhost.models.server import Server
 
-SUDOERS = "/etc/sudoers.d/selfhost-admins"
-BASE_PACKAGES = ["tzdata", "sudo", "ca-certificates", "curl"]
-TIME_DAEMONS = ("systemd-timesyncd", "chrony", "ntpsec", "ntp", "openntpd")
 
-HOST_KEYS = Command(
-    "ssh host keys: Ed25519 and RSA 4096 only",
-    "test -f /etc/ssh/ssh_host_ed25519_key || "
-    "ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key; "
-    "ssh-keygen -l -f /etc/ssh/ssh_host_rsa_key.pub 2>/dev/null | awk '{exit !($1>=4096)}' || "
-    "{ rm -f /etc/ssh/ssh_host_rsa_key /etc/ssh/ssh_host_rsa_key.pub; "
-    "ssh-keygen -q -t rsa -b 4096 -N '' -f /etc/ssh/ssh_host_rsa_key; }; "
-    "rm -f /etc/ssh/ssh_host_ecdsa_key* /etc/ssh/ssh_host_dsa_key*",
-    unless="test -f /etc/ssh/ssh_host_ed25519_key && "
-    "ssh-keygen -l -f /etc/ssh/ssh_host_rsa_key.pub 2>/dev/null | awk '{exit !($1>=4096)}' && "
-    "! ls /etc/ssh/ssh_host_ecdsa_key* /etc/ssh/ssh_host_dsa_key* >/dev/null 2>&1",
-)
-MODULI = Command(
-    "ssh: remove Diffie-Hellman moduli under 3072 bits",
-    "awk '$1 !~ /^[0-9]+$/ || $5 >= 3071' /etc/ssh/moduli > /etc/ssh/moduli.selfhost-new && "
-    "mv /etc/ssh/moduli.selfhost-new /etc/ssh/moduli",
-    unless="awk '$1 ~ /^[0-9]+$/ && $5 < 3071 {bad=1} END {exit bad}' /etc/ssh/moduli",
-)
+class CompileError(ValueError):
+    """The model cannot be compiled: ``problems`` by host (the same as validation's)."""
+
+    def __init__(self, problems: dict[str, list[Problem]]) -> None:
+        self.problems = problems
+        lines = [f"{h}: {'.'.join(map(str, p.loc))}: {p.message}"
+                 for h, ps in problems.items() for p in ps]
+        super().__init__("; ".join(lines))
 
 
-def _base(server: Server) -> Contribution:
-    c = Contribution(packages=list(BASE_PACKAGES))
-    tz = server.timezone
-    c.commands.append(Command(
-        f"time zone {tz}",
-        f"ln -sf /usr/share/zoneinfo/{tz} /etc/localtime && echo {tz} > /etc/timezone",
-        unless=f'test "$(readlink /etc/localtime)" = /usr/share/zoneinfo/{tz} && '
-        f"grep -qx {tz} /etc/timezone",
-    ))
-    if server.time_sync:
-        # A guarded command, not a package: systemd-timesyncd conflicts with the other time
-        # daemons, and apt would remove the admin's chrony to install it.
-        c.commands.append(Command(
-            "time sync: systemd-timesyncd (NTP)",
-            "export DEBIAN_FRONTEND=noninteractive; i='apt-get install -y -qq "
-            "--no-install-recommends systemd-timesyncd'; "
-            "$i >/dev/null 2>&1 || { apt-get update -qq && $i >/dev/null; }",
-            unless=f"dpkg-query -W -f='${{Status}}\\n' {' '.join(TIME_DAEMONS)} "
-            "2>/dev/null | grep -q 'ok installed'",
-        ))
-    name = server.hostname
-    c.commands.append(Command(
-        f"host name {name}",
-        f"hostnamectl set-hostname {name} 2>/dev/null || {{ echo {name} > /etc/hostname; "
-        f"hostname {name} 2>/dev/null || echo 'selfhost: the running host name cannot be "
-        "changed here (a container?); /etc/hostname is set for the next boot' >&2; }",
-        unless=f"grep -qx {name} /etc/hostname && "
-        f'{{ test "$(hostname)" = {name} || systemd-detect-virt --container --quiet; }}',
-    ))
-    lines = ["# Managed by selfhost: the admins from the model."]
-    for admin in sorted(server.admins, key=lambda a: a.name):
-        if admin.sudo:
-            nopasswd = "" if admin.has_password else "NOPASSWD: "
-            lines.append(f"{admin.name} ALL=(ALL:ALL) {nopasswd}ALL")
-    c.files.append(ManagedFile(SUDOERS, "\n".join(lines) + "\n", mode="0440",
-                               validate="visudo -cqf {path}"))
-    return c
+def collect(routed: Routed, fleet: Fleet, target: Target,
+            keys: KeyStore | None = None) -> list[tuple[str, Contribution]]:
+    """Every module's contribution for one host, with its model path, in routing order."""
+    return [(path, module.contribute(routed.env(fleet, path, target, keys)))
+            for path, module in routed.modules]
 
 
-def collect(server: Server, target: Target) -> list[tuple[str, Contribution]]:
-    """Every contribution, with the model path of its source, in a fixed order."""
-    h = server.hardening
-    out: list[tuple[str, Contribution]] = [("base", _base(server))]
-    if server.notify is not None:
-        out.append(("notify", notify.contribute(server)))
-    ssh = h.ssh.contribute(server, target)
-    if h.ssh.enabled:
-        ssh.commands[:0] = [HOST_KEYS, MODULI]
-    out.append(("hardening.ssh", ssh))
-    out.append(("hardening.updates", h.updates.contribute(server, target)))
-    out.append(("hardening.accounts", h.accounts.contribute(server, target)))
-    out.append(("hardening.minimal", h.minimal.contribute(server, target)))
-    out.append(("hardening.audit", h.audit.contribute(server, target)))
-    for name in type(server.services).model_fields:
-        svc = getattr(server.services, name)
-        if svc is not None and svc.enabled:
-            out.append((f"services.{name}", svc.contribute(server)))
-    # Backups of every data path contributed so far (plus backup.extra_paths).
-    data = [d for _, c in out for d in c.data]
-    out.append(("backup", restic.contribute(server, target, data)))
-    # Controls derived from what the others contribute.
-    ports = [p for _, c in out for p in c.ports]
-    jails = [j for _, c in out for j in c.jails]
-    service_sysctl = {k: (v, src) for src, c in out for k, v in c.sysctl.items()}
-    out.append(("hardening.kernel", h.kernel.contribute_with(server, target, service_sysctl)))
-    out.append(("hardening.fail2ban", h.fail2ban.contribute_jails(server, target, jails)))
-    out.append(("hardening.firewall", h.firewall.contribute_rules(server, target, ports)))
+def compile_fleet(fleet: Fleet, targets: dict[str, Target] | None = None,
+                  keys: KeyStore | None = None,
+                  hosts: list[str] | None = None) -> dict[str, Plan]:
+    """One plan per host (or per host of ``hosts``). ``keys`` is the controller's key store
+    (default: stand-in keys, which never touch the disk)."""
+    from selfhost.validation import route, validate_fleet
+
+    problems = {h: [p for p in ps if p.severity == "error"]
+                for h, ps in validate_fleet(fleet).items()}
+    problems = {h: ps for h, ps in problems.items() if ps}
+    if problems:
+        raise CompileError(problems)
+    warnings = validate_fleet(fleet)
+    routed = route(fleet)
+    keys = keys or FakeKeyStore()
+    out: dict[str, Plan] = {}
+    for host in hosts or list(fleet.hosts):
+        target = (targets or {}).get(host) or Target()
+        plan = build_plan(fleet.hosts[host], routed[host], collect(routed[host], fleet, target,
+                                                                   keys), target)
+        plan.host = host
+        plan.notices = [f"{'.'.join(map(str, p.loc))}: {p.message}"
+                        for p in warnings.get(host, [])]
+        out[host] = plan
     return out
 
 
-def compile_server(server: Server, target: Target | None = None) -> Plan:
-    """Turn a validated model into an ordered plan of steps."""
-    target = target or Target()
-    parts = collect(server, target)
+def compile_server(server: Server, target: Target | None = None,
+                   keys: KeyStore | None = None) -> Plan:
+    """The plan of a one-host model."""
+    fleet = Fleet.of(server)
+    return compile_fleet(fleet, {server.hostname: target or Target()}, keys)[server.hostname]
+
+
+def build_plan(server: Server, routed: Routed, parts: list[tuple[str, Contribution]],
+               target: Target) -> Plan:
+    """Turn a host's contributions into an ordered plan of steps."""
     plan = Plan(hostname=server.fqdn, release=target.release)
     steps: list[Step] = []
 
     packages: list[str] = []
     for _, c in parts:
         packages.extend(p for p in c.packages if p not in packages)
+    absent = {a.name: a for a in routed.requests.get(AbsentPackage, [])
+              if isinstance(a, AbsentPackage)}
+    clash = [p for p in packages if p in absent]
+    if clash:
+        raise CompileError({routed.host: [Problem((), f"package {p} is installed by a module "
+                                                  f"but {absent[p].origin} wants it absent")
+                                          for p in clash]})
     steps.append(Packages(tuple(sorted(packages))))
 
     # Commands guarded by `unless` prepare the system (host keys, time zone) before files.
@@ -151,7 +129,8 @@ def compile_server(server: Server, target: Target | None = None) -> Plan:
     for src, c in parts:
         for f in c.files:
             if f.path in seen_files:
-                raise ValueError(f"{f.path} is written by both {seen_files[f.path]} and {src}")
+                raise CompileError({routed.host: [Problem(
+                    (), f"{f.path} is written by both {seen_files[f.path]} and {src}")]})
             seen_files[f.path] = src
             steps.append(File(f, src))
     for src, c in parts:
@@ -168,13 +147,15 @@ def compile_server(server: Server, target: Target | None = None) -> Plan:
                                     "reload" if unit.reload else "restart"))
 
     plan.steps = steps
-    for _, c in parts:
-        plan.ports += c.ports
-        plan.jails += c.jails
-        plan.data += c.data
-        plan.dns += c.dns
-    plan.ports = sorted(set(plan.ports), key=lambda p: (p.port, p.proto, p.service))
-    if not server.hardening.fail2ban.enabled:
-        plan.jails = []
+    req = routed.requests
+    plan.ports = sorted({p for p in req.get(Port, []) if isinstance(p, Port)},
+                        key=lambda p: (p.port, p.proto, p.zone, p.origin))
+    plan.jails = [j for j in req.get(Jail, []) if isinstance(j, Jail)] \
+        if server.hardening.fail2ban.enabled else []
+    plan.data = [d for d in req.get(BackupSource, []) if isinstance(d, BackupSource)]
+    plan.data += [BackupSource(p, origin="backup.extra_paths")
+                  for p in server.backup.extra_paths]
+    plan.dns = [d for d in req.get(DnsRecord, []) if isinstance(d, DnsRecord)]
+    plan.health = [h for h in req.get(HealthCheck, []) if isinstance(h, HealthCheck)]
     plan.disabled_controls = server.hardening.disabled()
     return plan

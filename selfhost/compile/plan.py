@@ -11,15 +11,8 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from selfhost.services.base import (
-    Command,
-    DataPath,
-    DnsRecord,
-    Jail,
-    ManagedDir,
-    ManagedFile,
-    OpenPort,
-)
+from selfhost.compose.requests import BackupSource, DnsRecord, HealthCheck, Jail, Port
+from selfhost.compose.resources import Command, ManagedDir, ManagedFile
 
 
 @dataclass(frozen=True)
@@ -71,9 +64,17 @@ class File:
 
     def describe(self) -> str:
         f = self.file
+        if f.secret_file is not None:
+            return f"secret file {f.path} ({f.owner}:{f.group} {f.mode}, from the controller's " \
+                f"key store)"
+        if f.host_key_of is not None:
+            return (f"file {f.path} ({f.mode}): known_hosts entry of {f.host_key_of[0]}, its host "
+                    "key read from it at deploy time")
         if f.secret is not None:
             return f"secret file {f.path} ({f.owner}:{f.group} {f.mode}, from {f.secret.describe()})"
         check = f", checked with `{f.validate.split(' ')[0]}`" if f.validate else ""
+        if f.secrets:
+            check += f", {len(f.secrets)} secret(s) filled in at deploy time"
         return f"file {f.path} ({f.owner}:{f.group} {f.mode}, {len(f.content)} bytes{check})"
 
 
@@ -128,11 +129,16 @@ class Plan:
     hostname: str
     release: str
     steps: list[Step] = field(default_factory=list)
-    ports: list[OpenPort] = field(default_factory=list)
+    ports: list[Port] = field(default_factory=list)
     jails: list[Jail] = field(default_factory=list)
-    data: list[DataPath] = field(default_factory=list)
+    data: list[BackupSource] = field(default_factory=list)
     dns: list[DnsRecord] = field(default_factory=list)
+    health: list[HealthCheck] = field(default_factory=list)
     disabled_controls: list[tuple[str, str]] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+    """Warnings of validation (requests a switched-off control does not honour, ...)."""
+    host: str = ""
+    """The host's name in the fleet."""
 
     def files(self) -> dict[str, str]:
         """Rendered files by path."""
@@ -145,6 +151,8 @@ class Plan:
                 d["file"].pop("content")
                 if step.file.secret is not None:
                     d["file"]["secret"] = step.file.secret.describe()
+                d["file"]["secrets"] = [f"{p.ref.describe()} ({p.transform})"
+                                        for p in step.file.secrets]
                 d["sha1"] = step.sha1
             return {"step": type(step).__name__, **d}
 
@@ -156,22 +164,32 @@ class Plan:
             "jails": [j.name for j in self.jails],
             "data": [dataclasses.asdict(d) for d in self.data],
             "dns": [dataclasses.asdict(r) for r in self.dns],
+            "health": [dataclasses.asdict(h) for h in self.health],
             "disabled_controls": [list(x) for x in self.disabled_controls],
+            "notices": list(self.notices),
         }
 
     def render(self) -> str:
-        out = [f"Plan for {self.hostname} (Debian {self.release}): {len(self.steps)} steps", ""]
+        name = f"{self.host} ({self.hostname})" if self.host and self.host != \
+            self.hostname.split(".")[0] else self.hostname
+        out = [f"Plan for {name} (Debian {self.release}): {len(self.steps)} steps", ""]
         for i, step in enumerate(self.steps, 1):
             out.append(f"{i:3d}. {step.describe()}")
         out += ["", "Open ports (derived from the model):"]
         for p in self.ports:
-            scope = " (LAN only)" if p.lan_only else ""
-            out.append(f"  {p.port}/{p.proto}  {p.service}{scope}")
+            scope = f" ({p.zone.upper()} only)" if p.zone != "internet" else ""
+            out.append(f"  {p.port}/{p.proto}  {p.origin}{scope}")
         out += ["", "fail2ban jails: " + (", ".join(j.name for j in self.jails) or "none")]
         out += ["", "Data to back up:"]
-        out += [f"  {d.path}  ({d.service})" for d in self.data] or ["  (none)"]
+        out += [f"  {d.path}  ({d.origin})" for d in self.data] or ["  (none)"]
         out += ["", "DNS records to publish:"]
         out += [f"  {r.name} {r.type} {r.value}" for r in self.dns] or ["  (none)"]
+        if self.health:
+            out += ["", "Health checks (selfhost check):"]
+            out += [f"  {h.kind} {h.target}  ({h.origin})" for h in self.health]
+        if self.notices:
+            out += ["", "Notices:"]
+            out += [f"  {n}" for n in self.notices]
         if self.disabled_controls:
             out += ["", "Hardening controls turned OFF:"]
             out += [f"  {name}: {reason}" for name, reason in self.disabled_controls]

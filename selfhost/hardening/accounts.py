@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
+from selfhost.compose.module import Contribution, Env
+from selfhost.compose.resources import Command, ManagedFile
 from selfhost.hardening.base import Control
-from selfhost.services.base import Command, Contribution, ManagedFile
 
 if TYPE_CHECKING:
-    from selfhost.compile.target import Target
-    from selfhost.models.server import Server
+    pass
 
 LOGIN_DEFS = "/etc/login.defs"
 PWQUALITY = "/etc/security/pwquality.conf.d/50-selfhost.conf"
@@ -49,7 +49,7 @@ class AccountsHardening(Control):
                               description="Only members of the sudo group may use `su`.")
     core_dumps: bool = Field(default=False, description="Allow core dumps (off: none stored).")
 
-    def contribute(self, server: Server, target: Target) -> Contribution:
+    def contribute(self, env: Env) -> Contribution:
         c = Contribution()
         if not self.enabled:
             return c

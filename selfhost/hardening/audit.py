@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
+from selfhost.compose.module import Contribution, Env
+from selfhost.compose.resources import Command, ManagedFile, Unit
 from selfhost.hardening.base import Control
-from selfhost.services.base import Command, Contribution, ManagedFile, Unit
 
 if TYPE_CHECKING:
-    from selfhost.compile.target import Target
-    from selfhost.models.server import Server
+    pass
 
 AUDIT_RULES = "/etc/audit/rules.d/50-selfhost.rules"
 AUDITD_DROPIN = "/etc/systemd/system/auditd.service.d/selfhost-container.conf"
@@ -188,7 +188,8 @@ class AuditHardening(Control):
         "(dpkg-statoverride, kept across upgrades).",
     )
 
-    def contribute(self, server: Server, target: Target) -> Contribution:
+    def contribute(self, env: Env) -> Contribution:
+        target = env.require_target()
         c = Contribution()
         if not self.enabled:
             return c

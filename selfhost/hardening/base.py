@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field, model_validator
 
+from selfhost.compose.module import Module
 from selfhost.models.base import StrictModel
 
 
-class Control(StrictModel):
-    """A hardening control. Turning it off requires a ``reason``, which the plan shows."""
+class Control(StrictModel, Module):
+    """A hardening control. Turning it off requires a ``reason``, which the plan shows.
+
+    Every control is a :class:`~selfhost.compose.module.Module` that always runs: switched
+    off, it still honours the requests it provides for (see each provider)."""
+
+    always: ClassVar[bool] = True
 
     enabled: bool = Field(default=True, description="Apply this control (strongly recommended).")
     reason: str | None = Field(

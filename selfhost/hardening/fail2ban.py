@@ -1,17 +1,22 @@
-"""fail2ban: jails derived from the enabled services (sshd always), systemd backend, recidive."""
+"""fail2ban: the provider of :class:`~selfhost.compose.requests.Jail` requests (sshd always,
+and every login a service exposes), systemd backend, recidive.
+
+The fleet's own hosts are never banned: their addresses (public, LAN, VPN) are in
+``ignoreip``, so a monitoring probe or a backup from the friend's host cannot lock it out."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import Field
 
+from selfhost.compose.module import Contribution, Env, Problem
+from selfhost.compose.requests import Jail, Request
+from selfhost.compose.resources import ManagedFile, Unit
 from selfhost.hardening.base import Control
-from selfhost.services.base import Contribution, Jail, ManagedFile, Unit
 
 if TYPE_CHECKING:
-    from selfhost.compile.target import Target
-    from selfhost.models.server import Server
+    pass
 
 JAIL_CONF = "/etc/fail2ban/jail.local"
 VALIDATE = (
@@ -30,7 +35,7 @@ class Fail2banHardening(Control):
         default_factory=list, description="Addresses/networks never banned (e.g. your LAN)."
     )
 
-    def jail_local(self, jails: list[Jail]) -> str:
+    def jail_local(self, jails: list[Jail], trusted: list[str] | None = None) -> str:
         out = [
             "# Managed by selfhost: jails derived from the enabled services.",
             "[DEFAULT]",
@@ -42,7 +47,7 @@ class Fail2banHardening(Control):
             "bantime.maxtime = 1w",
             f"findtime = {self.findtime_minutes}m",
             f"maxretry = {self.maxretry}",
-            "ignoreip = " + " ".join(["127.0.0.1/8", "::1", *self.ignore]),
+            "ignoreip = " + " ".join(["127.0.0.1/8", "::1", *self.ignore, *(trusted or [])]),
             "",
         ]
         for jail in sorted(jails, key=lambda j: j.name):
@@ -70,14 +75,47 @@ class Fail2banHardening(Control):
         ]
         return "\n".join(out)
 
-    def contribute_jails(self, server: Server, target: Target, jails: list[Jail]) -> Contribution:
+    provides: ClassVar[tuple[type[Request], ...]] = (Jail,)
+
+    def assertions(self, env: Env) -> list[Problem]:
+        if self.enabled:
+            return []
+        return [Problem((*_loc(j.origin),), f"{j.describe()} is not installed: hardening.fail2ban "
+                        f"is off ({self.reason})", severity="warning")
+                for j in env.incoming(Jail) if not j.origin.startswith("hardening.")]
+
+    def contribute(self, env: Env) -> Contribution:
         c = Contribution()
         if not self.enabled:
             return c
+        jails = env.incoming(Jail)
         c.packages += ["fail2ban", "python3-systemd"]
-        c.files.append(ManagedFile(JAIL_CONF, self.jail_local(jails), validate=VALIDATE))
+        for jail in sorted(jails, key=lambda j: j.name):
+            if jail.filter_definition and jail.filter:
+                c.files.append(ManagedFile(f"/etc/fail2ban/filter.d/{jail.filter}.conf",
+                                           jail.filter_definition))
+        trusted = trusted_addresses(env)
+        c.files.append(ManagedFile(JAIL_CONF, self.jail_local(jails, trusted), validate=VALIDATE))
         # Restart, not reload: fail2ban 1.1 (Debian 13) drops a jail's actions when a reload
         # changes its banaction (Debian's default `nftables` -> our `nftables-multiport`), and
         # the jail then bans nobody. Bans survive a restart (fail2ban's database restores them).
-        c.units.append(Unit("fail2ban.service", reload_on=(JAIL_CONF,), reload=False))
+        reload_on = (JAIL_CONF, *(f"/etc/fail2ban/filter.d/{j.filter}.conf" for j in jails
+                                  if j.filter_definition and j.filter))
+        c.units.append(Unit("fail2ban.service", reload_on=reload_on, reload=False))
         return c
+
+
+def trusted_addresses(env: Env) -> list[str]:
+    """Addresses of the fleet's other hosts (and this host's own), never banned or limited."""
+    out: list[str] = []
+    for server in env.fleet.hosts.values():
+        for a in server.addresses.all():
+            if a not in out:
+                out.append(a)
+    return out
+
+
+def _loc(origin: str) -> tuple[str | int, ...]:
+    from selfhost.compose.route import loc_of
+
+    return loc_of(origin)

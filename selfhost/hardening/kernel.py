@@ -1,22 +1,28 @@
 """Kernel settings (sysctl) and module blacklist, covering at least dev-sec's intent.
 
-Services that need an exception (a VPN needs IP forwarding) contribute it and the file says
-which service asked. Keys a container cannot set are reported and skipped, not failed.
+The provider of :class:`~selfhost.compose.requests.Sysctl` requests. Its own hardened values
+are requests at priority 1000 (a default), services ask at 100 (a VPN needs IP forwarding),
+the model's ``sysctl_overrides`` at 50; each line of the file names who asked. Switched off,
+the control still writes what other modules request (and only that). Keys a container cannot
+set are reported and skipped, not failed.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import Field
 
+from selfhost.compose.module import Contribution, Env
+from selfhost.compose.requests import Request, Sysctl
+from selfhost.compose.resources import Command, ManagedFile
 from selfhost.hardening.base import Control
-from selfhost.services.base import Command, Contribution, ManagedFile
 
 if TYPE_CHECKING:
-    from selfhost.compile.target import Target
-    from selfhost.models.server import Server
+    pass
 
+DEFAULT_PRIORITY = 1000
+OVERRIDE_PRIORITY = 50
 SYSCTL_CONF = "/etc/sysctl.d/60-selfhost-hardening.conf"
 MODPROBE_CONF = "/etc/modprobe.d/selfhost-blacklist.conf"
 
@@ -105,27 +111,32 @@ class KernelHardening(Control):
         "kernel decides.",
     )
 
-    def settings(self, service_sysctl: dict[str, tuple[str, str]]) -> list[tuple[str, str, str]]:
-        """(key, value, comment) sorted by key: defaults, then service needs, then overrides."""
-        merged: dict[str, tuple[str, str]] = {k: (v, "") for k, v in HARDENED_SYSCTL.items()}
-        for key, (value, who) in service_sysctl.items():
-            merged[key] = (value, f"needed by service {who}")
-        for key, value in self.sysctl_overrides.items():
-            merged[key] = (value, "override from the model")
-        return [(k, v, c) for k, (v, c) in sorted(merged.items())]
+    provides: ClassVar[tuple[type[Request], ...]] = (Sysctl,)
 
-    def contribute_with(self, server: Server, target: Target,
-                        service_sysctl: dict[str, tuple[str, str]]) -> Contribution:
+    def requests(self, env: Env) -> list[Request]:
+        if not self.enabled:
+            return []
+        out: list[Request] = [Sysctl(k, v, DEFAULT_PRIORITY) for k, v in HARDENED_SYSCTL.items()]
+        out += [Sysctl(k, v, OVERRIDE_PRIORITY, origin=f"{env.path}.sysctl_overrides.{k}")
+                for k, v in self.sysctl_overrides.items()]
+        return out
+
+    def contribute(self, env: Env) -> Contribution:
+        target = env.require_target()
         c = Contribution(packages=["procps"])
+        settings = sorted(env.incoming(Sysctl), key=lambda r: r.name)
+        if settings:
+            head = ("kernel hardening" if self.enabled else
+                    f"kernel settings other modules need (hardening.kernel is off: {self.reason})")
+            lines = [f"# Managed by selfhost: {head} (applied at boot by systemd-sysctl)."]
+            for r in settings:
+                if r.priority != DEFAULT_PRIORITY or r.origin != env.path:
+                    lines.append(f"# requested by {r.origin}")
+                lines.append(f"{r.name} = {r.value}")
+            c.files.append(ManagedFile(SYSCTL_CONF, "\n".join(lines) + "\n"))
+            c.commands.append(Command("apply kernel settings", APPLY, on_change=(SYSCTL_CONF,)))
         if not self.enabled:
             return c
-        lines = ["# Managed by selfhost: kernel hardening (applied at boot by systemd-sysctl)."]
-        for key, value, comment in self.settings(service_sysctl):
-            if comment:
-                lines.append(f"# {comment}")
-            lines.append(f"{key} = {value}")
-        c.files.append(ManagedFile(SYSCTL_CONF, "\n".join(lines) + "\n"))
-        c.commands.append(Command("apply kernel settings", APPLY, on_change=(SYSCTL_CONF,)))
         if self.blacklist_modules:
             mods = ["# Managed by selfhost: modules a home server does not need.",
                     "# vfat is not listed: the EFI system partition needs it."]

@@ -6,12 +6,12 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
+from selfhost.compose.module import Contribution, Env
+from selfhost.compose.resources import Command
 from selfhost.hardening.base import Control
-from selfhost.services.base import Command, Contribution
 
 if TYPE_CHECKING:
-    from selfhost.compile.target import Target
-    from selfhost.models.server import Server
+    pass
 
 ABSENT = [
     "telnet", "telnetd", "inetutils-telnet", "inetutils-telnetd", "rsh-client", "rsh-server",
@@ -35,7 +35,7 @@ class MinimalHardening(Control):
         description="systemd units masked so that nothing can start them.",
     )
 
-    def contribute(self, server: Server, target: Target) -> Contribution:
+    def contribute(self, env: Env) -> Contribution:
         c = Contribution()
         if not self.enabled:
             return c

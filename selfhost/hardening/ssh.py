@@ -9,13 +9,16 @@ and sshd is reloaded (never restarted), so open sessions survive.
 from __future__ import annotations
 
 from ipaddress import IPv4Network, IPv6Network
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import Field
 
+from selfhost.compose.module import Contribution, Env
+from selfhost.compose.requests import Jail, Request
+from selfhost.compose.requests import Port as PortRequest
+from selfhost.compose.resources import Command, ManagedFile, Unit
 from selfhost.hardening.base import Control
 from selfhost.models.base import Port
-from selfhost.services.base import Contribution, Jail, ManagedFile, OpenPort, Unit
 
 if TYPE_CHECKING:
     from selfhost.compile.target import Target
@@ -153,16 +156,43 @@ class SshHardening(Control):
         lines.append("Include /etc/ssh/sshd_config.d/*.conf")
         return "\n".join(lines) + "\n"
 
-    def contribute(self, server: Server, target: Target) -> Contribution:
+    uses: ClassVar[tuple[type[Request], ...]] = (PortRequest, Jail)
+
+    def requests(self, env: Env) -> list[Request]:
+        if not self.enabled:
+            return [PortRequest(self.port, "tcp")]
+        return [PortRequest(self.port, "tcp", comment="rate-limited"),
+                Jail("sshd", port=str(self.port), maxretry=self.max_auth_tries)]
+
+    def contribute(self, env: Env) -> Contribution:
+        server, target = env.server, env.require_target()
         c = Contribution(packages=["openssh-server"])
         if not self.enabled:
-            c.ports.append(OpenPort(self.port, "tcp", "ssh"))
             return c
+        c.commands += [HOST_KEYS_CMD, MODULI_CMD]
         c.files.append(
             ManagedFile(SSHD_CONFIG, self.sshd_config(server, target), mode="0600",
                         validate="/usr/sbin/sshd -t -f {path}")
         )
         c.units.append(Unit("ssh.service", reload_on=(SSHD_CONFIG,)))
-        c.ports.append(OpenPort(self.port, "tcp", "ssh", comment="rate-limited"))
-        c.jails.append(Jail("sshd", port=str(self.port), maxretry=self.max_auth_tries))
         return c
+
+
+HOST_KEYS_CMD = Command(
+    "ssh host keys: Ed25519 and RSA 4096 only",
+    "test -f /etc/ssh/ssh_host_ed25519_key || "
+    "ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key; "
+    "ssh-keygen -l -f /etc/ssh/ssh_host_rsa_key.pub 2>/dev/null | awk '{exit !($1>=4096)}' || "
+    "{ rm -f /etc/ssh/ssh_host_rsa_key /etc/ssh/ssh_host_rsa_key.pub; "
+    "ssh-keygen -q -t rsa -b 4096 -N '' -f /etc/ssh/ssh_host_rsa_key; }; "
+    "rm -f /etc/ssh/ssh_host_ecdsa_key* /etc/ssh/ssh_host_dsa_key*",
+    unless="test -f /etc/ssh/ssh_host_ed25519_key && "
+    "ssh-keygen -l -f /etc/ssh/ssh_host_rsa_key.pub 2>/dev/null | awk '{exit !($1>=4096)}' && "
+    "! ls /etc/ssh/ssh_host_ecdsa_key* /etc/ssh/ssh_host_dsa_key* >/dev/null 2>&1",
+)
+MODULI_CMD = Command(
+    "ssh: remove Diffie-Hellman moduli under 3072 bits",
+    "awk '$1 !~ /^[0-9]+$/ || $5 >= 3071' /etc/ssh/moduli > /etc/ssh/moduli.selfhost-new && "
+    "mv /etc/ssh/moduli.selfhost-new /etc/ssh/moduli",
+    unless="awk '$1 ~ /^[0-9]+$/ && $5 < 3071 {bad=1} END {exit bad}' /etc/ssh/moduli",
+)

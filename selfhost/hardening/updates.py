@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 
+from selfhost.compose.module import Contribution, Env
+from selfhost.compose.resources import ManagedFile, Unit
 from selfhost.hardening.base import Control
-from selfhost.services.base import Contribution, ManagedFile, Unit
 
 if TYPE_CHECKING:
-    from selfhost.compile.target import Target
-    from selfhost.models.server import Server
+    pass
 
 AUTO_UPGRADES = "/etc/apt/apt.conf.d/20auto-upgrades"
 UU_CONF = "/etc/apt/apt.conf.d/52selfhost-unattended-upgrades"
@@ -33,6 +33,13 @@ class UpdatesHardening(Control):
     restart_services: bool = Field(
         default=True, description="needrestart restarts services that use outdated libraries."
     )
+    mail_report: Literal["always", "on-change", "only-on-error"] = Field(
+        default="on-change",
+        description="When unattended-upgrades mails its report to root (the admin), if a "
+        "module provides sendmail (`notify`, or the mail server): 'on-change' (something was "
+        "upgraded or failed), 'only-on-error', or 'always'. The report always goes to the "
+        "journal.",
+    )
 
     @field_validator("reboot_time")
     @classmethod
@@ -41,7 +48,7 @@ class UpdatesHardening(Control):
             raise ValueError("must be HH:MM, 24-hour clock")
         return v
 
-    def contribute(self, server: Server, target: Target) -> Contribution:
+    def contribute(self, env: Env) -> Contribution:
         c = Contribution()
         if not self.enabled:
             return c
@@ -73,11 +80,11 @@ class UpdatesHardening(Control):
             'Unattended-Upgrade::SyslogEnable "true";',
             'Unattended-Upgrade::SyslogFacility "daemon";',
         ]
-        # The report: always in the journal (syslog above); by mail too when `notify` is set
-        # (root is aliased to the admin's address by msmtp).
-        if server.notify is not None:
+        # The report: always in the journal (syslog above); by mail too when a module provides
+        # sendmail (root is aliased to the admin's address).
+        if env.has_sendmail():
             lines += ['Unattended-Upgrade::Mail "root";',
-                      f'Unattended-Upgrade::MailReport "{server.notify.updates}";']
+                      f'Unattended-Upgrade::MailReport "{self.mail_report}";']
         lines.append("")
         c.files.append(ManagedFile(UU_CONF, "\n".join(lines),
                                    validate="apt-config -c {path} dump >/dev/null"))

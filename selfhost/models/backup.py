@@ -9,10 +9,12 @@ the enabled services' data paths, plus ``extra_paths``. Each repository has its 
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from selfhost.compose.module import Contribution, Env, Module
+from selfhost.compose.requests import BackupSource, PeerBackupAccount, Request
 from selfhost.models.base import Port, SecretRef, StrictModel
 
 # Strings rendered into env files, unit files and shell glue: no quoting hazards.
@@ -92,7 +94,7 @@ class Repository(StrictModel):
     host: str | None = Field(
         default=None,
         description="sftp: address of the SSH server. With `peer`, the address to reach the peer "
-        "at (default: the peer's inventory name).",
+        "at (default: the peer's first address in the fleet file, else its host name).",
     )
     port: Port = Field(default=22, description="sftp: SSH port.")
     user: str | None = Field(
@@ -101,8 +103,8 @@ class Repository(StrictModel):
     )
     peer: str | None = Field(
         default=None,
-        description="sftp: name of another host of the same pyinfra inventory that keeps this "
-        "repository (the friend's backup host). The deploy then prepares both ends: a key-only, "
+        description="sftp: name of another host of the same fleet file that keeps this "
+        "repository (the friend's backup host). The plan then covers both ends: a key-only, "
         "sftp-only, chrooted account there; the key and known_hosts entry here.",
     )
     host_key: str | None = Field(
@@ -219,7 +221,7 @@ def _check_peer(value: str) -> None:
         raise ValueError(f"`peer` {value!r} is not an inventory host name")
 
 
-class BackupPolicy(StrictModel):
+class BackupPolicy(StrictModel, Module):
     """Where and how often the server's data is backed up (restic).
 
     Backups are on when ``repositories`` is not empty (and ``enabled`` is not false)."""
@@ -251,6 +253,26 @@ class BackupPolicy(StrictModel):
     def active(self) -> bool:
         """Whether anything is deployed."""
         return self.enabled and bool(self.repositories)
+
+    # ---- module: the provider of backup sources (see selfhost.backup.restic)
+    provides: ClassVar[tuple[type[Request], ...]] = (BackupSource,)
+    uses: ClassVar[tuple[type[Request], ...]] = (PeerBackupAccount,)
+
+    def requests(self, env: Env) -> list[Request]:
+        from selfhost.backup.fleet import key_path
+
+        if not self.active:
+            return []
+        return [PeerBackupAccount(on_host=repo.peer, client=env.server.hostname, repo=repo.name,
+                                  key_name=str(key_path(env.server, repo)),
+                                  origin=f"{env.path}.repositories.{i}.peer")
+                for i, repo in enumerate(self.repositories)
+                if repo.type == "sftp" and repo.peer is not None]
+
+    def contribute(self, env: Env) -> Contribution:
+        from selfhost.backup import restic
+
+        return restic.contribute(env)
 
     @field_validator("extra_paths")
     @classmethod

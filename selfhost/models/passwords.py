@@ -27,6 +27,7 @@ __all__ = [
     "YESCRYPT_COST",
     "CryptUnavailable",
     "WeakPassword",
+    "bcrypt_hash",
     "check_password",
     "crypt",
     "gensalt",
@@ -186,6 +187,36 @@ def crypt(password: str, setting: str) -> str:
     result = raw.decode("ascii") if raw else ""
     if not result.startswith("$y$") or result.startswith("*"):
         raise _unavailable("its libcrypt failed to compute a yescrypt hash")
+    return result
+
+
+BCRYPT_COST = 10
+"""bcrypt cost of web logins: a web server checks it on every request of a client."""
+
+
+def bcrypt_hash(password: str, salt16: bytes, cost: int = BCRYPT_COST) -> str:
+    """bcrypt (``$2b$``) of ``password`` with the given 16 bytes of salt, by libxcrypt."""
+    phrase = password.encode("utf-8")
+    if b"\x00" in phrase:
+        raise ValueError("the password contains a NUL character")
+    if len(phrase) > 72:
+        raise ValueError("bcrypt uses at most 72 bytes of a password: this one is longer")
+    try:
+        lib = _libcrypt()
+    except CryptUnavailable as exc:
+        raise _unavailable(str(exc)) from None
+    out = ctypes.create_string_buffer(_GENSALT_SIZE)
+    setting = lib.crypt_gensalt_rn(b"$2b$", cost, salt16, len(salt16), out, _GENSALT_SIZE)
+    if not setting or not setting.startswith(b"$2b$"):
+        raise _unavailable("its libcrypt does not support bcrypt")
+    data = ctypes.create_string_buffer(_CRYPT_DATA_SIZE)
+    try:
+        raw = lib.crypt_rn(phrase, setting, data, _CRYPT_DATA_SIZE)
+    finally:
+        ctypes.memset(data, 0, _CRYPT_DATA_SIZE)
+    result = raw.decode("ascii") if raw else ""
+    if not result.startswith("$2b$"):
+        raise _unavailable("its libcrypt failed to compute a bcrypt hash")
     return result
 
 

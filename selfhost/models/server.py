@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import re
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -16,6 +17,9 @@ from selfhost.models.base import Domain, Hostname, SecretRef, StrictModel
 from selfhost.models.ssh_keys import check_public_key
 from selfhost.notify import Notify
 from selfhost.services import Services
+
+if TYPE_CHECKING:
+    from selfhost.compose.module import Module
 
 RESERVED_USERS = {
     "root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp",
@@ -125,6 +129,23 @@ class Admin(StrictModel):
         return v
 
 
+class Addresses(StrictModel):
+    """The host's own addresses, by where they are reached from. Other hosts of the fleet use
+    them (a backup peer's address, the VPN endpoint), and the fleet's hosts never ban or
+    rate-limit each other."""
+
+    public: list[IPv4Address | IPv6Address] = Field(
+        default_factory=list, description="Addresses on the internet (or behind the router's "
+        "port forwarding).")
+    lan: list[IPv4Address | IPv6Address] = Field(
+        default_factory=list, description="Addresses on the home network.")
+    vpn: list[IPv4Address | IPv6Address] = Field(
+        default_factory=list, description="Addresses inside the VPN.")
+
+    def all(self) -> list[str]:
+        return [str(a) for a in (*self.public, *self.lan, *self.vpn)]
+
+
 class Server(StrictModel):
     """One home server: who administers it, how it is hardened, what it runs, how it is
     backed up."""
@@ -141,6 +162,10 @@ class Server(StrictModel):
         "daemon (chrony, ntpsec, openntpd) is already installed: TLS certificates, TOTP "
         "codes, logs and backup schedules need a correct clock. systemd does not run it "
         "inside a container, where the host keeps the time.",
+    )
+    addresses: Addresses = Field(
+        default_factory=Addresses,
+        description="This host's addresses (public, LAN, VPN), for the fleet's other hosts.",
     )
     admins: list[Admin] = Field(
         min_length=1,
@@ -191,24 +216,29 @@ class Server(StrictModel):
             raise ValueError(f"unknown time zone {v!r}{hint}")
         return v
 
-    @model_validator(mode="after")
-    def _assertions(self) -> Server:
-        from selfhost.compile.checks import assertions
+    def modules(self) -> list[tuple[str, Module]]:
+        """Every module of this host with its model path, in a fixed order (the router then
+        orders providers after their users)."""
+        from selfhost.backup.fleet import BackupPeers
+        from selfhost.services.web import WebService
+        from selfhost.system import Records, System
 
-        problems = assertions(self) + self._weak_passwords()
-        if problems:
-            raise PydanticCustomError(
-                "assertions",
-                "{summary}",
-                {
-                    "summary": "; ".join(f"{'.'.join(map(str, loc))}: {msg}"
-                                         for loc, msg in problems),
-                    "problems": [[list(loc), msg] for loc, msg in problems],
-                },
-            )
-        return self
+        out: list[tuple[str, Module]] = [("system", System())]
+        if self.notify is not None:
+            out.append(("notify", self.notify))
+        h = self.hardening
+        for name in type(h).model_fields:
+            out.append((f"hardening.{name}", getattr(h, name)))
+        for name in type(self.services).model_fields:
+            svc = getattr(self.services, name)
+            if svc is None and name == "web":
+                svc = WebService(sites=[])  # the provider of virtual hosts, with no sites
+            if svc is not None and (svc.enabled or svc.always):
+                out.append((f"services.{name}", svc))
+        out += [("backup", self.backup), ("backup-peers", BackupPeers()), ("records", Records())]
+        return out
 
-    def _weak_passwords(self) -> list[tuple[tuple[str | int, ...], str]]:
+    def weak_passwords(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Admin passwords that can be read on this machine and are too weak. A secret that
         cannot be read here is checked by the deploy, where it is read."""
         from selfhost.models.passwords import password_problems

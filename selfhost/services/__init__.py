@@ -1,7 +1,8 @@
-"""The service catalog: one module per service, each holding its model and contributions.
+"""The service catalog: one module per service, each holding its model and its requests.
 
 To add a service: write ``selfhost/services/<name>.py`` with a :class:`~.base.Service`
-subclass, then add one field for it to :class:`Services` below.
+subclass (its requests, assertions and contribution), then add one field for it to
+:class:`Services` below. A service module never imports another one.
 """
 
 from __future__ import annotations
@@ -9,10 +10,11 @@ from __future__ import annotations
 from pydantic import Field
 
 from selfhost.models.base import StrictModel
-from selfhost.services.base import Contribution, Service
+from selfhost.services.base import Service
+from selfhost.services.radicale import RadicaleService
 from selfhost.services.web import WebService
 
-__all__ = ["Contribution", "Service", "Services", "WebService"]
+__all__ = ["RadicaleService", "Service", "Services", "WebService"]
 
 
 class Services(StrictModel):
@@ -20,14 +22,10 @@ class Services(StrictModel):
     installed, and its ports stay closed."""
 
     web: WebService | None = Field(
-        default=None, description="Static web sites served by Caddy with automatic HTTPS."
+        default=None,
+        description="Caddy: static web sites, and the HTTPS front of the other services "
+        "(present whenever a service asks for a virtual host).",
     )
-
-    def enabled(self) -> list[Service]:
-        """Enabled services, in a stable order."""
-        out: list[Service] = []
-        for name in type(self).model_fields:
-            svc = getattr(self, name)
-            if isinstance(svc, Service) and svc.enabled:
-                out.append(svc)
-        return out
+    radicale: RadicaleService | None = Field(
+        default=None, description="Calendars and contacts (CalDAV/CardDAV) with Radicale."
+    )

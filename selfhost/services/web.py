@@ -1,34 +1,51 @@
-"""Static web sites served by Caddy (Debian's package), with automatic HTTPS.
+"""The web server: Caddy (Debian's package), with automatic HTTPS.
 
-HTTPS uses Caddy's internal CA when the server's domain is not publicly resolvable
-(``home.arpa``, ``.lan``, ``.internal``, ``.test``, ...), ACME (Let's Encrypt / ZeroSSL)
-otherwise. Contributes: the ``caddy`` package, ``/etc/caddy/Caddyfile`` (validated with
-``caddy validate`` before reload), ports 80 and 443, each site's root as data to back up,
-and an A/AAAA-style DNS record per site.
+It serves the static sites of its model, and it is the provider of
+:class:`~selfhost.compose.requests.VirtualHost` requests (another module's reverse proxy
+route or static root, optionally behind HTTP basic auth and limited to the LAN or the VPN)
+and of :class:`~selfhost.compose.requests.Certificate` requests (certificates for other
+daemons: mail, XMPP).
+
+HTTPS uses Caddy's internal CA for names that are not publicly resolvable (``home.arpa``,
+``.lan``, ``.internal``, ``.test``, ...), ACME (Let's Encrypt / ZeroSSL) otherwise. It
+requests ports 80 and 443 (in the widest zone of its hosts), each static site's root and
+Caddy's certificates as backup sources, a CNAME per host name, and, when a host has logins,
+a fail2ban jail on failed logins and a firewall guard so that only Caddy reaches the
+upstream it authenticates for.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from selfhost.models.base import StrictModel
-from selfhost.services.base import (
-    Contribution,
-    DataPath,
+from selfhost.compose.module import Contribution, Env
+from selfhost.compose.requests import (
+    BackupSource,
+    Certificate,
     DnsRecord,
+    HealthCheck,
+    Jail,
+    LoopbackGuard,
+    Port,
+    Request,
+    SystemUser,
+    VirtualHost,
+    Zone,
+)
+from selfhost.compose.resources import (
+    SECRET_MARK,
+    Command,
     ManagedDir,
     ManagedFile,
-    OpenPort,
-    Service,
+    SecretPiece,
     Unit,
 )
-
-if TYPE_CHECKING:
-    from selfhost.models.server import Server
+from selfhost.models.base import StrictModel
+from selfhost.services.base import Service
 
 PRIVATE_SUFFIXES = ("home.arpa", "lan", "local", "internal", "test", "example", "invalid",
                     "localhost", "localdomain", "home", "corp")
@@ -89,19 +106,22 @@ class Site(StrictModel):
         return self.root or f"/srv/www/{self.fqdn(domain)}"
 
 
+
+
 class WebService(Service):
-    """Static web sites served by Caddy, HTTPS included."""
+    """Static web sites and other modules' virtual hosts, served by Caddy, HTTPS included."""
 
     kind: ClassVar[str] = "web"
+    provides: ClassVar[tuple[type[Request], ...]] = (VirtualHost, Certificate)
+    uses: ClassVar[tuple[type[Request], ...]] = (Port, BackupSource, DnsRecord, Jail,
+                                                 HealthCheck, LoopbackGuard, SystemUser)
 
-    sites: list[Site] = Field(
-        default_factory=list, min_length=1, description="The sites to serve (at least one)."
-    )
+    sites: list[Site] = Field(default_factory=list, description="The static sites to serve.")
     tls: Literal["auto", "internal", "acme"] = Field(
         default="auto",
         description="Certificates: 'internal' (Caddy's own CA, for LAN-only domains), 'acme' "
         "(public CA; the names must resolve to this server), or 'auto' (internal for private "
-        "domains such as home.arpa, ACME otherwise).",
+        "names such as *.home.arpa, ACME otherwise).",
     )
     acme_email: str | None = Field(
         default=None,
@@ -110,7 +130,7 @@ class WebService(Service):
     )
     lan_only: bool = Field(
         default=False,
-        description="Accept HTTP(S) only from the LAN networks in hardening.firewall.lan.",
+        description="Serve the static sites only to the LAN networks in hardening.firewall.lan.",
     )
 
     @model_validator(mode="after")
@@ -122,78 +142,243 @@ class WebService(Service):
             seen.add(site.host)
         return self
 
-    def tls_mode(self, domain: str) -> Literal["internal", "acme"]:
+    def tls_mode(self, name: str) -> Literal["internal", "acme"]:
         if self.tls == "auto":
-            return "acme" if is_public_domain(domain) else "internal"
+            return "acme" if is_public_domain(name) else "internal"
         return self.tls
 
-    def caddyfile(self, server: Server) -> str:
-        domain = server.domain
-        mode = self.tls_mode(domain)
+    def vhosts(self, env: Env) -> list[VirtualHost]:
+        """Every virtual host: the static sites, then the other modules' requests."""
+        domain = env.server.domain
+        zone: Zone = "lan" if self.lan_only else "internet"
+        out = [VirtualHost(site.fqdn(domain), root=site.document_root(domain), zone=zone,
+                           headers=tuple(site.headers.items()),
+                           origin=f"{env.path}.sites.{i}")
+               for i, site in enumerate(self.sites)]
+        return out + env.incoming(VirtualHost)
+
+    def requests(self, env: Env) -> list[Request]:
+        server = env.server
+        vhosts = self.vhosts(env)
+        certs = env.incoming(Certificate)
+        if not vhosts and not certs:
+            return []
+        out: list[Request] = []
+        zones: set[Zone] = {v.zone for v in vhosts}
+        if not zones or "internet" in zones or certs:
+            zones = {"internet"}
+        for zone in sorted(zones):
+            out += [Port(80, "tcp", zone), Port(443, "tcp", zone),
+                    Port(443, "udp", zone, comment="HTTP/3")]
+        for i, site in enumerate(self.sites):
+            if site.source is None:
+                out.append(BackupSource(site.document_root(server.domain),
+                                        origin=f"{env.path}.sites.{i}"))
+        out.append(BackupSource("/var/lib/caddy"))
+        for v in vhosts:
+            if v.host != server.domain:  # the apex cannot be a CNAME (it has SOA/NS)
+                out.append(DnsRecord(v.host, "CNAME", server.fqdn + ".", origin=v.origin))
+            out.append(HealthCheck("https", f"https://{v.host}/", origin=v.origin))
+        logins = [v for v in vhosts if v.auth]
+        if logins:
+            out.append(Jail("caddy-auth", port="http,https", filter="selfhost-caddy-auth",
+                            logpath="\n          ".join(log_file(v.host) for v in logins),
+                            filter_definition=AUTH_FILTER))
+        for v in logins:
+            if v.upstream:
+                out.append(LoopbackGuard(int(v.upstream.rsplit(":", 1)[1]), ("caddy", "root"),
+                                         origin=v.origin))
+        for c in certs:
+            out.append(HealthCheck("certificate", c.names[0], origin=c.origin))
+        return out
+
+    def caddyfile(self, env: Env) -> tuple[str, tuple[SecretPiece, ...]]:
+        """The Caddyfile, with markers for the password hashes of its logins."""
+        vhosts = self.vhosts(env)
+        certs = env.incoming(Certificate)
+        modes = {self.tls_mode(v.host) for v in vhosts} | {
+            self.tls_mode(n) for c in certs for n in c.names}
         lines = ["# Managed by selfhost: changes here are overwritten on the next deploy.", "{"]
-        if mode == "acme" and self.acme_email:
+        if "acme" in modes and self.acme_email:
             lines.append(f"\temail {self.acme_email}")
-        if mode == "internal":
+        if "internal" in modes:
             # The server does not need to trust its own CA. Without this, caddy (no sudo
             # rights) tries `sudo tee` into the system trust store at start: failed sudo
             # attempts in the auth log, the kind of line an admin should be able to alert on.
             lines.append("\tskip_install_trust")
         lines += ["\tadmin localhost:2019", "}", ""]
-        for site in sorted(self.sites, key=lambda s: s.fqdn(domain)):
-            fqdn = site.fqdn(domain)
-            lines.append(f"{fqdn} {{")
-            lines.append(f"\troot * {site.document_root(domain)}")
-            lines.append("\tfile_server")
+        secrets: list[SecretPiece] = []
+        fw = env.server.hardening.firewall
+        for v in sorted(vhosts, key=lambda v: v.host):
+            lines.append(f"{v.host} {{")
+            if v.upstream is None:
+                lines.append(f"\troot * {v.root}")
+                lines.append("\tfile_server")
             lines.append("\tencode zstd gzip")
-            if mode == "internal":
+            if self.tls_mode(v.host) == "internal":
                 lines.append("\ttls internal")
+            if v.zone != "internet":
+                nets = [str(n) for n in (fw.lan if v.zone == "lan" else fw.vpn)]
+                lines.append(f"\t@outside not remote_ip {' '.join(nets) or '127.0.0.1/32'}")
+                lines.append(f'\trespond @outside "This site is for the {v.zone.upper()} '
+                             'only." 403')
             headers = {
                 "Strict-Transport-Security": '"max-age=31536000"',
                 "X-Content-Type-Options": "nosniff",
                 "Referrer-Policy": "strict-origin-when-cross-origin",
                 "X-Frame-Options": "SAMEORIGIN",
             }
-            headers.update({k: _quote(v) for k, v in site.headers.items()})
+            headers.update({k: _quote(val) for k, val in v.headers})
             lines.append("\theader {")
             for name in sorted(headers):
                 lines.append(f"\t\t{name} {headers[name]}")
             lines.append("\t\t-Server")
             lines.append("\t}")
+            if v.max_body_mb:
+                lines += ["\trequest_body {", f"\t\tmax_size {v.max_body_mb}MB", "\t}"]
+            if v.auth:
+                lines.append("\tbasicauth {")
+                for user in sorted(v.auth, key=lambda u: u.name):
+                    lines.append(f"\t\t{user.name} {SECRET_MARK.format(len(secrets))}")
+                    secrets.append(SecretPiece(user.password, "bcrypt-base64",
+                                               context=f"{env.server.fqdn}/{v.host}/{user.name}"))
+                lines.append("\t}")
+            if v.upstream is not None:
+                lines.append(f"\treverse_proxy {v.upstream} {{")
+                if v.auth:
+                    lines.append("\t\theader_up X-Remote-User {http.auth.user.id}")
+                else:
+                    lines.append("\t\theader_up -X-Remote-User")
+                lines.append("\t}")
             lines.append("\tlog {")
-            lines.append(f"\t\toutput file /var/log/caddy/{fqdn}.log")
+            lines.append(f"\t\toutput file {log_file(v.host)}")
             lines.append("\t}")
             lines.append("}")
             lines.append("")
-        return "\n".join(lines)
+        served = {v.host for v in vhosts}
+        for c in sorted(certs, key=lambda c: c.names):
+            for name in c.names:
+                if name in served:
+                    continue
+                served.add(name)
+                lines.append(f"{name} {{")
+                if self.tls_mode(name) == "internal":
+                    lines.append("\ttls internal")
+                lines.append(f'\trespond "certificate of {name}" 404')
+                lines.append("}")
+                lines.append("")
+        return "\n".join(lines), tuple(secrets)
 
-    def contribute(self, server: Server) -> Contribution:
-        c = Contribution(packages=["caddy"])
-        domain = server.domain
+    def contribute(self, env: Env) -> Contribution:
+        server = env.server
+        vhosts = self.vhosts(env)
+        certs = env.incoming(Certificate)
+        c = Contribution()
+        if not vhosts and not certs:
+            return c
+        c.packages.append("caddy")
         for site in self.sites:
-            root = site.document_root(domain)
+            root = site.document_root(server.domain)
             c.directories.append(ManagedDir(root, mode="0755", owner="root", group="root"))
             if site.source is not None:
                 src = Path(site.source)
                 if not src.is_absolute():
                     src = server.base_dir / src
                 c.sync_dirs.append((str(src), root))
-            else:
-                c.data.append(DataPath(root, service=self.kind))
-            if site.fqdn(domain) != domain:  # the apex cannot be a CNAME (it has SOA/NS)
-                c.dns.append(DnsRecord(site.fqdn(domain), "CNAME", server.fqdn + "."))
-        c.data.append(DataPath("/var/lib/caddy", service=self.kind))
-        c.files.append(
-            ManagedFile(
-                CADDYFILE,
-                self.caddyfile(server),
-                validate="caddy validate --adapter caddyfile --config {path}",
-            )
-        )
+        text, secrets = self.caddyfile(env)
+        # With logins, the file holds password hashes: readable by caddy only.
+        c.files.append(ManagedFile(
+            CADDYFILE, text, mode="0640" if secrets else "0644",
+            group="caddy" if secrets else "root", secrets=secrets,
+            validate="caddy validate --adapter caddyfile --config {path}"))
+        for v in vhosts:
+            if v.auth:
+                # fail2ban reads these logs: they must exist before fail2ban (re)starts.
+                log = log_file(v.host)
+                c.commands.append(Command(
+                    f"web: log file {log}", "install -d -o caddy -g adm -m 0750 /var/log/caddy"
+                    f" && install -o caddy -g adm -m 0640 /dev/null {log}",
+                    unless=f"test -e {log}"))
         c.units.append(Unit("caddy.service", reload_on=(CADDYFILE,)))
-        for port in (80, 443):
-            c.ports.append(OpenPort(port, "tcp", self.kind, lan_only=self.lan_only))
-        c.ports.append(OpenPort(443, "udp", self.kind, lan_only=self.lan_only, comment="HTTP/3"))
+        if certs:
+            c.directories.append(ManagedDir(CERT_DIR, "0755"))
+            c.directories.append(ManagedDir("/usr/local/lib/selfhost", "0755"))
+            c.files += cert_export_files(self, certs)
+            c.commands.append(Command("web: reload systemd units", "systemctl daemon-reload",
+                                      on_change=(CERT_UNIT, CERT_TIMER)))
+            c.units.append(Unit("selfhost-cert-export.timer", reload_on=(CERT_TIMER,),
+                                reload=False))
         return c
+
+
+def log_file(host: str) -> str:
+    return f"/var/log/caddy/{host}.log"
+
+
+AUTH_FILTER = r"""# Managed by selfhost: failed HTTP basic-auth logins in Caddy's JSON access logs.
+# Only requests that carried credentials count (a client's first, unauthenticated request
+# is answered 401 too); Caddy logs the Authorization header as REDACTED. JSON escapes quotes
+# inside values, so a header cannot fake these keys.
+[Definition]
+failregex = ^\{.*"remote_ip":"<HOST>",.*"Authorization":\["REDACTED"\].*"status":401[,}]
+datepattern = "ts":{EPOCH}
+"""
+
+CERT_DIR = "/etc/selfhost/tls"
+CERT_SCRIPT = "/usr/local/lib/selfhost/cert-export"
+CERT_LIST = "/etc/selfhost/tls/certificates.txt"
+CERT_UNIT = "/etc/systemd/system/selfhost-cert-export.service"
+CERT_TIMER = "/etc/systemd/system/selfhost-cert-export.timer"
+
+
+def cert_export_files(web: WebService, certs: list[Certificate]) -> list[ManagedFile]:
+    """The script, list and timer that copy Caddy's certificates out for other daemons and
+    reload them when a certificate changed."""
+    rows = []
+    for c in sorted(certs, key=lambda c: c.names):
+        rows.append(f"{c.names[0]}\t{c.group}\t{' '.join(c.reload) or '-'}")
+    return [
+        ManagedFile(CERT_LIST, "# name\tgroup\tunits to reload\n"
+                    + "".join(r + "\n" for r in rows), mode="0644"),
+        ManagedFile(CERT_SCRIPT, CERT_EXPORT, mode="0755", validate="bash -n {path}"),
+        ManagedFile(CERT_UNIT, "[Unit]\nDescription=selfhost: export TLS certificates from "
+                    "Caddy\nAfter=caddy.service\n\n[Service]\nType=oneshot\n"
+                    f"ExecStart={CERT_SCRIPT}\n"),
+        ManagedFile(CERT_TIMER, "[Unit]\nDescription=selfhost: export renewed TLS "
+                    "certificates\n\n[Timer]\nOnActiveSec=30s\nOnUnitActiveSec=1h\n\n"
+                    "[Install]\nWantedBy=timers.target\n"),
+    ]
+
+
+CERT_EXPORT = r"""#!/bin/bash
+# Managed by selfhost: copy the certificates Caddy obtained (ACME or its internal CA) to
+# /etc/selfhost/tls/NAME/{fullchain,privkey}.pem for other daemons, and reload the units
+# that read them when a certificate changed.
+set -euo pipefail
+store=/var/lib/caddy/.local/share/caddy/certificates
+while IFS=$'\t' read -r name group units; do
+  case $name in ''|'#'*) continue ;; esac
+  src=$(find "$store" -path "*/$name/$name.crt" -print -quit 2>/dev/null || true)
+  if [ -z "$src" ]; then
+    echo "selfhost: no certificate for $name from Caddy yet" >&2
+    continue
+  fi
+  key=${src%.crt}.key
+  dir=/etc/selfhost/tls/$name
+  install -d -m 0750 -g "$group" "$dir"
+  if cmp -s "$src" "$dir/fullchain.pem" && cmp -s "$key" "$dir/privkey.pem"; then
+    continue
+  fi
+  install -m 0644 "$src" "$dir/fullchain.pem.new"
+  install -m 0640 -g "$group" "$key" "$dir/privkey.pem.new"
+  mv -f "$dir/fullchain.pem.new" "$dir/fullchain.pem"
+  mv -f "$dir/privkey.pem.new" "$dir/privkey.pem"
+  echo "selfhost: certificate of $name updated"
+  if [ "$units" != - ]; then
+    for u in $units; do systemctl try-reload-or-restart "$u" || true; done
+  fi
+done < /etc/selfhost/tls/certificates.txt
+"""
 
 
 def _quote(value: str) -> str:

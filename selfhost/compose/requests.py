@@ -1,0 +1,298 @@
+"""The request kinds: what a module may ask of the others.
+
+Each request is an immutable value that carries ``origin``, the model path of what asked for
+it (``services.radicale``, ``hardening.ssh``), so that a conflict names both sides and points
+at both places in the YAML file. Every kind has exactly one provider module and its own merge
+rule (:mod:`selfhost.compose.route`); a module may also provide kinds and request others.
+
+A request never holds a secret: only references (:class:`~selfhost.models.base.SecretRef`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from selfhost.models.base import SecretRef
+
+Proto = Literal["tcp", "udp"]
+Zone = Literal["internet", "lan", "vpn"]
+"""Where a port accepts connections from: anywhere, the LAN networks, or the VPN."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """Base of every request kind."""
+
+    origin: str = field(default="", kw_only=True)
+    """Model path of the module (or field) that asked, e.g. ``services.radicale``."""
+
+    def key(self) -> object:
+        """Two requests with the same key are about the same thing (a port, a host name): they
+        merge when equal and conflict otherwise. ``None``: never conflicts."""
+        return None
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+# --------------------------------------------------------------------------- network
+
+
+@dataclass(frozen=True)
+class Port(Request):
+    """A port this host listens on and needs open in the firewall, in one zone."""
+
+    port: int
+    proto: Proto = "tcp"
+    zone: Zone = "internet"
+    comment: str = ""
+
+    def key(self) -> object:
+        return ("port", self.port, self.proto)
+
+    def describe(self) -> str:
+        return f"port {self.port}/{self.proto}"
+
+
+@dataclass(frozen=True)
+class Forward(Request):
+    """Routed traffic the firewall lets through: from ``from_zone`` (or an interface) out to
+    ``to`` (``internet`` or a zone)."""
+
+    from_interface: str
+    to: Literal["internet", "lan", "any"] = "internet"
+
+    def key(self) -> object:
+        return ("forward", self.from_interface, self.to)
+
+    def describe(self) -> str:
+        return f"forwarding from {self.from_interface} to {self.to}"
+
+
+@dataclass(frozen=True)
+class Masquerade(Request):
+    """Source NAT of ``network`` behind this host's address on the way out."""
+
+    network: str
+
+    def key(self) -> object:
+        return ("masquerade", self.network)
+
+    def describe(self) -> str:
+        return f"masquerade of {self.network}"
+
+
+@dataclass(frozen=True)
+class LoopbackGuard(Request):
+    """Only ``users`` may open connections to this host's local TCP ``port`` (an upstream
+    that trusts whoever connects, e.g. a service behind a reverse proxy that authenticates)."""
+
+    port: int
+    users: tuple[str, ...]
+
+    def key(self) -> object:
+        return ("loopback-guard", self.port)
+
+    def describe(self) -> str:
+        return f"local port {self.port} for {', '.join(self.users)} only"
+
+
+# --------------------------------------------------------------------------- system
+
+
+@dataclass(frozen=True)
+class Sysctl(Request):
+    """A kernel setting. Priorities settle overrides as in NixOS (lower wins: hardening
+    defaults are 1000, services 100, the model's own overrides 50); two different values at
+    the winning priority are a conflict. Written with a comment naming the requester."""
+
+    name: str
+    value: str
+    priority: int = 100
+
+    def describe(self) -> str:
+        return f"sysctl {self.name} = {self.value}"
+
+
+@dataclass(frozen=True)
+class SystemUser(Request):
+    """A system account (and its group) for a daemon, created with ``useradd --system``."""
+
+    name: str
+    home: str = "/nonexistent"
+    groups: tuple[str, ...] = ()
+    """Supplementary groups (created if missing)."""
+
+    def key(self) -> object:
+        return ("user", self.name)
+
+    def describe(self) -> str:
+        return f"system user {self.name}"
+
+
+@dataclass(frozen=True)
+class AbsentPackage(Request):
+    """A Debian package that must not be installed (purged if it is)."""
+
+    name: str
+    why: str = ""
+
+    def describe(self) -> str:
+        return f"package {self.name} absent"
+
+
+@dataclass(frozen=True)
+class Sendmail(Request):
+    """"I provide ``/usr/sbin/sendmail`` for the rest of the system" (msmtp, postfix): a role
+    that exactly one module may hold. Modules that mail (update reports, backup alerts) ask
+    :meth:`selfhost.compose.module.Env.has_sendmail`."""
+
+    package: str
+
+    def key(self) -> object:
+        return ("sendmail",)
+
+    def describe(self) -> str:
+        return f"the sendmail role ({self.package})"
+
+
+# --------------------------------------------------------------------------- web
+
+
+@dataclass(frozen=True)
+class BasicAuthUser:
+    """A login for HTTP basic authentication: its password is a reference, hashed (bcrypt) on
+    the deploying machine."""
+
+    name: str
+    password: SecretRef
+
+
+@dataclass(frozen=True)
+class VirtualHost(Request):
+    """An HTTPS virtual host of the web server: static files from ``root``, or a reverse proxy
+    to ``upstream`` (``127.0.0.1:PORT``, a local service only)."""
+
+    host: str
+    """Fully qualified host name."""
+    root: str | None = None
+    upstream: str | None = None
+    auth: tuple[BasicAuthUser, ...] = ()
+    """With users: HTTP basic authentication in front of everything (failed logins are
+    logged for fail2ban); the authenticated user is passed upstream in ``X-Remote-User``."""
+    zone: Zone = "internet"
+    headers: tuple[tuple[str, str], ...] = ()
+    """Extra response headers (name, value)."""
+    max_body_mb: int = 0
+    """Largest request body accepted (0: the web server's default)."""
+
+    def key(self) -> object:
+        return ("vhost", self.host)
+
+    def describe(self) -> str:
+        return f"virtual host {self.host}"
+
+
+@dataclass(frozen=True)
+class Certificate(Request):
+    """A TLS certificate for ``names``, obtained and renewed by the web server (ACME for public
+    names, its internal CA for private ones), exported as PEM files readable by ``group``
+    (``/etc/selfhost/tls/<first name>/{fullchain,privkey}.pem``); the ``reload`` units are
+    reloaded when it is renewed."""
+
+    names: tuple[str, ...]
+    group: str = "root"
+    reload: tuple[str, ...] = ()
+
+    def key(self) -> object:
+        return ("certificate", self.names[0])
+
+    def describe(self) -> str:
+        return f"certificate for {', '.join(self.names)}"
+
+
+# --------------------------------------------------------------------------- data, DNS, logs
+
+
+@dataclass(frozen=True)
+class BackupSource(Request):
+    """Data to back up, with how to make it consistent first: a ``before`` command (a dump)
+    and units stopped for the duration of the backup."""
+
+    path: str
+    before: str | None = None
+    stop_units: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        return f"backup of {self.path}"
+
+
+@dataclass(frozen=True)
+class DnsRecord(Request):
+    """A DNS record to publish (``selfhost plan`` lists them; a DNS module may serve them)."""
+
+    name: str
+    type: Literal["A", "AAAA", "CNAME", "MX", "TXT", "SRV", "CAA"]
+    value: str
+
+    def key(self) -> object:
+        return ("dns-cname", self.name) if self.type == "CNAME" else None
+
+    def describe(self) -> str:
+        return f"DNS {self.name} {self.type}"
+
+
+@dataclass(frozen=True)
+class Jail(Request):
+    """A fail2ban jail. ``filter_definition``, when given, is written as the jail's own filter
+    (``/etc/fail2ban/filter.d/<filter>.conf``)."""
+
+    name: str
+    port: str
+    filter: str | None = None
+    logpath: str | None = None
+    journalmatch: str | None = None
+    maxretry: int | None = None
+    filter_definition: str | None = None
+
+    def key(self) -> object:
+        return ("jail", self.name)
+
+    def describe(self) -> str:
+        return f"fail2ban jail {self.name}"
+
+
+@dataclass(frozen=True)
+class HealthCheck(Request):
+    """Something ``selfhost check`` verifies on the running host: a unit active, a TCP port
+    answering, an HTTPS URL answering with a status, a certificate valid long enough."""
+
+    kind: Literal["unit", "tcp", "https", "certificate"]
+    target: str
+    expect: str = ""
+
+    def describe(self) -> str:
+        return f"health check {self.kind} {self.target}"
+
+
+# --------------------------------------------------------------------------- fleet
+
+
+@dataclass(frozen=True)
+class PeerBackupAccount(Request):
+    """Addressed to another host of the fleet (``on_host``): keep ``client``'s sftp restic
+    repository ``repo`` in a chrooted, key-only account. The public key is the controller's
+    key-store entry ``key_name`` (generated on first use, known at plan time)."""
+
+    on_host: str
+    client: str
+    repo: str
+    key_name: str
+
+    def describe(self) -> str:
+        return f"backup account for {self.client} on {self.on_host}"
+
+
+CROSS_HOST: tuple[type[Request], ...] = (PeerBackupAccount,)
+"""Kinds addressed to another host of the fleet (their ``on_host``)."""

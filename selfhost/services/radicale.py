@@ -1,0 +1,144 @@
+"""Calendars and contacts: Radicale (Debian's package), a CalDAV/CardDAV server, behind the
+web server.
+
+Radicale listens on 127.0.0.1 only. The module asks for a virtual host with HTTP basic
+auth in front of it (the web server checks the passwords, hashed with bcrypt on the
+deploying machine; failed logins feed a fail2ban jail) and passes the authenticated user to
+Radicale in ``X-Remote-User`` (Radicale's ``http_x_remote_user`` auth). Since Radicale then
+trusts whoever connects to it, it also asks that only the web server may open connections
+to its port (an nftables rule on the loopback). Each user sees only their own collections
+(``owner_only`` rights). The collections are backed up: Radicale writes every item to a new
+file and renames it into place, so a file-level backup of a running server is consistent
+item by item.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from selfhost.compose.module import Contribution, Env
+from selfhost.compose.requests import (
+    BackupSource,
+    BasicAuthUser,
+    HealthCheck,
+    Request,
+    VirtualHost,
+)
+from selfhost.compose.resources import ManagedFile, Unit
+from selfhost.models.base import SecretRef, StrictModel
+from selfhost.services.base import Service
+
+CONFIG = "/etc/radicale/config"
+COLLECTIONS = "/var/lib/radicale/collections"
+PORT = 5232
+_USER = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class CalendarUser(StrictModel):
+    """A person with calendars and address books."""
+
+    name: str = Field(description="Login name (a-z, 0-9, '.', '_', '-').")
+    password: SecretRef = Field(
+        description="Where the password is kept on the deploying machine ({env: VAR} or "
+        "{file: PATH}); only a bcrypt hash reaches the server.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _USER.match(v):
+            raise ValueError("a login name is 1-64 of a-z 0-9 . _ -, starting with a letter "
+                             "or digit")
+        return v
+
+
+class RadicaleService(Service):
+    """CalDAV and CardDAV for calendars and contacts, reachable over HTTPS."""
+
+    kind: ClassVar[str] = "radicale"
+    uses: ClassVar[tuple[type[Request], ...]] = (VirtualHost, BackupSource, HealthCheck)
+
+    host: str = Field(
+        default="dav",
+        description="Host name clients connect to: a label under the server's domain ('dav'), "
+        "or a full name ending in it.",
+    )
+    users: list[CalendarUser] = Field(min_length=1, description="Who may log in.")
+    zone: Literal["internet", "lan", "vpn"] = Field(
+        default="internet",
+        description="Where clients connect from: 'internet', or only the 'lan' or the 'vpn'.",
+    )
+    max_upload_mb: int = Field(default=20, ge=1, le=1024,
+                               description="Largest item a client may upload (MB).")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        v = v.lower().rstrip(".")
+        label = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+        if not re.fullmatch(rf"{label}(\.{label})*", v):
+            raise ValueError("not a valid host name")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_users(self) -> RadicaleService:
+        names = [u.name for u in self.users]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"users listed twice: {', '.join(dup)}")
+        return self
+
+    def fqdn(self, domain: str) -> str:
+        return self.host if self.host == domain or self.host.endswith("." + domain) \
+            else f"{self.host}.{domain}"
+
+    def requests(self, env: Env) -> list[Request]:
+        return [
+            VirtualHost(self.fqdn(env.server.domain), upstream=f"127.0.0.1:{PORT}",
+                        auth=tuple(BasicAuthUser(u.name, u.password) for u in self.users),
+                        zone=self.zone, max_body_mb=self.max_upload_mb,
+                        origin=f"{env.path}.host"),
+            BackupSource(COLLECTIONS),
+            HealthCheck("unit", "radicale.service"),
+            HealthCheck("tcp", f"127.0.0.1:{PORT}"),
+        ]
+
+    def config(self) -> str:
+        return "\n".join([
+            "# Managed by selfhost: changes here are overwritten on the next deploy.",
+            "[server]",
+            f"hosts = 127.0.0.1:{PORT}",
+            f"max_content_length = {self.max_upload_mb * 1_000_000}",
+            "",
+            "[auth]",
+            "# The web server authenticates and passes the user in X-Remote-User; only it",
+            "# may connect to this port (nftables, output chain).",
+            "type = http_x_remote_user",
+            "",
+            "[rights]",
+            "type = owner_only",
+            "",
+            "[storage]",
+            f"filesystem_folder = {COLLECTIONS}",
+            "",
+            "[web]",
+            "type = internal",
+            "",
+            "[logging]",
+            "level = info",
+            "mask_passwords = True",
+            "",
+        ])
+
+    def contribute(self, env: Env) -> Contribution:
+        c = Contribution(packages=["radicale"])
+        c.files.append(ManagedFile(
+            CONFIG, self.config(), mode="0644",
+            # Radicale reads the file and checks the storage, then exits.
+            validate="radicale --config {path} --verify-storage >/dev/null 2>&1 || "
+            "radicale --config {path} --verify-storage"))
+        c.units.append(Unit("radicale.service", reload_on=(CONFIG,), reload=False))
+        return c

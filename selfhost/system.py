@@ -1,0 +1,86 @@
+"""The base system every host gets: packages, time zone and sync, host name, the admins'
+sudo rules; and the built-in providers of system users, DNS records and health checks."""
+
+from __future__ import annotations
+
+import shlex
+from typing import TYPE_CHECKING, ClassVar
+
+from selfhost.compose.module import Contribution, Env, Module
+from selfhost.compose.requests import DnsRecord, HealthCheck, Request, SystemUser
+from selfhost.compose.resources import Command, ManagedFile
+
+if TYPE_CHECKING:
+    from selfhost.models.server import Server
+
+SUDOERS = "/etc/sudoers.d/selfhost-admins"
+BASE_PACKAGES = ["tzdata", "sudo", "ca-certificates", "curl"]
+TIME_DAEMONS = ("systemd-timesyncd", "chrony", "ntpsec", "ntp", "openntpd")
+
+
+class System(Module):
+    """Base packages, time zone, time sync, host name, sudoers; provider of system users."""
+
+    provides: ClassVar[tuple[type[Request], ...]] = (SystemUser,)
+
+    def contribute(self, env: Env) -> Contribution:
+        c = base_contribution(env.server)
+        for u in sorted(env.incoming(SystemUser), key=lambda u: u.name):
+            q = shlex.quote
+            groups = "".join(f"getent group {q(g)} >/dev/null || groupadd --system {q(g)}; "
+                             for g in u.groups)
+            add = (f"useradd --system --user-group --home-dir {q(u.home)} --no-create-home "
+                   f"--shell /usr/sbin/nologin {q(u.name)}")
+            member = (f" && usermod -aG {','.join(u.groups)} {q(u.name)}" if u.groups else "")
+            check = f"id -u {q(u.name)} >/dev/null 2>&1" + "".join(
+                f" && id -nG {q(u.name)} | grep -qw {q(g)}" for g in u.groups)
+            c.commands.append(Command(f"system user {u.name} ({u.origin})",
+                                      f"{groups}{{ id -u {q(u.name)} >/dev/null 2>&1 || "
+                                      f"{add}; }}{member}", unless=check))
+        return c
+
+
+class Records(Module):
+    """Provider of DNS records and health checks: the plan lists them (``selfhost plan``,
+    later ``selfhost dns`` and ``selfhost check``)."""
+
+    provides: ClassVar[tuple[type[Request], ...]] = (DnsRecord, HealthCheck)
+
+
+def base_contribution(server: Server) -> Contribution:
+    c = Contribution(packages=list(BASE_PACKAGES))
+    tz = server.timezone
+    c.commands.append(Command(
+        f"time zone {tz}",
+        f"ln -sf /usr/share/zoneinfo/{tz} /etc/localtime && echo {tz} > /etc/timezone",
+        unless=f'test "$(readlink /etc/localtime)" = /usr/share/zoneinfo/{tz} && '
+        f"grep -qx {tz} /etc/timezone",
+    ))
+    if server.time_sync:
+        # A guarded command, not a package: systemd-timesyncd conflicts with the other time
+        # daemons, and apt would remove the admin's chrony to install it.
+        c.commands.append(Command(
+            "time sync: systemd-timesyncd (NTP)",
+            "export DEBIAN_FRONTEND=noninteractive; i='apt-get install -y -qq "
+            "--no-install-recommends systemd-timesyncd'; "
+            "$i >/dev/null 2>&1 || { apt-get update -qq && $i >/dev/null; }",
+            unless=f"dpkg-query -W -f='${{Status}}\\n' {' '.join(TIME_DAEMONS)} "
+            "2>/dev/null | grep -q 'ok installed'",
+        ))
+    name = server.hostname
+    c.commands.append(Command(
+        f"host name {name}",
+        f"hostnamectl set-hostname {name} 2>/dev/null || {{ echo {name} > /etc/hostname; "
+        f"hostname {name} 2>/dev/null || echo 'selfhost: the running host name cannot be "
+        "changed here (a container?); /etc/hostname is set for the next boot' >&2; }",
+        unless=f"grep -qx {name} /etc/hostname && "
+        f'{{ test "$(hostname)" = {name} || systemd-detect-virt --container --quiet; }}',
+    ))
+    lines = ["# Managed by selfhost: the admins from the model."]
+    for admin in sorted(server.admins, key=lambda a: a.name):
+        if admin.sudo:
+            nopasswd = "" if admin.has_password else "NOPASSWD: "
+            lines.append(f"{admin.name} ALL=(ALL:ALL) {nopasswd}ALL")
+    c.files.append(ManagedFile(SUDOERS, "\n".join(lines) + "\n", mode="0440",
+                               validate="visudo -cqf {path}"))
+    return c

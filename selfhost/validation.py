@@ -1,0 +1,78 @@
+"""Validation of a whole model, apart from compilation: the cross-field assertions of each
+host (lockouts), every module's assertions, and the conflicts between requests (two services
+on one port or one host name, two sendmail providers, contradicting sysctls). Pure and
+target-free; every problem carries the model path it is about (and the other side's)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from selfhost.compose.module import Problem
+from selfhost.compose.route import Modules, Routed, route_fleet
+
+if TYPE_CHECKING:
+    from selfhost.models.fleet import Fleet
+    from selfhost.models.server import Server
+
+
+def route(fleet: Fleet) -> dict[str, Routed]:
+    """Every host's modules routed (the first half of compilation, target-free)."""
+    modules: dict[str, Modules] = {h: s.modules() for h, s in fleet.hosts.items()}
+    return route_fleet(fleet, modules)
+
+
+def validate_fleet(fleet: Fleet) -> dict[str, list[Problem]]:
+    """Every problem of every host, by host name (hosts without problems are absent)."""
+    out: dict[str, list[Problem]] = {}
+    routed = route(fleet)
+    for host, server in fleet.hosts.items():
+        problems = host_assertions(server) + list(routed[host].problems)
+        r = routed[host]
+        provided = {k for _, m in r.modules for k in m.provides}
+        for kind, reqs in r.requests.items():
+            if kind not in provided and reqs:
+                for req in reqs:
+                    problems.append(Problem(_loc(req.origin), f"{req.describe()}: no module "
+                                            "on this host provides it (is its provider switched "
+                                            "off?)"))
+        for path, module in r.modules:
+            problems += module.assertions(r.env(fleet, path))
+        uniq: list[Problem] = []
+        for p in problems:
+            if p not in uniq:
+                uniq.append(p)
+        if uniq:
+            out[host] = uniq
+    return out
+
+
+def _loc(origin: str) -> tuple[str | int, ...]:
+    from selfhost.compose.route import loc_of
+
+    return loc_of(origin)
+
+
+def host_assertions(server: Server) -> list[Problem]:
+    """What would lock the owner out (NixOS-style assertions on one host's model)."""
+    problems: list[Problem] = []
+    ssh = server.hardening.ssh
+    names: set[str] = set()
+    for i, admin in enumerate(server.admins):
+        if admin.name in names:
+            problems.append(Problem(("admins", i, "name"), f"admin {admin.name!r} is listed twice"))
+        names.add(admin.name)
+        if not admin.ssh_keys and not ssh.password_authentication:
+            problems.append(Problem(
+                ("admins", i, "ssh_keys"),
+                f"admin {admin.name!r} has no SSH key and password logins are off: "
+                "they could never log in"))
+        if ssh.password_authentication and not admin.has_password:
+            problems.append(Problem(
+                ("admins", i, "password"),
+                "password logins are on, so every admin needs a password (or password_hash)"))
+    if not any(a.sudo for a in server.admins):
+        problems.append(Problem(("admins",), "no admin has sudo: with root logins off, nobody "
+                                "could administer the server"))
+    for loc, msg in server.weak_passwords():
+        problems.append(Problem(loc, msg))
+    return problems
