@@ -230,7 +230,10 @@ def _merge_into(dst: dict[Any, Any], dpos: _Pos, src: dict[Any, Any], spos: _Pos
 
 def server_json_schema() -> dict[str, Any]:
     """JSON Schema of a server description, for editors (yaml-language-server)."""
-    schema = Server.model_json_schema()
+    from pydantic import TypeAdapter
+
+    # One file is either a server or a fleet of servers.
+    schema = TypeAdapter(Server | Fleet).json_schema()
     schema.pop("title", None)
     out: dict[str, Any] = {
         # yaml-language-server validates with draft 7; Pydantic's output only needs the

@@ -7,7 +7,7 @@ import shlex
 from typing import TYPE_CHECKING, ClassVar
 
 from selfhost.compose.module import Contribution, Env, Module
-from selfhost.compose.requests import DnsRecord, HealthCheck, Request, SystemUser
+from selfhost.compose.requests import DnsRecord, HealthCheck, Request, Sendmail, SystemUser
 from selfhost.compose.resources import Command, ManagedFile
 
 if TYPE_CHECKING:
@@ -41,10 +41,11 @@ class System(Module):
 
 
 class Records(Module):
-    """Provider of DNS records and health checks: the plan lists them (``selfhost plan``,
+    """Provider of DNS records, health checks and the sendmail role (one holder at most): the
+    plan lists them (``selfhost plan``,
     later ``selfhost dns`` and ``selfhost check``)."""
 
-    provides: ClassVar[tuple[type[Request], ...]] = (DnsRecord, HealthCheck)
+    provides: ClassVar[tuple[type[Request], ...]] = (DnsRecord, HealthCheck, Sendmail)
 
 
 def base_contribution(server: Server) -> Contribution:

@@ -5,7 +5,7 @@ target-free; every problem carries the model path it is about (and the other sid
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from selfhost.compose.module import Problem
 from selfhost.compose.route import Modules, Routed, route_fleet
@@ -76,3 +76,40 @@ def host_assertions(server: Server) -> list[Problem]:
     for loc, msg in server.weak_passwords():
         problems.append(Problem(loc, msg))
     return problems
+
+
+class ModelError(ValueError):
+    """A model that parses but fails validation (assertions, request conflicts)."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{'.'.join(map(str, p.loc))}: {p.message}"
+                                   for p in problems))
+
+    def errors(self) -> list[dict[str, Any]]:
+        """The problems in the shape of one Pydantic error of type ``assertions``."""
+        return [{"type": "assertions", "loc": (), "msg": str(self),
+                 "ctx": {"problems": [[list(p.loc), p.message] for p in self.problems]}}]
+
+
+def validated(data: Any) -> Server:
+    """A one-server model (a Server or its data), fully validated: the Python-side
+    equivalent of ``selfhost validate``. Raises Pydantic's ``ValidationError`` for a wrong
+    field, :class:`ModelError` for problems across fields and modules."""
+    from selfhost.models.fleet import Fleet
+    from selfhost.models.server import Server
+
+    server = data if isinstance(data, Server) else Server.model_validate(data)
+    problems = [p for p in validate_fleet(Fleet.of(server)).get(server.hostname, [])
+                if p.severity == "error"]
+    if problems:
+        raise ModelError(problems)
+    return server
+
+
+def validated_fleet(fleet: Fleet) -> Fleet:
+    """A fleet, fully validated (see :func:`validated`)."""
+    problems = [p for ps in validate_fleet(fleet).values() for p in ps if p.severity == "error"]
+    if problems:
+        raise ModelError(problems)
+    return fleet

@@ -1,6 +1,6 @@
 from selfhost.audit import Socket, is_loopback, parse_ss, unaccounted
 from selfhost.compile.plan import Plan
-from selfhost.services.base import OpenPort
+from selfhost.compose.requests import Port
 
 SS = """\
 udp   UNCONN 0      0          127.0.0.53%lo:53        0.0.0.0:*    users:(("systemd-resolve",pid=1,fd=1))
@@ -32,8 +32,9 @@ def test_loopback() -> None:
 
 def test_unaccounted_lists_only_unexplained_public_sockets() -> None:
     plan = Plan(hostname="nas.home.arpa", release="bookworm",
-                ports=[OpenPort(22, "tcp", "ssh"), OpenPort(80, "tcp", "web"),
-                       OpenPort(443, "tcp", "web"), OpenPort(443, "udp", "web")])
+                ports=[Port(22, "tcp", origin="hardening.ssh"), Port(80, "tcp", origin="services.web"),
+                       Port(443, "tcp", origin="services.web"),
+                       Port(443, "udp", origin="services.web")])
     assert unaccounted(plan, parse_ss(SS)) == [Socket("tcp", "::", 111, "rpcbind")]
     plan.ports = plan.ports[:1]
     assert [s.port for s in unaccounted(plan, parse_ss(SS))] == [80, 111, 443, 443]

@@ -8,15 +8,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from pydantic import ValidationError
 
 from selfhost.backup import cli, fleet, restic
 from selfhost.backup.glue import GLUE
+from selfhost.compile import compile_fleet
 from selfhost.compile.target import Target
+from selfhost.compose.keys import FakeKeyStore, ensure_keypair
+from selfhost.compose.module import Contribution, Env
+from selfhost.compose.requests import BackupSource
+from selfhost.config import load_fleet
 from selfhost.models.backup import BackupPolicy, Repository, Retention
+from selfhost.models.fleet import Fleet
 from selfhost.models.server import Server
-from selfhost.services.base import DataPath
 
 REPO = Path(__file__).resolve().parents[1]
 SECRETS = {"SELFHOST_BACKUP_USB_PASSWORD": "usb-secret-123",
@@ -24,28 +28,41 @@ SECRETS = {"SELFHOST_BACKUP_USB_PASSWORD": "usb-secret-123",
 
 
 @pytest.fixture
-def server() -> Server:
-    data: dict[str, Any] = yaml.safe_load((REPO / "examples" / "backup.yaml").read_text())
-    return Server.model_validate(data)
+def the_fleet() -> Fleet:
+    return load_fleet(REPO / "examples" / "backup.yaml")
+
+
+@pytest.fixture
+def server(the_fleet: Fleet) -> Server:
+    return the_fleet.hosts["nas"]
 
 
 DATA = [
-    DataPath("/var/lib/notes", "notes",
-             before_backup="sqlite3 /var/lib/notes/n.db '.backup /var/lib/notes/d.db'",
-             stop_units=("notes.service",)),
-    DataPath("/var/lib/caddy", "web"),
+    BackupSource("/var/lib/notes",
+                 before="sqlite3 /var/lib/notes/n.db '.backup /var/lib/notes/d.db'",
+                 stop_units=("notes.service",), origin="services.notes"),
+    BackupSource("/var/lib/caddy", origin="services.web"),
 ]
 
 
-def test_examples_validate() -> None:
-    for name in ("backup.yaml", "backup-friend.yaml"):
-        Server.model_validate(yaml.safe_load((REPO / "examples" / name).read_text()))
+def contribute(server: Server, data: list[BackupSource] = DATA) -> Contribution:
+    """The backup module's contribution, given these incoming backup sources (in the example
+    fleet, where the friend's host is)."""
+    fl = load_fleet(REPO / "examples" / "backup.yaml")
+    fl.hosts[server.hostname] = server
+    env = Env(server=server, host=server.hostname, fleet=fl, path="backup", target=Target(),
+              keys=FakeKeyStore(), routed={BackupSource: list(data)})
+    return restic.contribute(env)
+
+
+def test_examples_validate(the_fleet: Fleet) -> None:
+    assert sorted(the_fleet.hosts) == ["friend", "nas"]
 
 
 def test_default_policy_is_off_and_contributes_nothing(server: Server) -> None:
     assert not BackupPolicy().active
     server.backup = BackupPolicy()
-    c = restic.contribute(server, Target(), DATA)
+    c = contribute(server)
     assert not c.files and not c.units and not c.packages
 
 
@@ -81,7 +98,7 @@ def test_duplicate_repository_names() -> None:
 
 
 def test_units_and_timers(server: Server) -> None:
-    c = restic.contribute(server, Target(), DATA)
+    c = contribute(server)
     files = {f.path: f for f in c.files}
     timer = files["/etc/systemd/system/selfhost-backup-usb.timer"].content
     assert "OnCalendar=*-*-* 02:30" in timer and "Persistent=true" in timer
@@ -104,7 +121,7 @@ def test_units_and_timers(server: Server) -> None:
 
 
 def test_env_and_data_files(server: Server) -> None:
-    files = {f.path: f for f in restic.contribute(server, Target(), DATA).files}
+    files = {f.path: f for f in contribute(server).files}
     env = files["/etc/selfhost/backup/usb.env"].content
     assert 'RESTIC_REPOSITORY="/var/backups/restic-usb"' in env
     assert 'RESTIC_PASSWORD_FILE="/etc/selfhost/backup/usb.password"' in env
@@ -114,11 +131,11 @@ def test_env_and_data_files(server: Server) -> None:
     assert 'RESTIC_REPOSITORY="sftp:selfhost-backup-friend:/data/restic"' in fenv
     assert 'SELFHOST_CHECK_SUBSET="10%"' in fenv and 'SELFHOST_MAX_AGE_HOURS="48"' in fenv
     sshc = files["/etc/selfhost/backup/friend.ssh_config"].content
-    assert "HostName 127.0.0.1" in sshc and "Port 2222" in sshc and "User backup-nas" in sshc
+    assert "HostName 203.0.113.7" in sshc and "Port 2222" in sshc and "User backup-nas" in sshc
     assert "StrictHostKeyChecking yes" in sshc
     assert files["/etc/selfhost/backup/include.txt"].content == \
         "/var/lib/notes\n/var/lib/caddy\n/srv/extra\n"
-    assert files["/etc/selfhost/backup/exclude.txt"].content == "*.tmp\n/var/lib/notes/notes.db*\n"
+    assert files["/etc/selfhost/backup/exclude.txt"].content == "*.tmp\n"
     assert files["/etc/selfhost/backup/stop-units.txt"].content == "notes.service\n"
     assert "sqlite3 /var/lib/notes/n.db" in files["/etc/selfhost/backup/pre-backup.sh"].content
     assert "notes\t/var/lib/notes\n" in files["/etc/selfhost/backup/services.txt"].content
@@ -133,7 +150,7 @@ def test_no_secret_in_any_rendered_file_or_command(server: Server,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     for k, v in SECRETS.items():
         monkeypatch.setenv(k, v)
-    c = restic.contribute(server, Target(), DATA)
+    c = contribute(server)
     rendered = [f.content for f in c.files] + [cmd.command for cmd in c.commands] + [GLUE]
     rendered += [str(u) for u in c.units]
     for text in rendered:
@@ -150,10 +167,26 @@ def test_glue_is_valid_bash() -> None:
     subprocess.run(["bash", "-n", "/dev/stdin"], input=GLUE.encode(), check=True)
 
 
-def test_peer_receiver_side(server: Server) -> None:
-    fleet_models = {"@podman/nas": server}
-    pairs = fleet.clients_of({"@podman/friend", "friend"}, fleet_models)
-    assert [(s.hostname, r.name) for s, r in pairs] == [("nas", "friend")]
+def test_peer_relation_routed_to_the_friend(the_fleet: Fleet) -> None:
+    """The client's repository (`peer: friend`) becomes the friend's account in the friend's
+    own plan, with the client's public key from the key store; the client gets its private
+    key (a secret file) and a known_hosts entry read from the friend at deploy time."""
+    keys = FakeKeyStore()
+    plans = compile_fleet(the_fleet, keys=keys)
+    friend = plans["friend"].files()
+    pub = keys.public_key(str(fleet.key_path(the_fleet.hosts["nas"],
+                                             the_fleet.hosts["nas"].backup.repositories[1])))
+    assert friend["/etc/ssh/selfhost-backup-keys/backup-nas"] == \
+        f'restrict,command="internal-sftp" {pub}\n'
+    assert "Match User backup-nas" in friend[fleet.SSHD_DROPIN]
+    nas = {s.file.path: s.file for s in plans["nas"].steps if hasattr(s, "file")}
+    assert nas["/etc/selfhost/backup/friend.key"].secret_file is not None
+    assert nas["/etc/selfhost/backup/friend.known_hosts"].host_key_of == \
+        ("friend", "203.0.113.7", 2222)
+    assert fleet.SSHD_DROPIN not in plans["nas"].files()
+
+
+def test_peer_receiver_side() -> None:
     c = fleet.receiver_contribution([fleet.PeerClient("nas", "friend", "ssh-ed25519 AAAAkey x")])
     files = {f.path: f.content for f in c.files}
     drop = files[fleet.SSHD_DROPIN]
@@ -175,8 +208,8 @@ def test_peer_receiver_side(server: Server) -> None:
 
 def test_keypair_generated_once(tmp_path: Path) -> None:
     p = tmp_path / "keys" / "nas-friend"
-    pub = fleet.ensure_keypair(p)
-    assert pub.startswith("ssh-ed25519 ") and fleet.ensure_keypair(p) == pub
+    pub = ensure_keypair(p)
+    assert pub.startswith("ssh-ed25519 ") and ensure_keypair(p) == pub
     assert oct(p.stat().st_mode & 0o777) == "0o600"
     assert oct(p.parent.stat().st_mode & 0o777) == "0o700"
 

@@ -136,7 +136,7 @@ def test_internal_error_is_reported_without_traceback(
     def boom(path: object) -> None:
         raise RuntimeError("model bug")
 
-    monkeypatch.setattr("selfhost.config.load_server", boom)
+    monkeypatch.setattr("selfhost.config.load_fleet", boom)
     code, _, err = run(capsys, "validate", str(EXAMPLE))
     assert code == 1
     assert err == (f"{EXAMPLE}:1:1: -: internal error: RuntimeError: model bug (run with "

@@ -480,9 +480,13 @@ def test_schema_shape() -> None:
     schema = server_json_schema()
     assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
     assert schema["title"] == "selfhost server description"
-    assert schema["type"] == "object"
-    assert schema["additionalProperties"] is False
-    assert set(schema["required"]) == {"hostname", "domain", "admins"}
+    # A file describes one server, or a fleet of them.
+    assert schema["anyOf"] == [{"$ref": "#/$defs/Server"}, {"$ref": "#/$defs/Fleet"}]
+    server = schema["$defs"]["Server"]
+    assert server["type"] == "object"
+    assert server["additionalProperties"] is False
+    assert set(server["required"]) == {"hostname", "domain", "admins"}
+    assert set(schema["$defs"]["Fleet"]["required"]) == {"hosts"}
 
     def refs_with_siblings(node: object) -> list[object]:
         if isinstance(node, dict):
@@ -493,7 +497,7 @@ def test_schema_shape() -> None:
         return []
 
     assert refs_with_siblings(schema) == []  # draft 7 ignores keywords beside $ref
-    assert schema["properties"]["hardening"]["allOf"] == [{"$ref": "#/$defs/Hardening"}]
+    assert server["properties"]["hardening"]["allOf"] == [{"$ref": "#/$defs/Hardening"}]
 
 
 def test_example_references_the_schema() -> None:

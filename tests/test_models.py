@@ -18,6 +18,9 @@ from pydantic import ValidationError
 from selfhost.hardening import Hardening
 from selfhost.models import Admin, SecretRef, Server
 from selfhost.models.ssh_keys import check_public_key
+from selfhost.validation import ModelError, validated
+
+INVALID = (ValidationError, ModelError)
 
 KEYS = Path(__file__).resolve().parent / "fixtures" / "keys"
 ALICE = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIO15aKF3qdwTP7p24+Rliy7SMGYyMZqFPJES7fSwQd7P "
@@ -44,8 +47,8 @@ def model(**overrides: Any) -> dict[str, Any]:
 
 
 def errors(data: dict[str, Any]) -> list[dict[str, Any]]:
-    with pytest.raises(ValidationError) as exc:
-        Server.model_validate(data)
+    with pytest.raises(INVALID) as exc:
+        validated(data)
     return exc.value.errors()
 
 
@@ -61,7 +64,7 @@ def problems(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
 
 
 def test_minimal_model_is_valid_and_safe_by_default() -> None:
-    server = Server.model_validate(model())
+    server = validated(model())
     assert server.fqdn == "box.example.org"
     assert server.timezone == "UTC"
     h = server.hardening
@@ -96,7 +99,7 @@ def test_admin_without_key_refused_when_password_logins_are_off() -> None:
 
 
 def test_admin_without_key_accepted_with_password_logins_and_hash() -> None:
-    server = Server.model_validate(model(
+    server = validated(model(
         admins=[{"name": "alice", "password_hash": YESCRYPT}],
         hardening={"ssh": {"password_authentication": True}}))
     assert server.admins[0].ssh_keys == []
@@ -142,7 +145,7 @@ def test_at_least_one_admin_with_sudo_required() -> None:
 
 @pytest.mark.parametrize("hostname", ["nas", "nas-1", "a", "x" * 63, "0box"])
 def test_good_hostnames(hostname: str) -> None:
-    assert Server.model_validate(model(hostname=hostname)).hostname == hostname
+    assert validated(model(hostname=hostname)).hostname == hostname
 
 
 @pytest.mark.parametrize("hostname", ["-nas", "nas-", "NAS", "nas.example.org", "na_s",
@@ -154,11 +157,11 @@ def test_bad_hostnames(hostname: str) -> None:
 
 @pytest.mark.parametrize("domain", ["example.org", "home.arpa", "a.b.c.example", "xn--bcher-kva.ch"])
 def test_good_domains(domain: str) -> None:
-    assert Server.model_validate(model(domain=domain)).domain == domain
+    assert validated(model(domain=domain)).domain == domain
 
 
 def test_domain_trailing_dot_is_dropped() -> None:
-    assert Server.model_validate(model(domain="example.org.")).domain == "example.org"
+    assert validated(model(domain="example.org.")).domain == "example.org"
 
 
 @pytest.mark.parametrize("domain", ["localhost", "example..org", "-x.org", "exa_mple.org",
@@ -170,7 +173,7 @@ def test_bad_domains(domain: str) -> None:
 
 
 def test_timezone() -> None:
-    assert Server.model_validate(model(timezone="Europe/Paris")).timezone == "Europe/Paris"
+    assert validated(model(timezone="Europe/Paris")).timezone == "Europe/Paris"
     errs = errors(model(timezone="Europe/Pariss"))
     assert errs[0]["loc"] == ("timezone",)
     assert "did you mean 'Europe/Paris'" in errs[0]["msg"]
@@ -278,13 +281,13 @@ def test_non_crypt_or_weak_hash_refused(bad: str) -> None:
 
 @pytest.mark.parametrize("good", [YESCRYPT, SHA512], ids=["yescrypt", "sha512"])
 def test_strong_hash_accepted(good: str) -> None:
-    server = Server.model_validate(model(admins=[{"name": "alice", "ssh_keys": [ALICE],
+    server = validated(model(admins=[{"name": "alice", "ssh_keys": [ALICE],
                                                   "password_hash": good}]))
     assert server.admins[0].password_hash == good
 
 
 def test_hash_reference_accepted_and_described_without_value() -> None:
-    server = Server.model_validate(model(admins=[{"name": "alice", "ssh_keys": [ALICE],
+    server = validated(model(admins=[{"name": "alice", "ssh_keys": [ALICE],
                                                   "password_hash": {"file": "~/.nas-hash"}}]))
     ref = server.admins[0].password_hash
     assert isinstance(ref, SecretRef)
@@ -294,7 +297,7 @@ def test_hash_reference_accepted_and_described_without_value() -> None:
 @pytest.mark.parametrize("data", [{}, {"env": "A", "file": "/x"}, {"env": "1BAD"},
                                   {"env": "A", "value": "x"}])
 def test_bad_secret_refs(data: dict[str, str]) -> None:
-    with pytest.raises(ValidationError):
+    with pytest.raises(INVALID):
         SecretRef.model_validate(data)
 
 
@@ -328,7 +331,7 @@ def test_control_off_needs_a_reason(control: str) -> None:
     assert "requires a `reason`" in errs[0]["msg"]
     assert errors(model(hardening={control: {"enabled": False, "reason": "no"}}))[0]["loc"] == \
         ("hardening", control, "reason")
-    server = Server.model_validate(model(hardening={control: {"enabled": False,
+    server = validated(model(hardening={control: {"enabled": False,
                                                               "reason": "done elsewhere"}}))
     assert server.hardening.disabled() == [(control, "done elsewhere")]
 
@@ -339,8 +342,8 @@ def test_field_ranges() -> None:
                 {"updates": {"scope": "everything"}},
                 {"firewall": {"extra_ports": [{"port": 80}]}},  # no reason
                 {"firewall": {"extra_ports": [{"port": 80, "proto": "sctp", "reason": "x" * 5}]}}):
-        with pytest.raises(ValidationError):
-            Server.model_validate(model(hardening=bad))
+        with pytest.raises(INVALID):
+            validated(model(hardening=bad))
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,8 +358,8 @@ def test_extra_port_conflicting_with_a_service_refused(port: int, proto: str) ->
     found = problems(model(services=WEB, hardening={"firewall": {"extra_ports": [
         {"port": port, "proto": proto, "reason": "also https"}]}}))
     assert found == [(("hardening", "firewall", "extra_ports", 0, "port"),
-                      f"port {port}/{proto} is already opened by services.web; "
-                      "remove it from extra_ports")]
+                      f"port {port}/{proto} is requested by both services.web and "
+                      "hardening.firewall.extra_ports.0.port")]
 
 
 def test_extra_port_conflicting_with_ssh_refused() -> None:
@@ -369,13 +372,13 @@ def test_extra_port_conflicting_with_ssh_refused() -> None:
 def test_ssh_port_conflicting_with_web_refused() -> None:
     found = problems(model(services=WEB, hardening={"ssh": {"port": 443}}))
     assert found == [(("services", "web"),
-                      "port 443/tcp is wanted by both hardening.ssh and services.web")]
+                      "port 443/tcp is requested by both hardening.ssh and services.web")]
 
 
 def test_same_port_other_protocol_or_without_web_is_fine() -> None:
-    Server.model_validate(model(hardening={"firewall": {"extra_ports": [
+    validated(model(hardening={"firewall": {"extra_ports": [
         {"port": 443, "reason": "https by hand"}, {"port": 22, "proto": "udp", "reason": "mosh?"}]}}))
-    Server.model_validate(model(services={"web": {**WEB["web"], "enabled": False}},
+    validated(model(services={"web": {**WEB["web"], "enabled": False}},
                                 hardening={"firewall": {"extra_ports": [
                                     {"port": 443, "reason": "something else"}]}}))
 
@@ -385,16 +388,16 @@ def test_same_port_other_protocol_or_without_web_is_fine() -> None:
 
 
 def test_web_site_rules() -> None:
-    with pytest.raises(ValidationError, match="listed twice"):
-        Server.model_validate(model(services={"web": {"sites": [{"host": "www"},
+    with pytest.raises(INVALID, match="listed twice"):
+        validated(model(services={"web": {"sites": [{"host": "www"},
                                                                  {"host": "WWW"}]}}))
-    with pytest.raises(ValidationError):
-        Server.model_validate(model(services={"web": {"sites": []}}))
-    with pytest.raises(ValidationError, match="absolute path"):
-        Server.model_validate(model(services={"web": {"sites": [{"host": "w",
+    with pytest.raises(INVALID):
+        validated(model(services={"web": {"sites": []}}))
+    with pytest.raises(INVALID, match="absolute path"):
+        validated(model(services={"web": {"sites": [{"host": "w",
                                                                  "root": "/srv/../etc"}]}}))
-    with pytest.raises(ValidationError):
-        Server.model_validate(model(services={"web": {"sites": [{"host": "w"}],
+    with pytest.raises(INVALID):
+        validated(model(services={"web": {"sites": [{"host": "w"}],
                                                       "acme_email": "nope"}}))
 
 

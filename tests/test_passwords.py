@@ -18,9 +18,8 @@ from pydantic import ValidationError
 
 from selfhost.backend.state import UPLOAD_DIR, Query, parse, script
 from selfhost.compile import Target, compile_server
-from selfhost.compile.compiler import SUDOERS
 from selfhost.compile.plan import User
-from selfhost.models import Server, passwords
+from selfhost.models import passwords
 from selfhost.models.passwords import (
     MIN_LENGTH,
     WeakPassword,
@@ -32,6 +31,10 @@ from selfhost.models.passwords import (
     password_problems,
     shadow_sha1,
 )
+from selfhost.system import SUDOERS
+from selfhost.validation import ModelError, validated
+
+INVALID = (ValidationError, ModelError)
 
 ALICE = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIO15aKF3qdwTP7p24+Rliy7SMGYyMZqFPJES7fSwQd7P "
          "alice@laptop")
@@ -129,8 +132,8 @@ def test_long_passwords_are_rated_on_their_beginning() -> None:
 
 def test_plaintext_password_is_refused_at_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
     for plain in ["hunter2", 12345678901234567, STRONG]:
-        with pytest.raises(ValidationError) as info:
-            Server.model_validate(model(password=plain))
+        with pytest.raises(INVALID) as info:
+            validated(model(password=plain))
         (err,) = info.value.errors()
         assert err["loc"] == ("admins", 0, "password")
         assert err["type"] == "plaintext_password"
@@ -139,8 +142,8 @@ def test_plaintext_password_is_refused_at_the_field(monkeypatch: pytest.MonkeyPa
 
 
 def test_password_and_hash_are_exclusive() -> None:
-    with pytest.raises(ValidationError) as info:
-        Server.model_validate(model(password={"env": VAR},
+    with pytest.raises(INVALID) as info:
+        validated(model(password={"env": VAR},
                                     password_hash="$y$j9T$abc$def"))
     (err,) = info.value.errors()
     assert err["loc"] == ("admins", 0)
@@ -150,16 +153,16 @@ def test_password_and_hash_are_exclusive() -> None:
 def test_unreadable_password_passes_validation(monkeypatch: pytest.MonkeyPatch,
                                                tmp_path: Path) -> None:
     monkeypatch.delenv(VAR, raising=False)
-    server = Server.model_validate(model(password={"env": VAR}))
+    server = validated(model(password={"env": VAR}))
     assert server.admins[0].password is not None
-    Server.model_validate(model(password={"file": str(tmp_path / "nope")}))
+    validated(model(password={"file": str(tmp_path / "nope")}))
 
 
 @pytest.mark.parametrize("weak", WEAK)
 def test_readable_weak_password_is_refused(monkeypatch: pytest.MonkeyPatch, weak: str) -> None:
     monkeypatch.setenv(VAR, weak)
-    with pytest.raises(ValidationError) as info:
-        Server.model_validate(model(password={"env": VAR}))
+    with pytest.raises(INVALID) as info:
+        validated(model(password={"env": VAR}))
     (err,) = info.value.errors()
     (problem,) = err["ctx"]["problems"]
     assert problem[0] == ["admins", 0, "password"]
@@ -171,19 +174,19 @@ def test_readable_strong_password_from_a_file(tmp_path: Path) -> None:
     secret = tmp_path / "alice-password"
     secret.write_text(STRONG + "\n")
     secret.chmod(0o600)
-    server = Server.model_validate(model(password={"file": str(secret)}))
+    server = validated(model(password={"file": str(secret)}))
     assert server.admins[0].has_password
     secret.write_text("password1234567\n")
-    with pytest.raises(ValidationError, match="too weak"):
-        Server.model_validate(model(password={"file": str(secret)}))
+    with pytest.raises(INVALID, match="too weak"):
+        validated(model(password={"file": str(secret)}))
 
 
 def test_the_check_follows_a_longer_pwquality_minimum(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(VAR, STRONG)
     data = model(password={"env": VAR})
     data["hardening"] = {"accounts": {"password_min_length": 24}}
-    with pytest.raises(ValidationError, match="shorter than 24 characters"):
-        Server.model_validate(data)
+    with pytest.raises(INVALID, match="shorter than 24 characters"):
+        validated(data)
 
 
 def test_password_counts_as_a_password_for_password_logins(
@@ -191,7 +194,7 @@ def test_password_counts_as_a_password_for_password_logins(
     monkeypatch.delenv(VAR, raising=False)
     data = model(password={"env": VAR})
     data["hardening"] = {"ssh": {"password_authentication": True}}
-    Server.model_validate(data)  # no "every admin needs a password_hash"
+    validated(data)  # no "every admin needs a password_hash"
 
 
 # --------------------------------------------------------------------------- plan
@@ -199,7 +202,7 @@ def test_password_counts_as_a_password_for_password_logins(
 
 def test_plan_names_the_source_never_the_value(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ALICE_PASSWORD", STRONG)
-    server = Server.model_validate(model(password={"env": "ALICE_PASSWORD"}))
+    server = validated(model(password={"env": "ALICE_PASSWORD"}))
     plan = compile_server(server, Target())
     (user,) = [s for s in plan.steps if isinstance(s, User)]
     assert user.password == "secret:env:ALICE_PASSWORD" and user.password_hash is None
@@ -213,7 +216,7 @@ def test_plan_names_the_source_never_the_value(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_plan_without_password() -> None:
-    plan = compile_server(Server.model_validate(model()), Target())
+    plan = compile_server(validated(model()), Target())
     (step,) = [s for s in plan.to_data()["steps"] if s["step"] == "User"]
     assert step["password"] is None and step["password_hash"] is None
     assert "alice ALL=(ALL:ALL) NOPASSWD: ALL" in plan.files()[SUDOERS].splitlines()

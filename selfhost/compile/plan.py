@@ -178,7 +178,8 @@ class Plan:
         out += ["", "Open ports (derived from the model):"]
         for p in self.ports:
             scope = f" ({p.zone.upper()} only)" if p.zone != "internet" else ""
-            out.append(f"  {p.port}/{p.proto}  {p.origin}{scope}")
+            why = f" ({p.comment})" if p.comment else ""
+            out.append(f"  {p.port}/{p.proto}  {p.origin}{scope}{why}")
         out += ["", "fail2ban jails: " + (", ".join(j.name for j in self.jails) or "none")]
         out += ["", "Data to back up:"]
         out += [f"  {d.path}  ({d.origin})" for d in self.data] or ["  (none)"]

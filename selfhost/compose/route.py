@@ -42,29 +42,23 @@ def order(modules: Modules) -> Modules:
                 raise RuntimeError(f"{kind.__name__} has two providers: "
                                    f"{modules[provider[kind]][0]} and {path}")
             provider[kind] = i
-    after: dict[int, set[int]] = defaultdict(set)  # provider -> modules it must follow
+    before: dict[int, set[int]] = defaultdict(set)  # provider -> modules that must precede
     for i, (_, m) in enumerate(modules):
         for kind in m.uses:
             p = provider.get(kind)
             if p is not None and p != i:
-                after[p].add(i)
+                before[p].add(i)
     out: list[int] = []
-    state: dict[int, int] = {}
-
-    def visit(i: int, chain: tuple[int, ...]) -> None:
-        if state.get(i) == 2:
-            return
-        if state.get(i) == 1:
-            names = " -> ".join(modules[j][0] for j in (*chain, i))
-            raise RuntimeError(f"modules depend on each other in a cycle: {names}")
-        state[i] = 1
-        for j in sorted(after[i]):
-            visit(j, (*chain, i))
-        state[i] = 2
-        out.append(i)
-
-    for i in range(len(modules)):
-        visit(i, ())
+    placed: set[int] = set()
+    while len(out) < len(modules):
+        # The first module (in the given order) whose users are all placed.
+        ready = next((i for i in range(len(modules))
+                      if i not in placed and before[i] <= placed), None)
+        if ready is None:
+            left = [modules[i][0] for i in range(len(modules)) if i not in placed]
+            raise RuntimeError(f"modules depend on each other in a cycle: {', '.join(left)}")
+        out.append(ready)
+        placed.add(ready)
     return [modules[i] for i in out]
 
 

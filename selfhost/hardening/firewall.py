@@ -70,7 +70,7 @@ class FirewallHardening(Control):
     def requests(self, env: Env) -> list[Request]:
         return [PortRequest(e.port, e.proto, "lan" if e.lan_only else "internet",
                             comment=f"extra: {e.reason}",
-                            origin=f"{env.path}.extra_ports.{i}")
+                            origin=f"{env.path}.extra_ports.{i}.port")
                 for i, e in enumerate(self.extra_ports)]
 
     def assertions(self, env: Env) -> list[Problem]:

@@ -29,3 +29,12 @@ class Services(StrictModel):
     radicale: RadicaleService | None = Field(
         default=None, description="Calendars and contacts (CalDAV/CardDAV) with Radicale."
     )
+
+    def enabled(self) -> list[Service]:
+        """The services switched on, in a stable order."""
+        out: list[Service] = []
+        for name in type(self).model_fields:
+            svc = getattr(self, name)
+            if isinstance(svc, Service) and svc.enabled:
+                out.append(svc)
+        return out

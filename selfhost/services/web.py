@@ -22,7 +22,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from selfhost.compose.module import Contribution, Env
+from selfhost.compose.module import Contribution, Env, Problem
 from selfhost.compose.requests import (
     BackupSource,
     Certificate,
@@ -146,6 +146,14 @@ class WebService(Service):
         if self.tls == "auto":
             return "acme" if is_public_domain(name) else "internal"
         return self.tls
+
+    def assertions(self, env: Env) -> list[Problem]:
+        if env.server.services.web is self and not self.sites and not env.incoming(VirtualHost) \
+                and not env.incoming(Certificate):
+            return [Problem(("services", "web", "sites"), "no site, and no other service asks "
+                            "for a virtual host or a certificate: add a site, or remove "
+                            "services.web")]
+        return []
 
     def vhosts(self, env: Env) -> list[VirtualHost]:
         """Every virtual host: the static sites, then the other modules' requests."""
