@@ -11,7 +11,7 @@ A request never holds a secret: only references (:class:`~selfhost.models.base.S
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from selfhost.models.base import SecretRef
 
@@ -26,6 +26,10 @@ class Request:
 
     origin: str = field(default="", kw_only=True)
     """Model path of the module (or field) that asked, e.g. ``services.radicale``."""
+
+    shared: ClassVar[bool] = False
+    """Whether two modules may ask for the same thing (same key, same content): a system
+    user both need. Otherwise a key is one module's (a port, a host name)."""
 
     def key(self) -> object:
         """Two requests with the same key are about the same thing (a port, a host name): they
@@ -118,6 +122,8 @@ class Sysctl(Request):
 @dataclass(frozen=True)
 class SystemUser(Request):
     """A system account (and its group) for a daemon, created with ``useradd --system``."""
+
+    shared: ClassVar[bool] = True
 
     name: str
     home: str = "/nonexistent"

@@ -132,8 +132,11 @@ def merge(requests: list[Request], problems: list[Problem]) -> list[Request]:
         key = r.key()
         if key is not None and key in by_key:
             first = by_key[key]
-            if dataclasses.replace(first, origin=r.origin) == r:
-                continue  # the same thing asked twice
+            if first.origin == r.origin:
+                out.append(r)  # one module's own business (a port in two zones)
+                continue
+            if r.shared and dataclasses.replace(first, origin=r.origin) == r:
+                continue  # the same thing asked by two modules, where that is allowed
             problems.append(Problem(
                 loc_of(r.origin),
                 f"{r.describe()} is requested by both {first.origin} and {r.origin}",

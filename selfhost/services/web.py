@@ -155,15 +155,21 @@ class WebService(Service):
                             "services.web")]
         return []
 
-    def vhosts(self, env: Env) -> list[VirtualHost]:
-        """Every virtual host: the static sites, then the other modules' requests."""
+    def site_vhosts(self, env: Env) -> list[VirtualHost]:
+        """The static sites, as virtual hosts (the web module requests them of itself, so
+        that a site and another module's host of the same name are a conflict)."""
         domain = env.server.domain
         zone: Zone = "lan" if self.lan_only else "internet"
-        out = [VirtualHost(site.fqdn(domain), root=site.document_root(domain), zone=zone,
-                           headers=tuple(site.headers.items()),
-                           origin=f"{env.path}.sites.{i}")
-               for i, site in enumerate(self.sites)]
-        return out + env.incoming(VirtualHost)
+        return [VirtualHost(site.fqdn(domain), root=site.document_root(domain), zone=zone,
+                            headers=tuple(site.headers.items()),
+                            origin=f"{env.path}.sites.{i}")
+                for i, site in enumerate(self.sites)]
+
+    def vhosts(self, env: Env) -> list[VirtualHost]:
+        """Every virtual host: the static sites, then the other modules' requests."""
+        own = env.path + "."
+        return self.site_vhosts(env) + [v for v in env.incoming(VirtualHost)
+                                        if not v.origin.startswith(own)]
 
     def requests(self, env: Env) -> list[Request]:
         server = env.server
@@ -171,7 +177,7 @@ class WebService(Service):
         certs = env.incoming(Certificate)
         if not vhosts and not certs:
             return []
-        out: list[Request] = []
+        out: list[Request] = list(self.site_vhosts(env))
         zones: set[Zone] = {v.zone for v in vhosts}
         if not zones or "internet" in zones or certs:
             zones = {"internet"}
@@ -183,7 +189,11 @@ class WebService(Service):
                 out.append(BackupSource(site.document_root(server.domain),
                                         origin=f"{env.path}.sites.{i}"))
         out.append(BackupSource("/var/lib/caddy"))
+        names: set[str] = set()
         for v in vhosts:
+            if v.host in names:
+                continue  # a conflict, reported once (as a virtual host)
+            names.add(v.host)
             if v.host != server.domain:  # the apex cannot be a CNAME (it has SOA/NS)
                 out.append(DnsRecord(v.host, "CNAME", server.fqdn + ".", origin=v.origin))
             out.append(HealthCheck("https", f"https://{v.host}/", origin=v.origin))

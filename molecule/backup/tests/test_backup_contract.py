@@ -21,7 +21,6 @@ import pytest
 REPOS = ("usb", "friend")
 WEB = "/srv/www/www.home.arpa"
 EXTRA = "/srv/extra"
-NOTES = "/var/lib/notes"
 GLUE = "/usr/local/sbin/selfhost-backup"
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -130,30 +129,6 @@ def test_cli_restore_by_service(host: Any) -> None:
                          cwd=REPO_ROOT, check=False)
     assert res.returncode == 0, res.stderr
     assert host.file(f"/var/tmp/cli-restore{WEB}/index.html").content_string == "<h1>v2</h1>\n"
-
-
-def test_sqlite_dump_hook_while_writing(host: Any) -> None:
-    db = f"{NOTES}/notes.db"
-    sh(host, f"rm -f {db} {NOTES}/dump.db && sqlite3 {db} 'pragma journal_mode=wal; "
-             "create table notes(id integer primary key, body text);' >/dev/null")
-    sh(host, f"for i in $(seq 1 500); do echo \"insert into notes(body) values ('n$i');\"; "
-             f"done | sqlite3 {db}")
-    # A writer keeps inserting during the backup.
-    sh(host, f"nohup sh -c 'i=0; while [ ! -e /run/stop-writer ]; do i=$((i+1)); "
-             f"sqlite3 {db} \"insert into notes(body) values (\\\"w$i\\\")\"; done' "
-             ">/dev/null 2>&1 &")
-    time.sleep(1)
-    try:
-        snap, _ = backup(host, "usb")
-    finally:
-        sh(host, "touch /run/stop-writer; sleep 1; rm -f /run/stop-writer")
-    target = "/var/tmp/restore-notes"
-    sh(host, f"rm -rf {target} && {GLUE} restore usb {snap} {target} {NOTES}")
-    restored = f"{target}{NOTES}/dump.db"
-    assert sh(host, f"sqlite3 {restored} 'pragma integrity_check;'") == "ok"
-    count = int(sh(host, f"sqlite3 {restored} 'select count(*) from notes;'"))
-    assert count >= 501  # every row committed before the backup started, plus writer rows
-    assert sh(host, f"sqlite3 {restored} \"select body from notes where id = 500;\"") == "n500"
 
 
 def test_retention_forgets_simulated_history(host: Any) -> None:
