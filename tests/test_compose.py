@@ -22,7 +22,6 @@ from selfhost.compose.keys import FakeKeyStore
 from selfhost.compose.module import Contribution, Env, Module
 from selfhost.compose.requests import (
     BackupSource,
-    BasicAuthUser,
     Certificate,
     DnsRecord,
     Forward,
