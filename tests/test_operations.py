@@ -10,6 +10,7 @@ which conditions) and that a converged host gets no commands at all.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import grp
 import hashlib
@@ -688,7 +689,8 @@ def test_apply_plan_wiring(pyinfra_host: Any, monkeypatch: pytest.MonkeyPatch) -
     cmds = {name.removeprefix("selfhost "): c for name, _, c in ops}
     # On a blank host every phase has work to do. Units are reloaded even though this deploy
     # starts them: installing a package may already have started it with its default config.
-    assert all(cmds[p] for p in backend.PHASES), cmds
+    assert all(cmds[p] for p in backend.PHASES if p != "removals"), cmds
+    assert cmds["removals"] == []  # nothing was deployed before: nothing to remove
     reloads = "\n".join(cmds["reloads"])
     assert all(f"systemctl {'reload-or-restart' if s.action == 'reload' else 'restart'} {s.unit}"
                in reloads for s in plan.steps if isinstance(s, Reload))
@@ -706,6 +708,37 @@ def test_apply_plan_wiring(pyinfra_host: Any, monkeypatch: pytest.MonkeyPatch) -
                  if isinstance(s, Run) and s.command.on_change]
     assert on_change and all(c in "\n".join(cmds["commands"]) for c in on_change)
     assert len(cmds["prepare"]) == 1  # plain commands of a phase travel as one script
+
+
+@pytest.mark.parametrize("purge", [False, True], ids=["packages-kept", "packages-purged"])
+def test_a_service_removed_from_the_model_is_stopped_and_its_data_kept(
+        pyinfra_host: Any, monkeypatch: pytest.MonkeyPatch, purge: bool) -> None:
+    """The previous deploy's manifest (read in the batched state) lists calendars; the model
+    no longer has them: their unit is stopped and disabled, their configuration removed unless
+    a package owns it, the package left installed (purged only when the model says so), and
+    their data untouched."""
+    from selfhost.compile.removal import MANIFEST, manifest_text
+
+    server = Server.model_validate({**_server().model_dump(mode="json", exclude_none=True),
+                                    "removal": {"purge_packages": purge}}
+                                   ).with_base_dir(ROOT / "examples")
+    plan = compile_server(server, Target())
+    old = manifest_text({"services.radicale": {
+        "units": ["radicale.service"], "files": ["/etc/radicale/config"],
+        "packages": ["radicale"], "data": ["/var/lib/radicale/collections"]},
+        "services.web": {"units": ["caddy.service"], "files": ["/etc/caddy/Caddyfile"],
+                         "packages": ["caddy"], "data": ["/var/lib/caddy"]}})
+    state = parse(Query(manifest=MANIFEST), [
+        "M\t0\t" + base64.b64encode(old.encode()).decode()])
+    assert state.manifest == old
+    _, ops = _apply(plan, server, state, monkeypatch, pyinfra_host)
+    removals = "\n".join(next(c for name, _, c in ops if name == "selfhost removals"))
+    assert "systemctl disable --now radicale.service" in removals
+    assert "dpkg-query -S /etc/radicale/config >/dev/null 2>&1 || rm -f /etc/radicale/config" \
+        in removals
+    assert "caddy" not in removals  # still in the model
+    assert "/var/lib/radicale" not in removals  # data is never deleted
+    assert ("apt-get purge -y -qq radicale" in removals) == purge
 
 
 def test_apply_plan_on_a_converged_host_sends_no_commands(pyinfra_host: Any,

@@ -45,11 +45,13 @@ from selfhost.compile.plan import (
     Packages,
     Plan,
     Reload,
+    Removals,
     Run,
     Sync,
     UnitState,
     User,
 )
+from selfhost.compile.removal import MANIFEST, removal_commands, removed
 from selfhost.compile.target import RELEASES
 from selfhost.compose.keys import DirKeyStore, KeyStore
 from selfhost.compose.resources import SECRET_MARK, ManagedFile, SecretPiece
@@ -353,7 +355,7 @@ def _expand_sync(step: Sync) -> list[ManagedFile]:
     return out
 
 
-PHASES = ("packages", "prepare", "admins", "directories", "files", "commands", "units",
+PHASES = ("packages", "removals", "prepare", "admins", "directories", "files", "commands", "units",
           "reloads")
 """Every host gets these operations, once each and in this order, whatever its plan: pyinfra
 orders operations across hosts by their call sites, so a per-step operation sequence that
@@ -363,6 +365,8 @@ differs between hosts (one inventory, several models) would make its ordering gr
 def _phase_of(step: Any) -> str:
     if isinstance(step, Packages):
         return "packages"
+    if isinstance(step, Removals):
+        return "removals"
     if isinstance(step, Run):
         return "commands" if step.command.late else "prepare"
     if isinstance(step, User):
@@ -470,6 +474,10 @@ def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State,
     for step in steps:
         if isinstance(step, Packages):
             yield from packages._inner(names=step.names, state=state)
+        elif isinstance(step, Removals):
+            for r in removed(state.manifest, step.manifest):
+                logging.getLogger("pyinfra").warning(f"selfhost: {r.describe()}")
+                yield from removal_commands(r, step.purge_packages, tuple(state.packages))
         elif isinstance(step, Run):
             cmd = step.command
             if cmd.on_change:
@@ -548,6 +556,7 @@ def apply_plan(plan: Plan, server: Server, keys: KeyStore | None = None) -> None
         units=tuple(s.name for s in plan.steps if isinstance(s, UnitState)),
         packages=tuple(n for s in plan.steps if isinstance(s, Packages) for n in s.names),
         users=tuple(users),
+        manifest=MANIFEST,
         upload_dir=any(isinstance(s, File) and (s.file.secret is not None or s.file.secrets
                                                  or s.file.secret_file is not None)
                        for s in plan.steps)

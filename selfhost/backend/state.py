@@ -28,6 +28,8 @@ class Query:
     users: tuple[str, ...] = ()
     upload_dir: bool = False
     """Also prepare the private upload directory of the login user (see :data:`UPLOAD_DIR`)."""
+    manifest: str | None = None
+    """Also read this file (selfhost's manifest of the previous deploy), base64-encoded."""
 
 
 @dataclass
@@ -57,6 +59,8 @@ class State:
     settings: dict[str, str] = field(default_factory=dict)
     """Per user with a yescrypt password hash, its setting ``$y$PARAMS$SALT`` (never the hash
     value itself): enough to tell whether a password is unchanged by hashing it again."""
+    manifest: str | None = None
+    """The previous deploy's manifest (None: there is none)."""
     upload_dir: str | None = None
     """The private upload directory of the login user (absolute path); ``""`` when no sudo is
     involved, so uploads go straight to their destination; ``None`` when not asked for or
@@ -119,6 +123,9 @@ def script(q: Query) -> str:
             f"\"$(echo \"$h\" | sed -n 's/^\\(\\$.*\\)\\$[^$]*$/\\1/p' | grep . || echo -)\"; "
             f"else printf 'W\\t{i}\\t-\\n'; fi"
         )
+    if q.manifest:
+        parts.append(f"if [ -f {q_(q.manifest)} ]; then printf 'M\\t0\\t%s\\n' "
+                     f"\"$(base64 -w0 < {q_(q.manifest)})\"; fi")
     if q.upload_dir:
         parts.append(_UPLOAD_DIR_SCRIPT)
     parts.append("true")
@@ -159,6 +166,14 @@ def parse(q: Query, lines: list[str]) -> State:
             st.users[q.users[i]] = UserState(f[2], f[3], tuple(f[4].split(",")), f[5])
             if len(f) >= 7 and _YESCRYPT_SETTING.match(f[6]):
                 st.settings[q.users[i]] = f[6]
+        elif kind == "M" and q.manifest and i == 0:
+            import base64
+            import binascii
+
+            try:
+                st.manifest = base64.b64decode(f[2], validate=True).decode("utf-8", "replace")
+            except (binascii.Error, ValueError):
+                st.manifest = None
         elif kind == "X" and q.upload_dir and i == 0:
             if f[2] == "-":
                 st.upload_dir = ""

@@ -15,12 +15,14 @@ from selfhost.compile.plan import (
     Packages,
     Plan,
     Reload,
+    Removals,
     Run,
     Step,
     Sync,
     UnitState,
     User,
 )
+from selfhost.compile.removal import MANIFEST, manifest_text
 from selfhost.compile.target import Target
 from selfhost.compose.keys import FakeKeyStore, KeyStore
 from selfhost.compose.module import Contribution, Problem
@@ -32,6 +34,7 @@ from selfhost.compose.requests import (
     Jail,
     Port,
 )
+from selfhost.compose.resources import ManagedDir, ManagedFile
 from selfhost.compose.route import Routed
 from selfhost.models.fleet import Fleet
 
@@ -90,6 +93,25 @@ def compile_server(server: Server, target: Target | None = None,
     return compile_fleet(fleet, {server.hostname: target or Target()}, keys)[server.hostname]
 
 
+def service_manifest(routed: Routed, parts: list[tuple[str, Contribution]]
+                     ) -> dict[str, dict[str, list[str]]]:
+    """What each service module owns on the host (for removal when it leaves the model)."""
+    data: dict[str, list[str]] = {}
+    for r in routed.requests.get(BackupSource, []):
+        if isinstance(r, BackupSource):
+            owner = ".".join(r.origin.split(".")[:2])
+            data.setdefault(owner, []).append(r.path)
+    out: dict[str, dict[str, list[str]]] = {}
+    for path, c in parts:
+        if not path.startswith("services.") or not (c.units or c.files or c.packages):
+            continue
+        out[path] = {"units": sorted(u.name for u in c.units),
+                     "files": sorted(f.path for f in c.files),
+                     "packages": sorted(set(c.packages)),
+                     "data": sorted(set(data.get(path, [])))}
+    return out
+
+
 def build_plan(server: Server, routed: Routed, parts: list[tuple[str, Contribution]],
                target: Target) -> Plan:
     """Turn a host's contributions into an ordered plan of steps."""
@@ -107,6 +129,8 @@ def build_plan(server: Server, routed: Routed, parts: list[tuple[str, Contributi
                                                   f"but {absent[p].origin} wants it absent")
                                           for p in clash]})
     steps.append(Packages(tuple(sorted(packages))))
+    manifest = manifest_text(service_manifest(routed, parts))
+    steps.append(Removals(manifest, server.removal.purge_packages))
 
     # Commands guarded by `unless` prepare the system (host keys, time zone) before files.
     for src, c in parts:
@@ -124,6 +148,7 @@ def build_plan(server: Server, routed: Routed, parts: list[tuple[str, Contributi
         ))
 
     seen_files: dict[str, str] = {}
+    steps.append(Directory(ManagedDir("/var/lib/selfhost", "0755"), "removal"))
     for src, c in parts:
         steps += [Directory(d, src) for d in c.directories]
     for src, c in parts:
@@ -133,6 +158,7 @@ def build_plan(server: Server, routed: Routed, parts: list[tuple[str, Contributi
                     (), f"{f.path} is written by both {seen_files[f.path]} and {src}")]})
             seen_files[f.path] = src
             steps.append(File(f, src))
+    steps.append(File(ManagedFile(MANIFEST, manifest, mode="0644"), "removal"))
     for src, c in parts:
         steps += [Sync(s, d, src) for s, d in c.sync_dirs]
     for src, c in parts:

@@ -121,7 +121,22 @@ class Reload:
         return f"{self.action} {self.unit} when {', '.join(self.when)} changed"
 
 
-Step = Packages | User | Directory | File | Sync | Run | UnitState | Reload
+@dataclass(frozen=True)
+class Removals:
+    """Undo the services that left the model since the last deploy (see
+    :mod:`selfhost.compile.removal`): the new manifest, compared on the target with the
+    previous one."""
+
+    manifest: str
+    purge_packages: bool = False
+
+    def describe(self) -> str:
+        how = "purged" if self.purge_packages else "left installed"
+        return ("remove services that left the model since the last deploy (units stopped, "
+                f"configuration removed, packages {how}, data kept)")
+
+
+Step = Packages | User | Directory | File | Sync | Run | UnitState | Reload | Removals
 
 
 @dataclass
@@ -147,6 +162,8 @@ class Plan:
     def to_data(self) -> dict[str, Any]:
         def step_data(step: Step) -> dict[str, Any]:
             d = dataclasses.asdict(step)
+            if isinstance(step, Removals):
+                d["manifest"] = hashlib.sha1(step.manifest.encode()).hexdigest()
             if isinstance(step, File):
                 d["file"].pop("content")
                 if step.file.secret is not None:

@@ -146,6 +146,16 @@ class Addresses(StrictModel):
         return [str(a) for a in (*self.public, *self.lan, *self.vpn)]
 
 
+class Removal(StrictModel):
+    """What a deploy does with a service that left the model. Its data is never deleted."""
+
+    purge_packages: bool = Field(
+        default=False,
+        description="Purge the removed service's Debian packages (their configuration too); "
+        "by default they stay installed, stopped and disabled.",
+    )
+
+
 class Server(StrictModel):
     """One home server: who administers it, how it is hardened, what it runs, how it is
     backed up."""
@@ -179,6 +189,10 @@ class Server(StrictModel):
     )
     backup: BackupPolicy = Field(
         default_factory=BackupPolicy, description="Backup policy."
+    )
+    removal: Removal = Field(
+        default_factory=Removal,
+        description="What happens to a service removed from the model (its data is kept).",
     )
     notify: Notify | None = Field(
         default=None,

@@ -1,0 +1,87 @@
+"""Removal: what a deploy undoes when a service leaves the model.
+
+Every plan carries a manifest of what each service module owns on the host (units, files,
+packages, data) and writes it to :data:`MANIFEST`. The next deploy reads the previous
+manifest back (in the same batched state query) and, for each service that is no longer in
+the model, stops and disables its units, removes its configuration files (only those no
+Debian package owns: a package's conffile is left to the package), and purges its packages
+when the model asks for it (``removal.purge_packages``), never one the new plan still needs.
+Its data is never deleted: the deploy says where it stays.
+
+Both functions are pure: the backend runs their commands; ``selfhost check`` can show them.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass
+from typing import Any
+
+MANIFEST = "/var/lib/selfhost/manifest.json"
+
+
+@dataclass(frozen=True)
+class Removed:
+    """A service of the previous deploy that is not in the model any more."""
+
+    path: str
+    units: tuple[str, ...]
+    files: tuple[str, ...]
+    packages: tuple[str, ...]
+    data: tuple[str, ...]
+
+    def describe(self) -> str:
+        kept = ", ".join(self.data) or "nothing"
+        return (f"{self.path} was removed from the model: units {', '.join(self.units) or '-'}"
+                f" stopped and disabled; its data is kept: {kept}")
+
+
+def manifest_text(modules: dict[str, dict[str, list[str]]]) -> str:
+    return json.dumps({"version": 1, "services": modules}, indent=1, sort_keys=True) + "\n"
+
+
+def parse_manifest(text: str | None) -> dict[str, dict[str, list[str]]]:
+    """The services of a manifest (nothing for a missing or unreadable one)."""
+    if not text:
+        return {}
+    try:
+        data: Any = json.loads(text)
+        services = data.get("services", {}) if isinstance(data, dict) else {}
+    except ValueError:
+        return {}
+    return {str(k): v for k, v in services.items() if isinstance(v, dict)}
+
+
+def removed(old_text: str | None, new_text: str) -> list[Removed]:
+    """The services in the previous manifest that the new one lacks."""
+    old, new = parse_manifest(old_text), parse_manifest(new_text)
+    still_units = {u for m in new.values() for u in m.get("units", [])}
+    still_files = {f for m in new.values() for f in m.get("files", [])}
+    still_packages = {p for m in new.values() for p in m.get("packages", [])}
+    out = []
+    for path in sorted(set(old) - set(new)):
+        m = old[path]
+        out.append(Removed(
+            path,
+            tuple(u for u in m.get("units", []) if u not in still_units),
+            tuple(f for f in m.get("files", []) if f not in still_files),
+            tuple(p for p in m.get("packages", []) if p not in still_packages),
+            tuple(m.get("data", [])),
+        ))
+    return out
+
+
+def removal_commands(r: Removed, purge: bool, all_packages: tuple[str, ...]) -> list[str]:
+    """Shell commands that undo a removed service (its data is never touched)."""
+    q = shlex.quote
+    cmds = []
+    for unit in r.units:
+        cmds.append(f"systemctl disable --now {q(unit)} >/dev/null 2>&1 || true")
+    for path in r.files:
+        cmds.append(f"dpkg-query -S {q(path)} >/dev/null 2>&1 || rm -f {q(path)}")
+    packages = [p for p in r.packages if p not in all_packages]
+    if purge and packages:
+        cmds.append("DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq "
+                    + " ".join(q(p) for p in packages) + " >/dev/null")
+    return cmds
