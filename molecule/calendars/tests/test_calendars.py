@@ -228,3 +228,28 @@ def test_wrong_password_five_times_bans_the_client(host: Any, dav: Any,
         assert dav("PROPFIND", "/alice/", "alice", ALICE, headers={"Depth": "0"})[0] == 0
     finally:
         host.run("fail2ban-client unban --all")
+
+
+def test_removing_the_service_stops_it_and_keeps_its_data(host: Any, names: tuple[str, str],
+                                                          tmp_path: Path) -> None:
+    """Runs last. The same model without `radicale`, deployed with the plain pyinfra CLI:
+    Radicale is stopped and disabled, the web server (which only served it) too, their ports
+    close, and the collections stay on disk."""
+    model = yaml.safe_load((REPO / "examples" / "calendars.yaml").read_text())
+    del model["services"]
+    path = tmp_path / "without-calendars.yaml"
+    path.write_text(yaml.safe_dump(model))
+    res = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "pyinfra"), "-y", f"@podman/{names[0]}",
+         str(REPO / "deploys" / "home_server.py"), "--data", f"selfhost_config={path}"],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "services.radicale was removed from the model" in res.stderr
+    for unit in ("radicale", "caddy"):
+        svc = host.service(unit)
+        assert not svc.is_running and not svc.is_enabled, unit
+    assert host.file("/var/lib/radicale/collections/collection-root/alice").is_directory
+    ruleset = host.check_output("nft list table inet selfhost")
+    assert "dport 443" not in ruleset and "5232" not in ruleset
+    manifest = json.loads(host.file("/var/lib/selfhost/manifest.json").content_string)
+    assert manifest["services"] == {}
