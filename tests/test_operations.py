@@ -29,7 +29,6 @@ from pyinfra.api import State as PyinfraState
 from pyinfra.context import ctx_config, ctx_host, ctx_inventory, ctx_state
 
 from selfhost.backend import pyinfra as backend
-from selfhost.backend.state import FileState, Query, State, UserState, parse, script
 from selfhost.compile import Target, compile_server
 from selfhost.compile.plan import (
     Directory,
@@ -42,6 +41,7 @@ from selfhost.compile.plan import (
     User,
 )
 from selfhost.models import Server
+from selfhost.state import FileState, Query, State, UserState, parse, script
 
 ROOT = Path(__file__).resolve().parent.parent
 ME = pwd.getpwuid(os.getuid()).pw_name

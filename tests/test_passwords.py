@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from selfhost.backend.state import UPLOAD_DIR, Query, parse, script
 from selfhost.compile import Target, compile_server
 from selfhost.compile.plan import User
 from selfhost.models import passwords
@@ -31,6 +30,7 @@ from selfhost.models.passwords import (
     password_problems,
     shadow_sha1,
 )
+from selfhost.state import UPLOAD_DIR, Query, parse, script
 from selfhost.system import SUDOERS
 from selfhost.validation import ModelError, validated
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from selfhost.backend.state import FileState, Query, State, UserState, parse, script
+from selfhost.state import FileState, Query, State, UserState, parse, script
 
 ME = pwd.getpwuid(os.getuid()).pw_name
 MY_GROUP = grp.getgrgid(os.getgid()).gr_name

@@ -1,6 +1,6 @@
 """The thin pyinfra layer: apply a compiled :class:`~selfhost.compile.plan.Plan` to a host.
 
-Everything the plan depends on is read in one round trip (:mod:`selfhost.backend.state`);
+Everything the plan depends on is read in one round trip (:mod:`selfhost.state`);
 operations then send commands only for what differs, so a second deploy sends none.
 
 Safety rules implemented here:
@@ -37,8 +37,14 @@ from pyinfra.api.facts import FactBase
 from pyinfra.api.operation import operation
 from pyinfra.context import host
 
-from selfhost.backend.state import UPLOAD_DIR, Query, State, parse, script
 from selfhost.compile import CompileError, Target, compile_fleet
+from selfhost.compile.diff import (
+    dir_change,
+    file_change,
+    missing_packages,
+    unit_changes,
+    user_changes,
+)
 from selfhost.compile.plan import (
     Directory,
     File,
@@ -58,6 +64,7 @@ from selfhost.compose.resources import SECRET_MARK, ManagedFile, SecretPiece
 from selfhost.models.fleet import Fleet
 from selfhost.models.passwords import CryptUnavailable, WeakPassword, check_password, hash_for
 from selfhost.models.server import _HASH_RE, Server
+from selfhost.state import UPLOAD_DIR, Query, State, parse, script
 
 q = shlex.quote
 INLINE_MAX = 64 * 1024
@@ -87,7 +94,7 @@ def _get_state(query: Query) -> State:
 
 
 class _RawLines(FactBase[list[str]]):
-    """Output lines of the batched state script (see :mod:`selfhost.backend.state`)."""
+    """Output lines of the batched state script (see :mod:`selfhost.state`)."""
 
     def command(self, script: str) -> str:
         return script
@@ -169,13 +176,12 @@ def managed_file(path: str, content: bytes, mode: str, owner: str, group: str,
     """Ensure ``path`` has exactly ``content``, ``mode`` and ownership (validated first).
 
     A ``secret`` file's content is uploaded, never put in a command line."""
-    current = state.files.get(path)
-    sha1 = hashlib.sha1(content).hexdigest()
-    if current is not None and current.sha1 == sha1:
-        if (current.mode, current.owner, current.group) != (mode, owner, group):
-            yield f"chown {q(owner)}:{q(group)} {q(path)} && chmod {mode} {q(path)}"
-        else:
-            host.noop(f"{path} is up to date")
+    change = file_change(path, hashlib.sha1(content).hexdigest(), mode, owner, group, state)
+    if change is None:
+        host.noop(f"{path} is up to date")
+        return
+    if change.kind == "fix-file-meta":
+        yield f"chown {q(owner)}:{q(group)} {q(path)} && chmod {mode} {q(path)}"
         return
     if secret:
         tmp = f"{path}.selfhost-new"
@@ -190,8 +196,7 @@ def managed_file(path: str, content: bytes, mode: str, owner: str, group: str,
 @operation()
 def managed_dir(path: str, mode: str, owner: str, group: str,
                 state: State) -> Generator[str, None, None]:
-    current = state.dirs.get(path)
-    if current is not None and (current.mode, current.owner, current.group) == (mode, owner, group):
+    if dir_change(path, mode, owner, group, state) is None:
         host.noop(f"{path} is up to date")
         return
     yield (f"mkdir -p {q(path)} && chown {q(owner)}:{q(group)} {q(path)} "
@@ -201,7 +206,7 @@ def managed_dir(path: str, mode: str, owner: str, group: str,
 @operation()
 def packages(names: tuple[str, ...], state: State) -> Generator[str, None, None]:
     """Install missing packages; run ``apt-get update`` only when something is missing."""
-    missing = [n for n in names if not state.packages.get(n)]
+    missing = missing_packages(names, state)
     if not missing:
         host.noop("all packages installed")
         return
@@ -236,12 +241,10 @@ def guarded(label: str, command: str, unless: str | None,
 def unit_state(unit: str, enabled: bool, running: bool,
                state: State) -> Generator[str, None, None]:
     name = unit
-    is_enabled, is_active = state.units.get(name, ("", ""))
     cmds = []
-    if enabled and is_enabled not in ("enabled", "static", "alias"):
-        cmds.append(f"systemctl enable {q(name)} >/dev/null 2>&1")
-    if running and is_active != "active":
-        cmds.append(f"systemctl start {q(name)}")
+    for change in unit_changes(name, enabled, running, state):
+        cmds.append(f"systemctl enable {q(name)} >/dev/null 2>&1"
+                    if change.kind == "enable-unit" else f"systemctl start {q(name)}")
     if not cmds:
         host.noop(f"{name} is {'enabled and ' if enabled else ''}active")
         return
@@ -257,21 +260,17 @@ def reload_unit(unit: str, action: str) -> Generator[str, None, None]:
 def admin_user(user: str, groups: tuple[str, ...], password_hash: str | None,
                state: State) -> Generator[str | FileUploadCommand, None, None]:
     name = user
-    current = state.users.get(name)
-    if current is not None and "sudo" in current.groups and "sudo" not in groups:
-        yield f"gpasswd -d {q(name)} sudo >/dev/null"
-    if current is None:
-        yield ("useradd --create-home --shell /bin/bash --user-group "
-               + (f"--groups {','.join(groups)} " if groups else "") + q(name))
-    else:
-        missing = [g for g in groups if g not in current.groups]
-        if missing:
-            yield f"usermod -aG {','.join(missing)} {q(name)}"
-        if current.shell != "/bin/bash":
+    for change in user_changes(name, groups, password_hash, state):
+        if change.kind == "user-drop-sudo":
+            yield f"gpasswd -d {q(name)} sudo >/dev/null"
+        elif change.kind == "create-user":
+            yield ("useradd --create-home --shell /bin/bash --user-group "
+                   + (f"--groups {','.join(groups)} " if groups else "") + q(name))
+        elif change.kind == "user-groups":
+            yield f"usermod -aG {change.detail} {q(name)}"
+        elif change.kind == "user-shell":
             yield f"usermod --shell /bin/bash {q(name)}"
-    if password_hash is not None:
-        line = f"{password_hash}\n"
-        if current is None or current.shadow_sha1 != hashlib.sha1(line.encode()).hexdigest():
+        elif change.kind == "user-password" and password_hash is not None:
             # The hash travels as a file, never in a command line (`ps` shows those).
             staged = f"{CHPASSWD_DIR}/chpasswd-{name}"
             yield from _upload_secret(staged, f"{name}:{password_hash}\n".encode(), state,

@@ -1,4 +1,6 @@
-"""One shell script that reads everything the plan depends on in a single round trip.
+"""The target's state: one shell script that reads everything a plan depends on in a single
+round trip, and its parser. Pure (no connection): the pyinfra backend runs the script, and the
+same state feeds :mod:`selfhost.compile.diff`.
 
 A no-op re-deploy must be nearly free: instead of one fact per file, unit, package and user,
 the backend asks for all of them at once and compares locally.
