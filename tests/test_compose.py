@@ -383,3 +383,15 @@ def test_model_no_longer_compiles_itself() -> None:
     Server.model_validate(data)
     with pytest.raises(ModelError, match="port 443/tcp is requested by both"):
         validated(data)
+
+
+def test_the_python_deploy_example_builds_a_valid_fleet() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("__main__", ROOT / "deploys" / "python_model.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # as __main__: builds, does not deploy
+    plan = compile_fleet(mod.build())["nas"]
+    assert "dav.home.arpa {" in plan.files()["/etc/caddy/Caddyfile"]
+    assert any(d.path == "/var/lib/radicale/collections" for d in plan.data)
