@@ -137,8 +137,11 @@ class RadicaleService(Service):
         c = Contribution(packages=["radicale"])
         c.files.append(ManagedFile(
             CONFIG, self.config(), mode="0644",
-            # Radicale reads the file and checks the storage, then exits.
-            validate="radicale --config {path} --verify-storage >/dev/null 2>&1 || "
-            "radicale --config {path} --verify-storage"))
+            # Radicale reads the file and checks the storage, then exits. As its own user: the
+            # check creates the storage's root folder when it is missing (Radicale 3.5), and
+            # root's would be unwritable for the daemon.
+            validate="runuser -u radicale -- radicale --config {path} --verify-storage "
+            ">/dev/null 2>&1 || runuser -u radicale -- radicale --config {path} "
+            "--verify-storage"))
         c.units.append(Unit("radicale.service", reload_on=(CONFIG,), reload=False))
         return c
