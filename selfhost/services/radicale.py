@@ -27,7 +27,7 @@ from selfhost.compose.requests import (
     Request,
     VirtualHost,
 )
-from selfhost.compose.resources import ManagedFile, Unit
+from selfhost.compose.resources import ManagedDir, ManagedFile, Unit
 from selfhost.models.base import SecretRef, StrictModel
 from selfhost.services.base import Service
 
@@ -135,6 +135,9 @@ class RadicaleService(Service):
 
     def contribute(self, env: Env) -> Contribution:
         c = Contribution(packages=["radicale"])
+        # Debian ships the storage root-owned (the service is off until enabled): the daemon,
+        # and the check below, run as radicale.
+        c.directories.append(ManagedDir(COLLECTIONS, "0750", owner="radicale", group="radicale"))
         c.files.append(ManagedFile(
             CONFIG, self.config(), mode="0644",
             # Radicale reads the file and checks the storage, then exits. As its own user: the
