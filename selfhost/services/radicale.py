@@ -27,11 +27,12 @@ from selfhost.compose.requests import (
     Request,
     VirtualHost,
 )
-from selfhost.compose.resources import ManagedDir, ManagedFile, Unit
+from selfhost.compose.resources import Command, ManagedDir, ManagedFile, Unit
 from selfhost.models.base import SecretRef, StrictModel
 from selfhost.services.base import Service
 
 CONFIG = "/etc/radicale/config"
+CONTAINER_DROPIN = "/etc/systemd/system/radicale.service.d/selfhost-container.conf"
 COLLECTIONS = "/var/lib/radicale/collections"
 PORT = 5232
 _USER = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -146,5 +147,16 @@ class RadicaleService(Service):
             validate="runuser -u radicale -- radicale --config {path} --verify-storage "
             ">/dev/null 2>&1 || runuser -u radicale -- radicale --config {path} "
             "--verify-storage"))
-        c.units.append(Unit("radicale.service", reload_on=(CONFIG,), reload=False))
+        if env.require_target().in_container:
+            # Debian's unit sandboxes Radicale. Three of its settings need CAP_SYS_ADMIN, which
+            # a container does not give (systemd 257 then fails the start: "Failed to keep
+            # CAP_SYS_ADMIN"); the container boundary already hides the devices and the
+            # kernel's modules and tunables. The others stay.
+            c.files.append(ManagedFile(CONTAINER_DROPIN, "# Managed by selfhost: in a container."
+                                       "\n[Service]\nPrivateDevices=no\nProtectKernelModules=no"
+                                       "\nProtectKernelTunables=no\n"))
+            c.commands.append(Command("radicale: reload systemd units", "systemctl daemon-reload",
+                                      on_change=(CONTAINER_DROPIN,)))
+        c.units.append(Unit("radicale.service", reload_on=(CONFIG, CONTAINER_DROPIN),
+                            reload=False))
         return c
