@@ -32,6 +32,9 @@ class Query:
     """Also prepare the private upload directory of the login user (see :data:`UPLOAD_DIR`)."""
     manifest: str | None = None
     """Also read this file (selfhost's manifest of the previous deploy), base64-encoded."""
+    pending: str | None = None
+    """Also list the managed files an earlier deploy changed without finishing (the paths
+    held by the files of this directory)."""
 
 
 @dataclass
@@ -63,6 +66,8 @@ class State:
     value itself): enough to tell whether a password is unchanged by hashing it again."""
     manifest: str | None = None
     """The previous deploy's manifest (None: there is none)."""
+    pending: list[str] = field(default_factory=list)
+    """Managed files changed by an unfinished deploy: their reloads are still due."""
     upload_dir: str | None = None
     """The private upload directory of the login user (absolute path); ``""`` when no sudo is
     involved, so uploads go straight to their destination; ``None`` when not asked for or
@@ -128,6 +133,9 @@ def script(q: Query) -> str:
     if q.manifest:
         parts.append(f"if [ -f {q_(q.manifest)} ]; then printf 'M\\t0\\t%s\\n' "
                      f"\"$(base64 -w0 < {q_(q.manifest)})\"; fi")
+    if q.pending:
+        parts.append(f"for f in {q_(q.pending)}/*; do [ -f \"$f\" ] && "
+                     "printf 'C\\t0\\t%s\\n' \"$(head -n1 \"$f\")\"; done")
     if q.upload_dir:
         parts.append(_UPLOAD_DIR_SCRIPT)
     parts.append("true")
@@ -176,6 +184,8 @@ def parse(q: Query, lines: list[str]) -> State:
                 st.manifest = base64.b64decode(f[2], validate=True).decode("utf-8", "replace")
             except (binascii.Error, ValueError):
                 st.manifest = None
+        elif kind == "C" and q.pending and f[2].startswith("/"):
+            st.pending.append(f[2])
         elif kind == "X" and q.upload_dir and i == 0:
             if f[2] == "-":
                 st.upload_dir = ""

@@ -766,7 +766,43 @@ def test_apply_plan_reloads_only_what_changed(pyinfra_host: Any,
     busy = {name.removeprefix("selfhost "): cmds for name, _, cmds in ops if cmds}
     assert set(busy) == {"files", "reloads"}
     assert len(busy["files"]) == 1 and "nft -c -f" in busy["files"][0]
-    assert busy["reloads"] == ["systemctl reload-or-restart nftables.service"]
+    # The change is remembered on the target until its reload has run.
+    assert "mkdir -p /var/lib/selfhost/pending && echo /etc/nftables.conf > " \
+        "/var/lib/selfhost/pending/" in busy["files"][0]
+    assert busy["reloads"] == [backend._join(["systemctl reload-or-restart nftables.service",
+                                              "rm -rf /var/lib/selfhost/pending"])]
+
+
+def test_reloads_left_by_an_interrupted_deploy_are_done_by_the_next(
+        pyinfra_host: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deploy that wrote the Caddyfile and died before reloading Caddy left a marker; the
+    next deploy finds every file unchanged, yet reloads Caddy (and runs the file's on-change
+    commands), then clears the marker."""
+    server = _server()
+    plan = compile_server(server, Target())
+    (q,), _ = _apply(plan, server, parse(Query(), []), monkeypatch, pyinfra_host)
+    assert q.pending == backend.PENDING_DIR
+    state = _converged(plan, q)
+    state.pending = ["/etc/caddy/Caddyfile"]
+    with fresh_pyinfra() as host:
+        _, ops = _apply(plan, server, state, monkeypatch, host)
+    busy = {name.removeprefix("selfhost "): cmds for name, _, cmds in ops if cmds}
+    assert set(busy) == {"reloads"}
+    assert busy["reloads"] == [backend._join(["systemctl reload-or-restart caddy.service",
+                                              "rm -rf /var/lib/selfhost/pending"])]
+
+
+def test_pending_files_are_read_by_the_state_script(tmp_path: Path) -> None:
+    pending = tmp_path / "pending"
+    pending.mkdir()
+    (pending / "a").write_text("/etc/caddy/Caddyfile\n")
+    (pending / "b").write_text("/etc/nftables.conf\n")
+    q = Query(pending=str(pending))
+    out = sh(script(q)).stdout.splitlines()
+    assert sorted(parse(q, out).pending) == ["/etc/caddy/Caddyfile", "/etc/nftables.conf"]
+    assert parse(Query(pending=str(tmp_path / "none")),
+                 sh(script(Query(pending=str(tmp_path / "none")))).stdout.splitlines()
+                 ).pending == []
 
 
 def test_joined_phase_script_stops_at_the_first_failure(tmp_path: Path) -> None:

@@ -70,6 +70,9 @@ q = shlex.quote
 INLINE_MAX = 64 * 1024
 """Files whose base64 form is longer than this are uploaded, not inlined in the command
 (one shell argument may not exceed 128 KiB on Linux)."""
+PENDING_DIR = "/var/lib/selfhost/pending"
+"""Managed files changed by a deploy whose reloads and on-change commands have not run yet
+(one file each, holding the path); cleared at the end of a deploy, read by the next one."""
 CHPASSWD_DIR = "/run/selfhost"
 """Root-only directory (on tmpfs) where a ``user:hash`` line waits for ``chpasswd -e``."""
 
@@ -131,6 +134,10 @@ def _finish_cmd(tmp: str, path: str, mode: str, owner: str, group: str,
             f"rm -f {q(tmp)}; exit 1; fi"
         )
     steps.append(f"mv -f {q(tmp)} {q(path)}")
+    # Remember the change on the target until this deploy's reloads and on-change commands
+    # are done: a deploy that dies in between leaves them to the next one.
+    steps.append(f"mkdir -p {PENDING_DIR} && echo {q(path)} > "
+                 f"{PENDING_DIR}/{hashlib.sha1(path.encode()).hexdigest()}")
     return " && ".join(steps)
 
 
@@ -459,6 +466,10 @@ def plan_phase(phase: str, steps: list[Any], files: dict[str, bytes], state: Sta
             yield _join(batch)
             batch = []
         yield cmd
+    if phase == PHASES[-1] and changed:
+        # Every reload and on-change command of the changed files has run (a failure stops
+        # the deploy before this line): nothing is pending any more.
+        batch.append(f"rm -rf {PENDING_DIR}")
     if batch:
         yield _join(batch)
 
@@ -556,6 +567,7 @@ def apply_plan(plan: Plan, server: Server, keys: KeyStore | None = None) -> None
         packages=tuple(n for s in plan.steps if isinstance(s, Packages) for n in s.names),
         users=tuple(users),
         manifest=MANIFEST,
+        pending=PENDING_DIR,
         upload_dir=any(isinstance(s, File) and (s.file.secret is not None or s.file.secrets
                                                  or s.file.secret_file is not None)
                        for s in plan.steps)
@@ -568,7 +580,7 @@ def apply_plan(plan: Plan, server: Server, keys: KeyStore | None = None) -> None
             "mode 0700) on the target, needed to upload secrets; nothing was changed")
     all_steps = [_with_hash(s, secrets, state) if isinstance(s, User) else s
                  for s in plan.steps]
-    changed: set[str] = set()
+    changed: set[str] = set(state.pending)
     for phase in PHASES:
         steps = [s for s in all_steps if _phase_of(s) == phase]
         plan_phase(name=f"selfhost {phase}", phase=phase, steps=steps, files=files, state=state,

@@ -335,10 +335,11 @@ def log_file(host: str) -> str:
 
 AUTH_FILTER = r"""# Managed by selfhost: failed HTTP basic-auth logins in Caddy's JSON access logs.
 # Only requests that carried credentials count (a client's first, unauthenticated request
-# is answered 401 too); Caddy logs the Authorization header as REDACTED. JSON escapes quotes
-# inside values, so a header cannot fake these keys.
+# is answered 401 too); Caddy logs the Authorization header's value redacted (an empty list in
+# Caddy 2.6, "REDACTED" later). JSON escapes quotes inside values, so a header cannot fake
+# these keys.
 [Definition]
-failregex = ^\{.*"remote_ip":"<HOST>",.*"Authorization":\["REDACTED"\].*"status":401[,}]
+failregex = ^\{.*"remote_ip":"<HOST>",.*"Authorization":\[(?:"REDACTED")?\].*"status":401[,}]
 datepattern = "ts":{EPOCH}
 """
 
