@@ -95,9 +95,6 @@ class Module:
 
     provides: ClassVar[tuple[type[Request], ...]] = ()
     uses: ClassVar[tuple[type[Request], ...]] = ()
-    always: ClassVar[bool] = False
-    """A provider that runs even when its model is absent or switched off (it still honours
-    the others' requests; see each provider)."""
 
     def requests(self, env: Env) -> Iterator[Request] | list[Request]:
         return []

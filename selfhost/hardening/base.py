@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from pydantic import Field, model_validator
 
 from selfhost.compose.module import Module
@@ -15,8 +13,6 @@ class Control(StrictModel, Module):
 
     Every control is a :class:`~selfhost.compose.module.Module` that always runs: switched
     off, it still honours the requests it provides for (see each provider)."""
-
-    always: ClassVar[bool] = True
 
     enabled: bool = Field(default=True, description="Apply this control (strongly recommended).")
     reason: str | None = Field(

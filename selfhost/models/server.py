@@ -247,7 +247,7 @@ class Server(StrictModel):
             svc = getattr(self.services, name)
             if svc is None and name == "web":
                 svc = WebService(sites=[])  # the provider of virtual hosts, with no sites
-            if svc is not None and (svc.enabled or svc.always):
+            if svc is not None and svc.enabled:
                 out.append((f"services.{name}", svc))
         out += [("backup", self.backup), ("backup-peers", BackupPeers()), ("records", Records())]
         return out
