@@ -199,7 +199,7 @@ class WebService(Service):
             out.append(HealthCheck("https", f"https://{v.host}/", origin=v.origin))
         logins = [v for v in vhosts if v.auth]
         if logins:
-            out.append(Jail("caddy-auth", port="http,https", filter="selfhost-caddy-auth",
+            out.append(Jail("caddy-auth", port="80,443", filter="selfhost-caddy-auth",
                             logpath="\n          ".join(log_file(v.host) for v in logins),
                             filter_definition=AUTH_FILTER))
         for v in logins:

@@ -223,7 +223,12 @@ def test_wrong_password_five_times_bans_the_client(host: Any, dav: Any,
                 break
             time.sleep(1)
         assert client_ip in banned, banned
-        assert client_ip in host.check_output("nft list ruleset")
+        # The ban action puts the address into fail2ban's nftables set (a moment later).
+        deadline = time.monotonic() + 15
+        while client_ip not in (ruleset := host.check_output("nft list table inet f2b-table")):
+            assert time.monotonic() < deadline, ruleset + host.run(
+                "grep -i error /var/log/fail2ban.log | tail -5").stdout
+            time.sleep(1)
         # Now even the right password does not get through: the connection is dropped.
         assert dav("PROPFIND", "/alice/", "alice", ALICE, headers={"Depth": "0"})[0] == 0
     finally:
