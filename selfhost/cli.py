@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -160,6 +161,31 @@ def cmd_listening(args: argparse.Namespace) -> int:
     return 1 if extra else EXIT_OK
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Drift and health of a target, in one round trip (see selfhost.check)."""
+    from selfhost.check import EXIT_UNCHECKED, check_host, render, runner, to_json
+
+    fleet = _load(args.file, args.debug)
+    if isinstance(fleet, int):
+        return fleet
+    me = _host(fleet, args.file, args.host)
+    if isinstance(me, int):
+        return me
+    try:
+        found, _ = check_host(fleet, me, runner(podman=args.podman, ssh=args.ssh,
+                                                ssh_port=args.port))
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        if args.debug:
+            raise
+        _err(f"selfhost check: {me}: could not check: {exc}")
+        return EXIT_UNCHECKED
+    print(to_json(me, found) if args.json else render(me, found), end="" if not args.json
+          else "\n")
+    from selfhost.check import exit_code
+
+    return exit_code(found)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfhost",
@@ -206,6 +232,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="SSH port")
     p.add_argument("--host", metavar="NAME", help="which host of a fleet the target is")
     p.set_defaults(func=cmd_listening)
+
+    p = sub.add_parser("check", help="is the server still what the model says, and healthy?",
+                       description="Read the target in one round trip and report drift (what "
+                       "a deploy would change, with a diff of file contents; secrets are never "
+                       "read) and health (failed units, disks, memory, pending updates and "
+                       "reboot, time sync, each service's health checks, listening sockets the "
+                       "model does not explain). Exit status: 0 all good, 1 warnings, 2 drift "
+                       "or failures, 3 could not check.")
+    p.add_argument("file", metavar="FILE", help="YAML server or fleet description")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--podman", metavar="NAME", help="a local podman container")
+    where.add_argument("--ssh", metavar="USER@HOST", help="a host reached with ssh (and sudo)")
+    p.add_argument("--port", type=int, help="SSH port")
+    p.add_argument("--host", metavar="NAME", help="which host of a fleet the target is")
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
+    p.set_defaults(func=cmd_check)
 
     from selfhost.backup.cli import add_subcommands as add_backup_subcommands
 

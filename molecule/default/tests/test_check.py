@@ -1,0 +1,63 @@
+"""`selfhost check` against the converged container, then against a tampered one.
+
+The check reads the target in one round trip (podman exec) and compares it with the plan of
+examples/home.yaml; each tampering must show as its exact finding, and putting things back
+must make the check clean again.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[3]
+MODEL = REPO / "examples" / "home.yaml"
+JAIL = "/etc/fail2ban/jail.local"
+
+
+def check(name: str) -> tuple[int, list[dict[str, Any]]]:
+    res = subprocess.run([str(REPO / ".venv" / "bin" / "selfhost"), "check", str(MODEL),
+                          "--podman", name, "--json"], capture_output=True, text=True,
+                         timeout=300, cwd=REPO)
+    assert res.returncode in (0, 1, 2), res.stderr
+    return res.returncode, json.loads(res.stdout)["findings"]
+
+
+def errors(found: list[dict[str, Any]]) -> list[str]:
+    return [f["what"] for f in found if f["severity"] == "error"]
+
+
+def test_converged_host_has_no_drift_and_no_failure(host: Any) -> None:
+    code, found = check(host.backend.name)
+    # Warnings may remain (security updates published since the image was built).
+    assert code in (0, 1) and errors(found) == [], found
+
+
+def test_tampering_is_found_and_a_redeploy_state_is_clean_again(host: Any) -> None:
+    name = host.backend.name
+    original = host.file(JAIL).content_string
+    try:
+        host.check_output(f"echo '# tampered by hand' >> {JAIL}")
+        host.check_output("systemctl stop cron.service")
+        host.check_output("chmod 0666 /etc/issue")
+        host.check_output("nohup python3 -m http.server 8765 --bind 0.0.0.0 "
+                          ">/dev/null 2>&1 & sleep 1")
+        code, found = check(name)
+        assert code == 2
+        whats = {f["what"]: f for f in found}
+        assert f"write-file {JAIL}: content differs" in whats
+        assert "+# tampered by hand" not in whats[f"write-file {JAIL}: content differs"]["diff"]
+        assert "-# tampered by hand" in whats[f"write-file {JAIL}: content differs"]["diff"]
+        assert "start-unit cron.service: inactive" in whats
+        assert "fix-file-meta /etc/issue: root:root 0666 -> root:root 0644" in whats
+        assert any(f["area"] == "exposure" and f["what"].startswith("8765/tcp on 0.0.0.0")
+                   for f in found), found
+    finally:
+        host.run(f"printf %s {shlex.quote(original)} > {JAIL}")
+        host.run("chmod 0644 /etc/issue; systemctl start cron.service")
+        host.run("pkill -f 'http.server 8765'")
+    code, found = check(name)
+    assert errors(found) == [], found

@@ -1,0 +1,345 @@
+"""``selfhost check``: is the server still what the model says, and is it healthy?
+
+One batched round trip reads the target: the state every plan step depends on (the same
+script as a deploy's, :mod:`selfhost.state`), the content of the managed files that differ
+from the plan (never a secret file's), and the health facts (failed units, disks, memory,
+pending updates and reboot, time sync, listening sockets, and each module's health-check
+requests). The Debian release is read by the same script, so the query covers the plans of
+both supported releases and the findings use the one the target runs.
+
+Findings come from :func:`selfhost.compile.diff.step_changes` (drift: what a deploy would
+change) and from the health facts. Exit status: 0 all good, 1 warnings, 2 drift or failures,
+3 the target could not be checked.
+"""
+
+from __future__ import annotations
+
+import base64
+import difflib
+import hashlib
+import json
+import shlex
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Literal
+
+from selfhost.audit import is_loopback, parse_ss
+from selfhost.compile.diff import step_changes
+from selfhost.compile.plan import File, Packages, Plan, Run, Sync, UnitState, User
+from selfhost.compile.target import RELEASES, Target
+from selfhost.compose.resources import ManagedFile
+from selfhost.state import Query, State, parse, script
+
+if TYPE_CHECKING:
+    from selfhost.models.fleet import Fleet
+
+EXIT_OK, EXIT_WARN, EXIT_FAIL, EXIT_UNCHECKED = 0, 1, 2, 3
+DISK_WARN, DISK_FAIL = 85, 95
+"""Percent of blocks or inodes used."""
+SEVERITIES = ("error", "warning")
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: Literal["error", "warning"]
+    area: Literal["drift", "health", "exposure"]
+    what: str
+    todo: str
+    diff: str = ""
+
+
+def _secretive(f: ManagedFile) -> bool:
+    return bool(f.secret is not None or f.secret_file or f.secrets or f.host_key_of)
+
+
+def expected_files(plan: Plan) -> dict[str, bytes]:
+    """The content each managed file must have, where it can be known without a secret."""
+    out: dict[str, bytes] = {}
+    for s in plan.steps:
+        if isinstance(s, File) and not _secretive(s.file):
+            out[s.file.path] = s.file.content.encode()
+    return out
+
+
+def query_for(plans: list[Plan]) -> Query:
+    """What the check reads: the union of the plans' dependencies (one per release)."""
+    files: list[str] = []
+    dirs: list[str] = []
+    guards: list[str] = []
+    units: list[str] = []
+    packages: list[str] = []
+    users: list[str] = []
+
+    def add(seq: list[str], item: str) -> None:
+        if item not in seq:
+            seq.append(item)
+
+    for plan in plans:
+        for s in plan.steps:
+            if isinstance(s, File):
+                add(files, s.file.path)
+            elif type(s).__name__ == "Directory":
+                add(dirs, s.dir.path)  # type: ignore[union-attr]
+            elif isinstance(s, Run) and s.command.unless and not s.command.on_change:
+                add(guards, s.command.unless)
+            elif isinstance(s, UnitState):
+                add(units, s.name)
+            elif isinstance(s, Packages):
+                for n in s.names:
+                    add(packages, n)
+            elif isinstance(s, User):
+                add(users, s.name)
+                add(files, f"/home/{s.name}/.ssh/authorized_keys")
+    from selfhost.compile.removal import MANIFEST
+
+    return Query(files=tuple(files), dirs=tuple(dirs), guards=tuple(guards), units=tuple(units),
+                 packages=tuple(packages), users=tuple(users), manifest=MANIFEST)
+
+
+def health_script(plans: list[Plan], expected: dict[str, bytes]) -> str:
+    """Shell printing the release, the differing managed files' content and the health facts,
+    one ``KIND<TAB>...`` line each."""
+    q = shlex.quote
+    parts = [
+        ". /etc/os-release; printf 'R\\t%s\\n' \"$VERSION_CODENAME\"",
+        "systemd-detect-virt -c -q 2>/dev/null && printf 'H\\tcontainer\\t1\\n'",
+        "systemctl --failed --plain --no-legend --no-pager 2>/dev/null | "
+        "awk '{print \"H\\tfailed\\t\" $1}'",
+        "df -P --output=target,pcent,ipcent -x tmpfs -x devtmpfs 2>/dev/null | tail -n +2 | "
+        "awk '{gsub(\"%\",\"\"); print \"H\\tdisk\\t\" $1 \"\\t\" $2 \"\\t\" $3}'",
+        "awk '/^MemTotal:/{t=$2} /^MemAvailable:/{a=$2} END{print \"H\\tmem\\t\" t \"\\t\" a}' "
+        "/proc/meminfo",
+        "[ -f /run/reboot-required ] && printf 'H\\treboot\\t1\\n'",
+        "printf 'H\\tupdates\\t%s\\n' \"$(apt-get -s -o Debug::NoLocking=1 upgrade 2>/dev/null "
+        "| grep '^Inst' | grep -ci security)\"",
+        "printf 'H\\tntp\\t%s\\n' \"$(timedatectl show -p NTPSynchronized --value 2>/dev/null)\"",
+        "ss -H -tulpn 2>/dev/null | sed 's/^/S\\t/'",
+    ]
+    for path, content in sorted(expected.items()):
+        sha1 = hashlib.sha1(content).hexdigest()
+        parts.append(f"[ -f {q(path)} ] && [ \"$(sha1sum < {q(path)} | cut -c1-40)\" != {sha1} ] "
+                     f"&& printf 'B\\t%s\\t%s\\n' {q(path)} \"$(head -c 262144 {q(path)} | "
+                     "base64 -w0)\"")
+    done: set[str] = set()
+    for plan in plans:
+        for h in plan.health:
+            key = f"{h.kind}\t{h.target}"
+            if key in done:
+                continue
+            done.add(key)
+            if h.kind == "tcp":
+                addr, _, port = h.target.rpartition(":")
+                parts.append(f"if timeout 3 bash -c {q(f'</dev/tcp/{addr}/{port}')} 2>/dev/null; "
+                             f"then printf 'K\\ttcp\\t%s\\t1\\n' {q(h.target)}; else "
+                             f"printf 'K\\ttcp\\t%s\\t0\\n' {q(h.target)}; fi")
+            elif h.kind == "https":
+                name = h.target.split("/")[2]
+                parts.append(f"printf 'K\\thttps\\t%s\\t%s\\n' {q(h.target)} \"$(curl -sk -o "
+                             f"/dev/null -w '%{{http_code}}' --max-time 5 --resolve "
+                             f"{q(name + ':443:127.0.0.1')} {q(h.target)} 2>/dev/null)\"")
+            elif h.kind == "certificate":
+                name = h.target
+                parts.append(f"printf 'K\\tcertificate\\t%s\\t%s\\n' {q(name)} \"$(echo | "
+                             f"timeout 5 openssl s_client -connect 127.0.0.1:443 -servername "
+                             f"{q(name)} 2>/dev/null | openssl x509 -noout -checkend 1209600 "
+                             ">/dev/null 2>&1 && echo ok || echo expiring)\"")
+    return "\n".join(p + " || true" for p in parts)
+
+
+@dataclass
+class Facts:
+    release: str = ""
+    in_container: bool = False
+    failed: list[str] | None = None
+    disks: list[tuple[str, int, int]] | None = None
+    mem: tuple[int, int] = (0, 0)
+    reboot: bool = False
+    updates: int = 0
+    ntp: str = ""
+    sockets: str = ""
+    contents: dict[str, bytes] | None = None
+    checks: dict[tuple[str, str], str] | None = None
+
+
+def parse_facts(lines: list[str]) -> Facts:
+    f = Facts(failed=[], disks=[], contents={}, checks={})
+    ss: list[str] = []
+    for line in lines:
+        p = line.split("\t")
+        if p[0] == "R" and len(p) > 1:
+            f.release = p[1]
+        elif p[0] == "S":
+            ss.append("\t".join(p[1:]))
+        elif p[0] == "B" and len(p) > 2:
+            assert f.contents is not None
+            f.contents[p[1]] = base64.b64decode(p[2] or "")
+        elif p[0] == "K" and len(p) > 3:
+            assert f.checks is not None
+            f.checks[(p[1], p[2])] = p[3]
+        elif p[0] == "H" and len(p) > 2:
+            k, v = p[1], p[2:]
+            if k == "container":
+                f.in_container = True
+            elif k == "failed":
+                assert f.failed is not None
+                f.failed.append(v[0])
+            elif k == "disk" and len(v) >= 3:
+                assert f.disks is not None
+                f.disks.append((v[0], _int(v[1]), _int(v[2])))
+            elif k == "mem" and len(v) >= 2:
+                f.mem = (_int(v[0]), _int(v[1]))
+            elif k == "reboot":
+                f.reboot = True
+            elif k == "updates":
+                f.updates = _int(v[0])
+            elif k == "ntp":
+                f.ntp = v[0]
+    f.sockets = "\n".join(ss)
+    return f
+
+
+def _int(s: str) -> int:
+    return int(s) if s.strip().isdigit() else 0
+
+
+def findings(plan: Plan, state: State, facts: Facts) -> list[Finding]:
+    """Every finding, errors first. Pure."""
+    out: list[Finding] = []
+    expected = expected_files(plan)
+    for step in plan.steps:
+        if isinstance(step, Sync):
+            continue
+        if isinstance(step, File) and _secretive(step.file):
+            # A secret's content is not known here: only its presence and mode count.
+            current = state.files.get(step.file.path)
+            f = step.file
+            if current is None:
+                out.append(Finding("error", "drift", f"{f.path} is missing", "run the deploy"))
+            elif (current.mode, current.owner, current.group) != (f.mode, f.owner, f.group):
+                out.append(Finding("error", "drift", f"{f.path}: {current.owner}:{current.group} "
+                                   f"{current.mode}, the model says {f.owner}:{f.group} {f.mode}",
+                                   "run the deploy"))
+            continue
+        for change in step_changes(step, state):
+            if change.kind == "run" and isinstance(step, Run) and not step.command.unless:
+                continue  # a plain command: nothing to compare
+            diff = ""
+            if change.kind == "write-file" and isinstance(step, File):
+                have = (facts.contents or {}).get(step.file.path)
+                if have is not None:
+                    diff = "".join(difflib.unified_diff(
+                        have.decode("utf-8", "replace").splitlines(keepends=True),
+                        expected[step.file.path].decode().splitlines(keepends=True),
+                        f"{step.file.path} (on the server)", f"{step.file.path} (the model)"))
+            out.append(Finding("error", "drift", change.describe(),
+                               "run the deploy to put it back (or change the model)", diff))
+    for unit in facts.failed or []:
+        out.append(Finding("error", "health", f"unit {unit} has failed",
+                           f"journalctl -u {unit}; systemctl restart {unit}"))
+    for target, blocks, inodes in facts.disks or []:
+        used = max(blocks, inodes)
+        if used >= DISK_WARN:
+            out.append(Finding("error" if used >= DISK_FAIL else "warning", "health",
+                               f"{target} is {blocks}% full ({inodes}% of its inodes)",
+                               "free space or grow the disk before it fills up"))
+    total, avail = facts.mem
+    if total and avail * 10 < total:
+        out.append(Finding("warning", "health", f"less than 10% of memory available "
+                           f"({avail // 1024} MiB of {total // 1024} MiB)",
+                           "find what uses it: ps aux --sort=-rss | head"))
+    if facts.reboot:
+        out.append(Finding("warning", "health", "a reboot is pending (an update needs it)",
+                           "reboot in a quiet moment (automatic reboots: hardening.updates)"))
+    if facts.updates:
+        out.append(Finding("warning", "health", f"{facts.updates} security update(s) pending",
+                           "unattended-upgrades should install them: check its log"))
+    if not facts.in_container and facts.ntp != "yes":
+        out.append(Finding("warning", "health", "the clock is not synchronized (NTP)",
+                           "timedatectl status; systemctl status systemd-timesyncd"))
+    for (kind, target), result in sorted((facts.checks or {}).items()):
+        bad = ((kind == "tcp" and result != "1")
+               or (kind == "https" and not (result.isdigit() and 100 <= int(result) < 500))
+               or (kind == "certificate" and result != "ok"))
+        if bad:
+            out.append(Finding("error", "health", f"{kind} check of {target} failed ({result})",
+                               "see the service's journal"))
+    allowed = {(p.port, p.proto) for p in plan.ports}
+    for sock in parse_ss(facts.sockets):
+        if not is_loopback(sock.address) and (sock.port, sock.proto) not in allowed:
+            out.append(Finding("warning", "exposure",
+                               f"{sock.describe()} listens, and the model does not explain it",
+                               "stop that program, or add its service to the model"))
+    return sorted(out, key=lambda f: SEVERITIES.index(f.severity))
+
+
+def exit_code(found: list[Finding]) -> int:
+    if any(f.severity == "error" for f in found):
+        return EXIT_FAIL
+    return EXIT_WARN if found else EXIT_OK
+
+
+def render(host: str, found: list[Finding]) -> str:
+    if not found:
+        return f"{host}: all good (the server matches the model; no health problem)\n"
+    lines = [f"{host}: {sum(f.severity == 'error' for f in found)} error(s), "
+             f"{sum(f.severity == 'warning' for f in found)} warning(s)"]
+    for f in found:
+        lines.append(f"  {f.severity.upper():7} {f.area:8} {f.what}")
+        lines.append(f"  {'':7} {'':8} -> {f.todo}")
+        if f.diff:
+            lines += ["      " + d for d in f.diff.rstrip("\n").splitlines()]
+    return "\n".join(lines) + "\n"
+
+
+def to_json(host: str, found: list[Finding]) -> str:
+    return json.dumps({"host": host, "exit": exit_code(found),
+                       "findings": [asdict(f) for f in found]}, indent=2)
+
+
+def check_host(fleet: Fleet, host: str, run: Callable[[str], list[str]]
+               ) -> tuple[list[Finding], str]:
+    """Check one host of the fleet through ``run`` (a script in, output lines out): one round
+    trip. Returns the findings and the release the target runs."""
+    from selfhost.compile import compile_fleet
+
+    # Plans of each release, in and out of a container (kernel settings, AppArmor differ).
+    by = {(r, c): compile_fleet(fleet, {host: Target(release=r, in_container=c)},
+                                hosts=[host])[host] for r in RELEASES for c in (False, True)}
+    all_plans = list(by.values())
+    q = query_for(all_plans)
+    expected: dict[str, bytes] = {}
+    for p in all_plans:
+        expected.update(expected_files(p))
+    lines = run(script(q) + "\n" + health_script(all_plans, expected))
+    facts = parse_facts(lines)
+    if facts.release not in RELEASES:
+        raise RuntimeError(f"the target runs {facts.release or 'an unknown system'!r}, not "
+                           f"Debian {' or '.join(RELEASES)}")
+    plan = by[(facts.release, facts.in_container)]
+    # The differing files' content was read against every plan's expectation: keep those of
+    # the right plan only.
+    mine = expected_files(plan)
+    facts.contents = {k: v for k, v in (facts.contents or {}).items() if k in mine}
+    state = parse(q, lines)
+    return findings(plan, state, facts), facts.release
+
+
+def runner(podman: str | None = None, ssh: str | None = None,
+           ssh_port: int | None = None) -> Callable[[str], list[str]]:
+    """A function sending a script on standard input to the target's shell (as root)."""
+    if podman:
+        argv = ["podman", "exec", "-i", podman, "sh", "-s"]
+    elif ssh:
+        argv = ["ssh", *(["-p", str(ssh_port)] if ssh_port else []), ssh, "sudo", "sh", "-s"]
+    else:
+        raise ValueError("give a podman container name or an SSH destination")
+
+    def run(text: str) -> list[str]:
+        done = subprocess.run(argv, input=text, capture_output=True, text=True, timeout=180,
+                              check=False)
+        if done.returncode not in (0,):
+            raise RuntimeError(f"the check script failed on the target: {done.stderr.strip()}")
+        return done.stdout.splitlines()
+
+    return run

@@ -1,0 +1,98 @@
+"""`selfhost check`: findings from a plan, a target state and health facts (pure)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from test_diff import converged, plan
+
+from selfhost.check import (
+    EXIT_FAIL,
+    EXIT_OK,
+    EXIT_WARN,
+    Facts,
+    exit_code,
+    findings,
+    health_script,
+    parse_facts,
+    query_for,
+    render,
+    to_json,
+)
+from selfhost.state import FileState
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def healthy() -> Facts:
+    return Facts(release="bookworm", in_container=True, failed=[], disks=[("/", 40, 10)],
+                 mem=(4_000_000, 3_000_000), ntp="yes", contents={}, checks={
+                     ("https", "https://www.home.arpa/"): "200"},
+                 sockets="tcp LISTEN 0 4096 *:443 *:* users:((\"caddy\",pid=2,fd=8))")
+
+
+def test_a_converged_healthy_host_is_all_good() -> None:
+    p = plan()
+    found = findings(p, converged(p), healthy())
+    assert found == [] and exit_code(found) == EXIT_OK
+    assert "all good" in render("nas", found)
+
+
+def test_drift_is_reported_with_a_diff_of_the_file() -> None:
+    p = plan()
+    st = converged(p)
+    st.files["/etc/issue"] = FileState("0" * 40, "0644", "root", "root")
+    facts = healthy()
+    facts.contents = {"/etc/issue": b"Debian GNU/Linux 12 \\n \\l\n"}
+    [f] = findings(p, st, facts)
+    assert (f.severity, f.area, f.what) == ("error", "drift",
+                                            "write-file /etc/issue: content differs")
+    assert "-Debian GNU/Linux 12" in f.diff and "+Authorised access only" in f.diff
+    assert exit_code([f]) == EXIT_FAIL
+    data = json.loads(to_json("nas", [f]))
+    assert data["exit"] == 2 and data["findings"][0]["area"] == "drift"
+
+
+def test_health_findings_and_their_severity() -> None:
+    p = plan()
+    facts = healthy()
+    facts.failed = ["caddy.service"]
+    facts.disks = [("/", 90, 10), ("/srv", 20, 97)]
+    facts.reboot = True
+    facts.updates = 3
+    facts.checks = {("https", "https://www.home.arpa/"): "000"}
+    facts.sockets += "\ntcp LISTEN 0 128 0.0.0.0:6379 0.0.0.0:* users:((\"redis-server\",pid=9,fd=6))"
+    found = findings(p, converged(p), facts)
+    got = {(f.severity, f.area, f.what) for f in found}
+    assert got == {
+        ("error", "health", "unit caddy.service has failed"),
+        ("warning", "health", "/ is 90% full (10% of its inodes)"),
+        ("error", "health", "/srv is 20% full (97% of its inodes)"),
+        ("warning", "health", "a reboot is pending (an update needs it)"),
+        ("warning", "health", "3 security update(s) pending"),
+        ("error", "health", "https check of https://www.home.arpa/ failed (000)"),
+        ("warning", "exposure", "6379/tcp on 0.0.0.0 (redis-server) listens, and the model "
+                                "does not explain it"),
+    }
+    assert [f.severity for f in found][:3] == ["error"] * 3  # errors first
+    only_warnings = [f for f in found if f.severity == "warning"]
+    assert exit_code(only_warnings) == EXIT_WARN
+
+
+def test_the_script_reads_everything_in_one_go_and_parses_back() -> None:
+    p = plan()
+    q = query_for([p])
+    assert "/etc/ssh/sshd_config" in q.files and "caddy.service" in q.units
+    text = health_script([p], {"/etc/issue": b"x\n"})
+    for needle in ("VERSION_CODENAME", "systemctl --failed", "df -P", "reboot-required",
+                   "NTPSynchronized", "ss -H -tulpn", "/etc/issue", "https://www.home.arpa/"):
+        assert needle in text
+    facts = parse_facts(["R\tbookworm", "H\tcontainer\t1", "H\tfailed\tx.service",
+                         "H\tdisk\t/\t50\t3", "H\tmem\t100\t50", "H\tupdates\t2",
+                         "B\t/etc/issue\teA==", "K\ttcp\t127.0.0.1:5232\t1",
+                         "S\ttcp LISTEN 0 1 *:22 *:*"])
+    assert facts.release == "bookworm" and facts.in_container
+    assert facts.failed == ["x.service"] and facts.disks == [("/", 50, 3)]
+    assert facts.contents == {"/etc/issue": b"x"} and facts.updates == 2
+    assert facts.checks == {("tcp", "127.0.0.1:5232"): "1"}
