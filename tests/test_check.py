@@ -96,3 +96,22 @@ def test_the_script_reads_everything_in_one_go_and_parses_back() -> None:
     assert facts.failed == ["x.service"] and facts.disks == [("/", 50, 3)]
     assert facts.contents == {"/etc/issue": b"x"} and facts.updates == 2
     assert facts.checks == {("tcp", "127.0.0.1:5232"): "1"}
+
+
+def test_the_daily_check_knows_every_managed_file_but_no_secret() -> None:
+    from selfhost.compile import compile_fleet
+    from selfhost.config import load_fleet
+
+    fleet = load_fleet(ROOT / "examples" / "calendars.yaml")
+    [p] = compile_fleet(fleet).values()
+    rows = [r.split("\t") for r in p.files()["/etc/selfhost/check/expected.tsv"].splitlines()
+            if not r.startswith("#")]
+    by_path = {r[1]: r for r in rows if r[0] in "FM"}
+    planned = {s.file.path for s in p.steps if type(s).__name__ == "File"}
+    assert set(by_path) == planned - {"/etc/selfhost/check/expected.tsv"}
+    # The Caddyfile holds password hashes: its mode and owner are checked, not its content.
+    assert by_path["/etc/caddy/Caddyfile"] == ["M", "/etc/caddy/Caddyfile", "640", "root",
+                                               "caddy"]
+    assert by_path["/etc/selfhost/backup/usb.password"][0] == "M"
+    assert by_path["/etc/radicale/config"][0] == "F"
+    assert ["U", "radicale.service"] in rows and ["U", "caddy.service"] in rows

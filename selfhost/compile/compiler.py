@@ -36,6 +36,7 @@ from selfhost.compose.requests import (
 )
 from selfhost.compose.resources import ManagedDir, ManagedFile
 from selfhost.compose.route import Routed
+from selfhost.hostcheck import EXPECTED, expected_tsv
 from selfhost.models.fleet import Fleet
 
 if TYPE_CHECKING:
@@ -91,6 +92,25 @@ def compile_server(server: Server, target: Target | None = None,
     """The plan of a one-host model."""
     fleet = Fleet.of(server)
     return compile_fleet(fleet, {server.hostname: target or Target()}, keys)[server.hostname]
+
+
+def expected_rows(parts: list[tuple[str, Contribution]], manifest: str) -> list[tuple[str, ...]]:
+    """What the on-host check compares: every managed file (a secret one by mode and owner
+    only) and every unit that must run."""
+    import hashlib
+
+    rows: list[tuple[str, ...]] = [("F", MANIFEST, hashlib.sha1(manifest.encode()).hexdigest(),
+                                    "644", "root", "root")]
+    for _, c in parts:
+        for f in c.files:
+            mode = f"{int(f.mode, 8):o}"
+            if f.secret is not None or f.secret_file or f.secrets or f.host_key_of:
+                rows.append(("M", f.path, mode, f.owner, f.group))
+            else:
+                rows.append(("F", f.path, hashlib.sha1(f.content.encode()).hexdigest(), mode,
+                             f.owner, f.group))
+        rows += [("U", u.name) for u in c.units if u.running]
+    return rows
 
 
 def service_manifest(routed: Routed, parts: list[tuple[str, Contribution]]
@@ -159,6 +179,9 @@ def build_plan(server: Server, routed: Routed, parts: list[tuple[str, Contributi
             seen_files[f.path] = src
             steps.append(File(f, src))
     steps.append(File(ManagedFile(MANIFEST, manifest, mode="0644"), "removal"))
+    if server.check.enabled:
+        steps.append(File(ManagedFile(EXPECTED, expected_tsv(expected_rows(parts, manifest))),
+                          "check"))
     for src, c in parts:
         steps += [Sync(s, d, src) for s, d in c.sync_dirs]
     for src, c in parts:

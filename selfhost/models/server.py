@@ -12,6 +12,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_vali
 from pydantic_core import PydanticCustomError
 
 from selfhost.hardening import Hardening
+from selfhost.hostcheck import HostCheck
 from selfhost.models.backup import BackupPolicy
 from selfhost.models.base import Domain, Hostname, SecretRef, StrictModel
 from selfhost.models.ssh_keys import check_public_key
@@ -190,6 +191,11 @@ class Server(StrictModel):
     backup: BackupPolicy = Field(
         default_factory=BackupPolicy, description="Backup policy."
     )
+    check: HostCheck = Field(
+        default_factory=HostCheck,
+        description="The daily check on the server (drift from the last deploy, health); the "
+        "admin is mailed when it gets worse.",
+    )
     removal: Removal = Field(
         default_factory=Removal,
         description="What happens to a service removed from the model (its data is kept).",
@@ -249,7 +255,8 @@ class Server(StrictModel):
                 svc = WebService(sites=[])  # the provider of virtual hosts, with no sites
             if svc is not None and svc.enabled:
                 out.append((f"services.{name}", svc))
-        out += [("backup", self.backup), ("backup-peers", BackupPeers()), ("records", Records())]
+        out += [("backup", self.backup), ("backup-peers", BackupPeers()), ("check", self.check),
+                ("records", Records())]
         return out
 
     def weak_passwords(self) -> list[tuple[tuple[str | int, ...], str]]:

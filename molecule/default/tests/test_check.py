@@ -61,3 +61,27 @@ def test_tampering_is_found_and_a_redeploy_state_is_clean_again(host: Any) -> No
         host.run("pkill -f 'http.server 8765'")
     code, found = check(name)
     assert errors(found) == [], found
+
+
+def daily(host: Any) -> str:
+    """Run the daily on-host check as its timer does; return its findings."""
+    host.check_output("systemctl start selfhost-check.service")
+    return str(host.file("/var/lib/selfhost/check/last").content_string)
+
+
+def test_the_daily_check_reports_drift_once_and_only_when_worse(host: Any) -> None:
+    assert host.service("selfhost-check.timer").is_enabled
+    assert "error" not in daily(host)  # right after the deploy: nothing to report
+    original = host.file("/etc/issue").content_string
+    since = host.check_output("date '+%Y-%m-%d %H:%M:%S'")
+    try:
+        host.check_output("echo 'tampered' >> /etc/issue")
+        assert "error\tdrift\t/etc/issue differs from the model" in daily(host)
+        daily(host)  # the same news the next day: logged, but not "worse"
+        journal = host.check_output(f"journalctl -t selfhost-check --since '{since}' "
+                                    "--no-pager -o cat")
+        assert journal.count("worse since the last check: 1 new finding(s)") == 1, journal
+        assert journal.count("drift: /etc/issue differs from the model") == 2, journal
+    finally:
+        host.run(f"printf %s {shlex.quote(original)} > /etc/issue")
+    assert "error" not in daily(host)
