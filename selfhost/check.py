@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Literal
 from selfhost.audit import is_loopback, parse_ss
 from selfhost.compile.diff import step_changes
 from selfhost.compile.plan import File, Packages, Plan, Run, Sync, UnitState, User
+from selfhost.compile.removal import REMOVED
 from selfhost.compile.target import RELEASES, Target
 from selfhost.compose.resources import ManagedFile
 from selfhost.state import Query, State, parse, script
@@ -37,12 +38,12 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_WARN, EXIT_FAIL, EXIT_UNCHECKED = 0, 1, 2, 3
 DISK_WARN, DISK_FAIL = 85, 95
 """Percent of blocks or inodes used."""
-SEVERITIES = ("error", "warning")
+SEVERITIES = ("error", "warning", "info")
 
 
 @dataclass(frozen=True)
 class Finding:
-    severity: Literal["error", "warning"]
+    severity: Literal["error", "warning", "info"]
     area: Literal["drift", "health", "exposure"]
     what: str
     todo: str
@@ -115,6 +116,7 @@ def health_script(plans: list[Plan], expected: dict[str, bytes]) -> str:
         "| grep '^Inst' | grep -ci security)\"",
         "printf 'H\\tntp\\t%s\\n' \"$(timedatectl show -p NTPSynchronized --value 2>/dev/null)\"",
         "ss -H -tulpn 2>/dev/null | sed 's/^/S\\t/'",
+        f"[ -f {REMOVED} ] && sed 's/^/Z\\t/' {REMOVED}",
     ]
     for path, content in sorted(expected.items()):
         sha1 = hashlib.sha1(content).hexdigest()
@@ -160,10 +162,12 @@ class Facts:
     sockets: str = ""
     contents: dict[str, bytes] | None = None
     checks: dict[tuple[str, str], str] | None = None
+    removed: list[tuple[str, str, str]] | None = None
+    """(service, when, data kept) of the services earlier deploys removed."""
 
 
 def parse_facts(lines: list[str]) -> Facts:
-    f = Facts(failed=[], disks=[], contents={}, checks={})
+    f = Facts(failed=[], disks=[], contents={}, checks={}, removed=[])
     ss: list[str] = []
     for line in lines:
         p = line.split("\t")
@@ -174,6 +178,9 @@ def parse_facts(lines: list[str]) -> Facts:
         elif p[0] == "B" and len(p) > 2:
             assert f.contents is not None
             f.contents[p[1]] = base64.b64decode(p[2] or "")
+        elif p[0] == "Z" and len(p) > 3:
+            assert f.removed is not None
+            f.removed.append((p[1], p[2], p[3]))
         elif p[0] == "K" and len(p) > 3:
             assert f.checks is not None
             f.checks[(p[1], p[2])] = p[3]
@@ -264,6 +271,10 @@ def findings(plan: Plan, state: State, facts: Facts) -> list[Finding]:
         if bad:
             out.append(Finding("error", "health", f"{kind} check of {target} failed ({result})",
                                "see the service's journal"))
+    for service, when, data in facts.removed or []:
+        out.append(Finding("info", "drift", f"{service} was removed from the model ({when}); "
+                           f"its data is kept: {data}",
+                           "delete that data by hand once it is no longer needed"))
     allowed = {(p.port, p.proto) for p in plan.ports}
     for sock in parse_ss(facts.sockets):
         if not is_loopback(sock.address) and (sock.port, sock.proto) not in allowed:
@@ -276,12 +287,13 @@ def findings(plan: Plan, state: State, facts: Facts) -> list[Finding]:
 def exit_code(found: list[Finding]) -> int:
     if any(f.severity == "error" for f in found):
         return EXIT_FAIL
-    return EXIT_WARN if found else EXIT_OK
+    return EXIT_WARN if any(f.severity == "warning" for f in found) else EXIT_OK
 
 
 def render(host: str, found: list[Finding]) -> str:
-    if not found:
-        return f"{host}: all good (the server matches the model; no health problem)\n"
+    if not [f for f in found if f.severity != "info"]:
+        return "".join([f"{host}: all good (the server matches the model; no health problem)\n",
+                        *(f"  INFO    {f.area:8} {f.what}\n" for f in found)])
     lines = [f"{host}: {sum(f.severity == 'error' for f in found)} error(s), "
              f"{sum(f.severity == 'warning' for f in found)} warning(s)"]
     for f in found:

@@ -115,3 +115,14 @@ def test_the_daily_check_knows_every_managed_file_but_no_secret() -> None:
     assert by_path["/etc/selfhost/backup/usb.password"][0] == "M"
     assert by_path["/etc/radicale/config"][0] == "F"
     assert ["U", "radicale.service"] in rows and ["U", "caddy.service"] in rows
+
+
+def test_removed_services_are_shown_with_the_data_kept() -> None:
+    p = plan()
+    facts = parse_facts(["Z\tservices.radicale\t2026-11-30T08:40Z\t/var/lib/radicale/collections"])
+    facts.release, facts.in_container, facts.ntp = "bookworm", True, "yes"
+    found = findings(p, converged(p), facts)
+    assert [(f.severity, f.what) for f in found] == [(
+        "info", "services.radicale was removed from the model (2026-11-30T08:40Z); its data "
+        "is kept: /var/lib/radicale/collections")]
+    assert exit_code(found) == EXIT_OK and "all good" in render("nas", found)

@@ -737,7 +737,9 @@ def test_a_service_removed_from_the_model_is_stopped_and_its_data_kept(
     assert "dpkg-query -S /etc/radicale/config >/dev/null 2>&1 || rm -f /etc/radicale/config" \
         in removals
     assert "caddy" not in removals  # still in the model
-    assert "/var/lib/radicale" not in removals  # data is never deleted
+    assert "rm -rf /var/lib/radicale" not in removals  # data is never deleted
+    assert "rm -f /var/lib/radicale" not in removals
+    assert ">> /var/lib/selfhost/removed.tsv" in removals  # `selfhost check` shows it
     assert ("apt-get purge -y -qq radicale" in removals) == purge
 
 

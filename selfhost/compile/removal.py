@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 MANIFEST = "/var/lib/selfhost/manifest.json"
+REMOVED = "/var/lib/selfhost/removed.tsv"
+"""One line per service removed by a deploy: path, date, data kept (``selfhost check``)."""
 
 
 @dataclass(frozen=True)
@@ -84,4 +86,7 @@ def removal_commands(r: Removed, purge: bool, all_packages: tuple[str, ...]) -> 
     if purge and packages:
         cmds.append("DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq "
                     + " ".join(q(p) for p in packages) + " >/dev/null")
+    record = f"{r.path}\t$(date -u +%Y-%m-%dT%H:%MZ)\t{' '.join(r.data) or '-'}"
+    cmds.append(f"mkdir -p {q(REMOVED.rsplit('/', 1)[0])} && printf '%s\\n' \"{record}\" >> "
+                f"{q(REMOVED)}")
     return cmds

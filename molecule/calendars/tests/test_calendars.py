@@ -258,3 +258,12 @@ def test_removing_the_service_stops_it_and_keeps_its_data(host: Any, names: tupl
     assert "dport 443" not in ruleset and "5232" not in ruleset
     manifest = json.loads(host.file("/var/lib/selfhost/manifest.json").content_string)
     assert manifest["services"] == {}
+    # `selfhost check` says what was removed and where its data stays.
+    check = subprocess.run([str(REPO / ".venv" / "bin" / "selfhost"), "check", str(path),
+                            "--podman", names[0], "--json"], capture_output=True, text=True,
+                           timeout=300, cwd=REPO)
+    assert check.returncode in (0, 1), check.stdout + check.stderr
+    infos = [f["what"] for f in json.loads(check.stdout)["findings"]
+             if f["severity"] == "info"]
+    assert any(i.startswith("services.radicale was removed from the model") and
+               i.endswith("its data is kept: /var/lib/radicale/collections") for i in infos)
