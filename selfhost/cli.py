@@ -186,6 +186,31 @@ def cmd_check(args: argparse.Namespace) -> int:
     return exit_code(found)
 
 
+def cmd_rehearse(args: argparse.Namespace) -> int:
+    """Converge the model into disposable Debian 12 and 13 containers, check idempotence and
+    run `selfhost check` there (Molecule scenario `rehearse` of this repository)."""
+    import os
+
+    fleet = _load(args.file, args.debug)
+    if isinstance(fleet, int):
+        return fleet
+    me = _host(fleet, args.file, args.host)
+    if isinstance(me, int):
+        return me
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / "molecule" / "rehearse" / "molecule.yml").is_file():
+        _err("selfhost rehearse: needs a clone of the selfhost repository (its Molecule "
+             "scenario molecule/rehearse and its image builder)")
+        return EXIT_INTERNAL
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "SELFHOST_CONFIG": str(Path(args.file).resolve()),
+           "SELFHOST_HOST": me, "PATH": f"{bindir}:{os.environ.get('PATH', '')}",
+           "ANSIBLE_HOME": str(repo / ".cache" / "ansible")}
+    done = subprocess.run([str(bindir / "molecule"), "test", "-s", "rehearse"], cwd=repo,
+                          env=env, check=False)
+    return done.returncode
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfhost",
@@ -248,6 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", metavar="NAME", help="which host of a fleet the target is")
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("rehearse", help="try a model in disposable Debian 12 and 13 containers",
+                       description="Converge FILE into disposable Debian 12 and 13 containers "
+                       "(built locally), check that a second converge changes nothing, run "
+                       "`selfhost check` there, and destroy them: a change is tried before it "
+                       "reaches the real server. Needs podman and this repository's test tools "
+                       "(scripts/setup).")
+    p.add_argument("file", metavar="FILE", help="YAML server or fleet description")
+    p.add_argument("--host", metavar="NAME", help="which host of a fleet to rehearse")
+    p.set_defaults(func=cmd_rehearse)
 
     from selfhost.backup.cli import add_subcommands as add_backup_subcommands
 
