@@ -109,10 +109,16 @@ def script(q: Query) -> str:
             f"if ( {guard} ) >/dev/null 2>&1; then printf 'G\\t{i}\\t1\\n'; "
             f"else printf 'G\\t{i}\\t0\\n'; fi"
         )
+    if q.units:
+        # A unit still starting or reloading (a deploy's restart a moment ago) is read again
+        # once it settles, for up to 10 s: "activating" is not a reason to start it again.
+        parts.append("active() { for _ in $(seq 20); do s=$(systemctl is-active \"$1\" "
+                     "2>/dev/null); case $s in activating|reloading|deactivating) sleep 0.5;; "
+                     "*) break;; esac; done; echo \"$s\"; }")
     for i, unit in enumerate(q.units):
         parts.append(
             f"printf 'U\\t{i}\\t%s\\t%s\\n' \"$(systemctl is-enabled {q_(unit)} 2>/dev/null)\" "
-            f"\"$(systemctl is-active {q_(unit)} 2>/dev/null)\""
+            f"\"$(active {q_(unit)})\""
         )
     if q.packages:
         names = " ".join(q_(p) for p in q.packages)

@@ -987,3 +987,21 @@ def test_apply_plan_refuses_a_hash_reference_that_is_no_hash(
     uploads = [c for c in _op_commands(pyinfra_host)["admins"]
                if isinstance(c, FileUploadCommand)]
     assert [u.src.getvalue() for u in uploads] == [f"alice:{HASH}\n".encode()]
+
+
+def test_a_unit_still_starting_is_read_once_it_settles(tmp_path: Path) -> None:
+    """Right after a deploy restarted it, a unit may be "activating": the state script waits
+    for it to settle instead of reporting it inactive (which would start it again and break
+    the next deploy's idempotence under load)."""
+    count = tmp_path / "count"
+    fake = tmp_path / "systemctl"
+    fake.write_text("#!/bin/sh\n"
+                    f"n=$(cat {count} 2>/dev/null || echo 0); echo $((n + 1)) > {count}\n"
+                    'case $1 in is-enabled) echo enabled;; is-active) '
+                    '[ "$n" -ge 3 ] && echo active || echo activating;; esac\n')
+    fake.chmod(0o755)
+    q = Query(units=("fail2ban.service",))
+    res = subprocess.run(["sh", "-c", script(q)], capture_output=True, text=True,
+                         env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"},
+                         timeout=30)
+    assert parse(q, res.stdout.splitlines()).units["fail2ban.service"] == ("enabled", "active")
