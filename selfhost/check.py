@@ -309,10 +309,38 @@ def to_json(host: str, found: list[Finding]) -> str:
                        "findings": [asdict(f) for f in found]}, indent=2)
 
 
+COMMON_PORTS = (21, 22, 23, 25, 53, 80, 110, 111, 139, 143, 443, 445, 465, 587, 631, 993,
+                995, 2019, 3306, 5232, 5432, 6379, 8080, 8443, 9000)
+"""Ports probed from outside besides the model's own: what a forgotten service would open."""
+
+
+def probe_script(address: str, ports: list[int]) -> str:
+    """Shell (bash) run on another machine: one ``O<TAB>port`` line per TCP port that answers."""
+    q = shlex.quote
+    return (f"for p in {' '.join(map(str, ports))}; do timeout 2 bash -c "
+            f"\"</dev/tcp/{q(address)}/$p\" 2>/dev/null && printf 'O\\t%s\\n' $p; done; true")
+
+
+def exposure(plan: Plan, address: str, lines: list[str]) -> list[Finding]:
+    """Findings of a probe from outside: a port that answers but the model does not open is an
+    error; a port the model opens to everyone that does not answer, a warning."""
+    answering = {int(p[1]) for p in (line.split("\t") for line in lines)
+                 if len(p) == 2 and p[0] == "O" and p[1].isdigit()}
+    opened = {p.port for p in plan.ports if p.proto == "tcp"}
+    public = {p.port for p in plan.ports if p.proto == "tcp" and p.zone == "internet"}
+    out = [Finding("error", "exposure", f"{port}/tcp answers on {address} from outside, and "
+                   "the model does not open it", "close it (firewall or the service)")
+           for port in sorted(answering - opened)]
+    out += [Finding("warning", "exposure", f"{port}/tcp does not answer on {address} from "
+                    "outside, though the model opens it", "is its service running?")
+            for port in sorted(public - answering)]
+    return out
+
+
 def check_host(fleet: Fleet, host: str, run: Callable[[str], list[str]]
-               ) -> tuple[list[Finding], str]:
+               ) -> tuple[list[Finding], Plan]:
     """Check one host of the fleet through ``run`` (a script in, output lines out): one round
-    trip. Returns the findings and the release the target runs."""
+    trip. Returns the findings and the plan of the release the target runs."""
     from selfhost.compile import compile_fleet
 
     # Plans of each release, in and out of a container (kernel settings, AppArmor differ).
@@ -334,7 +362,7 @@ def check_host(fleet: Fleet, host: str, run: Callable[[str], list[str]]
     mine = expected_files(plan)
     facts.contents = {k: v for k, v in (facts.contents or {}).items() if k in mine}
     state = parse(q, lines)
-    return findings(plan, state, facts), facts.release
+    return findings(plan, state, facts), plan
 
 
 def runner(podman: str | None = None, ssh: str | None = None,

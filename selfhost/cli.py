@@ -162,28 +162,65 @@ def cmd_listening(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Drift and health of a target, in one round trip (see selfhost.check)."""
-    from selfhost.check import EXIT_UNCHECKED, check_host, render, runner, to_json
-
+    """Drift and health of a target (or of every host of a fleet), in one round trip each."""
+    from selfhost.check import (
+        EXIT_UNCHECKED,
+        check_host,
+        exit_code,
+        exposure,
+        probe_script,
+        render,
+        runner,
+        to_json,
+    )
     fleet = _load(args.file, args.debug)
     if isinstance(fleet, int):
         return fleet
-    me = _host(fleet, args.file, args.host)
-    if isinstance(me, int):
-        return me
-    try:
-        found, _ = check_host(fleet, me, runner(podman=args.podman, ssh=args.ssh,
-                                                ssh_port=args.port))
-    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
-        if args.debug:
-            raise
-        _err(f"selfhost check: {me}: could not check: {exc}")
-        return EXIT_UNCHECKED
-    print(to_json(me, found) if args.json else render(me, found), end="" if not args.json
-          else "\n")
-    from selfhost.check import exit_code
+    # Which container or SSH destination each host is: NAME (the only or --host host) or
+    # HOST=NAME, repeated for a fleet.
+    targets: dict[str, tuple[str | None, str | None]] = {}
+    for kind, values in (("podman", args.podman or []), ("ssh", args.ssh or [])):
+        for value in values:
+            name, sep, where = value.partition("=")
+            if not sep:
+                one = _host(fleet, args.file, args.host)
+                if isinstance(one, int):
+                    return one
+                name, where = one, value
+            found = fleet.find(name)
+            if found is None:
+                _err(f"{args.file}: no host {name!r} (hosts: {', '.join(fleet.hosts)})")
+                return EXIT_INVALID
+            targets[found] = (where, None) if kind == "podman" else (None, where)
+    if not targets:
+        _err("selfhost check: give --podman or --ssh")
+        return EXIT_INVALID
+    if bool(args.probe_from) != bool(args.probe_address):
+        _err("selfhost check: --probe-from and --probe-address go together")
+        return EXIT_INVALID
+    status = 0
+    reports = []
+    for me, (podman, ssh) in targets.items():
+        try:
+            found_, plan = check_host(fleet, me, runner(podman=podman, ssh=ssh,
+                                                        ssh_port=args.port))
+            if args.probe_from:
+                probe = runner(podman=args.probe_from)
+                from selfhost.check import COMMON_PORTS
 
-    return exit_code(found)
+                ports = sorted({*COMMON_PORTS, *(p.port for p in plan.ports)})
+                found_ += exposure(plan, args.probe_address,
+                                   probe(probe_script(args.probe_address, ports)))
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+            if args.debug:
+                raise
+            _err(f"selfhost check: {me}: could not check: {exc}")
+            status = max(status, EXIT_UNCHECKED)
+            continue
+        status = max(status, exit_code(found_))
+        reports.append(to_json(me, found_) if args.json else render(me, found_))
+    print(("\n" if args.json else "").join(reports), end="" if not args.json else "\n")
+    return status
 
 
 def cmd_rehearse(args: argparse.Namespace) -> int:
@@ -266,11 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "model does not explain). Exit status: 0 all good, 1 warnings, 2 drift "
                        "or failures, 3 could not check.")
     p.add_argument("file", metavar="FILE", help="YAML server or fleet description")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--podman", metavar="NAME", help="a local podman container")
-    where.add_argument("--ssh", metavar="USER@HOST", help="a host reached with ssh (and sudo)")
+    p.add_argument("--podman", metavar="[HOST=]NAME", action="append",
+                   help="a local podman container (HOST=NAME for each host of a fleet)")
+    p.add_argument("--ssh", metavar="[HOST=]USER@ADDR", action="append",
+                   help="a host reached with ssh (and sudo)")
     p.add_argument("--port", type=int, help="SSH port")
     p.add_argument("--host", metavar="NAME", help="which host of a fleet the target is")
+    p.add_argument("--probe-from", metavar="CONTAINER",
+                   help="exposure: probe the host's TCP ports from this podman container (a "
+                   "second fleet host or a client on the same network)")
+    p.add_argument("--probe-address", metavar="ADDRESS",
+                   help="the host's address as the probing container reaches it")
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
     p.set_defaults(func=cmd_check)
 

@@ -8,6 +8,9 @@ from pathlib import Path
 from test_diff import converged, plan
 
 from selfhost.check import (
+    COMMON_PORTS,
+    exposure,
+    probe_script,
     EXIT_FAIL,
     EXIT_OK,
     EXIT_WARN,
@@ -126,3 +129,14 @@ def test_removed_services_are_shown_with_the_data_kept() -> None:
         "info", "services.radicale was removed from the model (2026-11-30T08:40Z); its data "
         "is kept: /var/lib/radicale/collections")]
     assert exit_code(found) == EXIT_OK and "all good" in render("nas", found)
+
+
+def test_exposure_from_outside() -> None:
+    p = plan()  # opens 22, 80, 443 (tcp) to everyone
+    found = exposure(p, "10.0.0.2", ["O\t22", "O\t443", "O\t6379"])
+    assert [(f.severity, f.what) for f in found] == [
+        ("error", "6379/tcp answers on 10.0.0.2 from outside, and the model does not open it"),
+        ("warning", "80/tcp does not answer on 10.0.0.2 from outside, though the model opens "
+                    "it")]
+    text = probe_script("10.0.0.2", sorted(COMMON_PORTS))
+    assert "/dev/tcp/10.0.0.2/$p" in text and " 5232 " in text

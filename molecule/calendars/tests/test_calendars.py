@@ -201,6 +201,24 @@ def test_restore_of_the_collections_brings_the_event_back(host: Any, dav: Any,
     assert status == 200 and "Association board meeting" in body
 
 
+def test_selfhost_check_is_clean_and_sees_only_the_model_ports_from_outside(
+        names: tuple[str, str]) -> None:
+    """`selfhost check` from the controller, with the exposure probed from the client
+    container: no drift, every health check of the calendars passes, and from outside only
+    the ports of the model answer (Radicale's 5232 does not)."""
+    platforms = yaml.safe_load((Path(__file__).parents[1] / "molecule.yml").read_text())
+    subnet = next(p["subnet"] for p in platforms["platforms"] if p["name"] == names[0])
+    res = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "selfhost"), "check",
+         str(REPO / "examples" / "calendars.yaml"), "--podman", names[0], "--probe-from",
+         names[1], "--probe-address", f"{subnet}.2", "--json"],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert res.returncode in (0, 1), res.stdout + res.stderr
+    found = json.loads(res.stdout)["findings"]
+    assert [f["what"] for f in found if f["severity"] == "error"] == []
+    assert not [f for f in found if f["area"] == "exposure"], found
+
+
 def test_wrong_password_five_times_bans_the_client(host: Any, dav: Any,
                                                    names: tuple[str, str]) -> None:
     """Runs last: it bans the client. Five failed logins (requests that carried credentials
