@@ -9,16 +9,16 @@ from test_diff import converged, plan
 
 from selfhost.check import (
     COMMON_PORTS,
-    exposure,
-    probe_script,
     EXIT_FAIL,
     EXIT_OK,
     EXIT_WARN,
     Facts,
     exit_code,
+    exposure,
     findings,
     health_script,
     parse_facts,
+    probe_script,
     query_for,
     render,
     to_json,
