@@ -36,6 +36,7 @@ from selfhost.compose.requests import (
     Sysctl,
     SystemUser,
     VirtualHost,
+    ZoneNetwork,
 )
 from selfhost.compose.route import Routed, order, route_fleet
 from selfhost.config import ConfigError, load_fleet_text
@@ -60,7 +61,7 @@ class Asker(Module):
     """A test module that requests whatever it is given."""
 
     uses: ClassVar[tuple[type[Request], ...]] = tuple(
-        k for k in (Port, Forward, Masquerade, LoopbackGuard, Sysctl, SystemUser, Sendmail,
+        k for k in (Port, Forward, Masquerade, LoopbackGuard, ZoneNetwork, Sysctl, SystemUser, Sendmail,
                     VirtualHost, Certificate, BackupSource, DnsRecord, Jail, HealthCheck))
 
     def __init__(self, *requests: Request) -> None:
@@ -102,6 +103,9 @@ CONTRACTS: list[tuple[str, Request, Callable[[dict[str, str]], bool]]] = [
      lambda f: 'iifname "wg0" accept' in f["/etc/nftables.conf"]),
     ("masquerade", Masquerade("10.8.0.0/24", origin="services.test"),
      lambda f: "ip saddr 10.8.0.0/24 masquerade" in f["/etc/nftables.conf"]),
+    ("zone network", ZoneNetwork("vpn", "10.8.0.0/24", origin="services.test"),
+     lambda f: "set vpn4 { type ipv4_addr; flags interval; elements = { 10.8.0.0/24 }; }"
+     in f["/etc/nftables.conf"]),
     ("loopback guard", LoopbackGuard(5232, ("caddy", "root"), origin="services.test"),
      lambda f: "tcp dport 5232 meta skuid != { caddy, root } reject" in f["/etc/nftables.conf"]),
     ("sysctl", Sysctl("net.ipv4.ip_forward", "1", origin="services.test"),
@@ -141,7 +145,7 @@ def test_every_request_kind_has_exactly_one_provider() -> None:
     kinds = {k for _, m in s.modules() for k in m.provides}
     expected = {Port, Forward, Masquerade, LoopbackGuard, Sysctl, SystemUser, Sendmail,
                 VirtualHost, Certificate, BackupSource, DnsRecord, Jail, HealthCheck,
-                PeerBackupAccount}
+                PeerBackupAccount, ZoneNetwork}
     assert kinds == expected
     providers = [k for _, m in s.modules() for k in m.provides]
     assert len(providers) == len(set(providers))

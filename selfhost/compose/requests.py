@@ -60,6 +60,18 @@ class Port(Request):
 
 
 @dataclass(frozen=True)
+class ZoneNetwork(Request):
+    """A network that belongs to a zone: a VPN module's tunnel network is "the VPN", so that
+    services limited to the VPN accept it."""
+
+    zone: Literal["lan", "vpn"]
+    network: str
+
+    def describe(self) -> str:
+        return f"{self.network} in the {self.zone.upper()} zone"
+
+
+@dataclass(frozen=True)
 class Forward(Request):
     """Routed traffic the firewall lets through: from ``from_zone`` (or an interface) out to
     ``to`` (``internet`` or a zone)."""

@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from pydantic import Field
 
 from selfhost.compose.module import Contribution, Env, Problem
-from selfhost.compose.requests import Forward, LoopbackGuard, Masquerade, Request
+from selfhost.compose.requests import (
+    Forward,
+    LoopbackGuard,
+    Masquerade,
+    Request,
+    ZoneNetwork,
+)
 from selfhost.compose.requests import Port as PortRequest
 from selfhost.compose.resources import ManagedFile, Unit
 from selfhost.compose.route import loc_of
@@ -65,7 +71,16 @@ class FirewallHardening(Control):
     )
 
     provides: ClassVar[tuple[type[Request], ...]] = (PortRequest, Forward, Masquerade,
-                                                     LoopbackGuard)
+                                                     LoopbackGuard, ZoneNetwork)
+
+    def zone_networks(self, env: Env, zone: str) -> list[IPv4Network | IPv6Network]:
+        """The networks of a zone: the model's, and those other modules bring (a VPN)."""
+        own = list(self.lan if zone == "lan" else self.vpn)
+        for z in env.incoming(ZoneNetwork):
+            net = network(z.network)
+            if z.zone == zone and net not in own:
+                own.append(net)
+        return own
 
     def requests(self, env: Env) -> list[Request]:
         return [PortRequest(e.port, e.proto, "lan" if e.lan_only else "internet",
@@ -76,12 +91,13 @@ class FirewallHardening(Control):
     def assertions(self, env: Env) -> list[Problem]:
         out: list[Problem] = []
         for p in env.incoming(PortRequest):
-            if p.zone == "lan" and self.enabled and not self.lan:
+            if p.zone == "lan" and self.enabled and not self.zone_networks(env, "lan"):
                 out.append(Problem(loc_of(p.origin), f"{p.describe()} is for the LAN only, but "
                                    "hardening.firewall.lan lists no network"))
-            if p.zone == "vpn" and self.enabled and not self.vpn:
+            if p.zone == "vpn" and self.enabled and not self.zone_networks(env, "vpn"):
                 out.append(Problem(loc_of(p.origin), f"{p.describe()} is for the VPN only, but "
-                                   "there is no VPN (hardening.firewall.vpn is empty)"))
+                                   "there is no VPN (no VPN service, and hardening.firewall.vpn "
+                                   "is empty)"))
         if not self.enabled:
             for r in [*env.incoming(Forward), *env.incoming(Masquerade)]:
                 out.append(Problem(loc_of(r.origin), f"{r.describe()} needs the firewall, but "
@@ -98,13 +114,15 @@ class FirewallHardening(Control):
                 ssh_from: list[IPv4Network | IPv6Network], trusted: list[str] | None = None,
                 forwards: list[Forward] | None = None,
                 masquerades: list[Masquerade] | None = None,
-                guards: list[LoopbackGuard] | None = None) -> str:
+                guards: list[LoopbackGuard] | None = None,
+                zones: dict[str, list[IPv4Network | IPv6Network]] | None = None) -> str:
         def split(nets: list[IPv4Network | IPv6Network]) -> tuple[list[str], list[str]]:
             return (sorted(str(n) for n in nets if n.version == 4),
                     sorted(str(n) for n in nets if n.version == 6))
 
-        lan4, lan6 = split(self.lan)
-        vpn4, vpn6 = split(self.vpn)
+        zones = zones or {}
+        lan4, lan6 = split(zones.get("lan", self.lan))
+        vpn4, vpn6 = split(zones.get("vpn", self.vpn))
         src4, src6 = split(ssh_from)
         fleet4, fleet6 = split([network(a) for a in trusted or []])
         out = [
@@ -237,7 +255,8 @@ class FirewallHardening(Control):
             ManagedFile(NFTABLES_CONF, self.ruleset(
                 ports, ssh.port, ssh.rate_limit_per_minute, ssh_from,
                 trusted=trusted_addresses(env), forwards=env.incoming(Forward),
-                masquerades=env.incoming(Masquerade), guards=env.incoming(LoopbackGuard)),
+                masquerades=env.incoming(Masquerade), guards=env.incoming(LoopbackGuard),
+                zones={z: self.zone_networks(env, z) for z in ("lan", "vpn")}),
                 mode="0700", validate="nft -c -f {path}")
         )
         c.units.append(Unit("nftables.service", reload_on=(NFTABLES_CONF,)))

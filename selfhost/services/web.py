@@ -236,7 +236,7 @@ class WebService(Service):
             if self.tls_mode(v.host) == "internal":
                 lines.append("\ttls internal")
             if v.zone != "internet":
-                nets = [str(n) for n in (fw.lan if v.zone == "lan" else fw.vpn)]
+                nets = [str(n) for n in fw.zone_networks(env, v.zone)]
                 lines.append(f"\t@outside not remote_ip {' '.join(nets) or '127.0.0.1/32'}")
                 lines.append(f'\trespond @outside "This site is for the {v.zone.upper()} '
                              'only." 403')
