@@ -223,6 +223,46 @@ def cmd_check(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_vpn_peer(args: argparse.Namespace) -> int:
+    """Print a VPN peer's WireGuard configuration (and a QR code for the app)."""
+    import shutil
+
+    fleet = _load(args.file, args.debug)
+    if isinstance(fleet, int):
+        return fleet
+    me = _host(fleet, args.file, args.host)
+    if isinstance(me, int):
+        return me
+    server = fleet.hosts[me]
+    wg = server.services.wireguard
+    if wg is None:
+        _err(f"{args.file}: {me} has no services.wireguard")
+        return EXIT_INVALID
+    if args.name not in {p.name for p in wg.peers}:
+        _err(f"{args.file}: no VPN peer {args.name!r} (peers: "
+             f"{', '.join(p.name for p in wg.peers) or 'none'})")
+        return EXIT_INVALID
+    public = "<the server's public key: run this command with --podman or --ssh>"
+    if args.podman or args.ssh:
+        from selfhost.check import runner
+
+        run = runner(podman=args.podman, ssh=args.ssh, ssh_port=args.port)
+        try:
+            # Only the public key is derived on the server; the private key never leaves it.
+            out = run(f"wg pubkey < /etc/wireguard/{wg.interface}.key")
+        except (RuntimeError, OSError) as exc:
+            _err(f"selfhost vpn-peer: cannot read the server's public key: {exc}")
+            return EXIT_INTERNAL
+        public = out[0].strip() if out else public
+    text = wg.peer_config(server.fqdn, args.name, public)
+    sys.stdout.write(text)
+    if args.qr and shutil.which("qrencode"):
+        subprocess.run(["qrencode", "-t", "ansiutf8"], input=text, text=True, check=False)
+    elif args.qr:
+        _err("(install Debian's qrencode for a QR code)")
+    return EXIT_OK
+
+
 def cmd_rehearse(args: argparse.Namespace) -> int:
     """Converge the model into disposable Debian 12 and 13 containers, check idempotence and
     run `selfhost check` there (Molecule scenario `rehearse` of this repository)."""
@@ -316,6 +356,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the host's address as the probing container reaches it")
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("vpn-peer", help="print a VPN peer's WireGuard configuration",
+                       description="Print the WireGuard configuration of a peer (a laptop, a "
+                       "phone) of the model's VPN, with a QR code for the app. The server's "
+                       "public key is read from the server with --podman or --ssh; the "
+                       "device's private key stays on the device.")
+    p.add_argument("file", metavar="FILE", help="YAML server or fleet description")
+    p.add_argument("name", metavar="NAME", help="the peer's name in the model")
+    p.add_argument("--host", metavar="NAME", help="which host of a fleet runs the VPN")
+    p.add_argument("--podman", metavar="NAME", help="read the server's key from this container")
+    p.add_argument("--ssh", metavar="USER@HOST", help="read the server's key over ssh (sudo)")
+    p.add_argument("--port", type=int, help="SSH port")
+    p.add_argument("--no-qr", dest="qr", action="store_false", help="no QR code")
+    p.set_defaults(func=cmd_vpn_peer)
 
     p = sub.add_parser("rehearse", help="try a model in disposable Debian 12 and 13 containers",
                        description="Converge FILE into disposable Debian 12 and 13 containers "

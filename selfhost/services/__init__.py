@@ -13,8 +13,9 @@ from selfhost.models.base import StrictModel
 from selfhost.services.base import Service
 from selfhost.services.radicale import RadicaleService
 from selfhost.services.web import WebService
+from selfhost.services.wireguard import WireGuardService
 
-__all__ = ["RadicaleService", "Service", "Services", "WebService"]
+__all__ = ["RadicaleService", "Service", "Services", "WebService", "WireGuardService"]
 
 
 class Services(StrictModel):
@@ -28,6 +29,9 @@ class Services(StrictModel):
     )
     radicale: RadicaleService | None = Field(
         default=None, description="Calendars and contacts (CalDAV/CardDAV) with Radicale."
+    )
+    wireguard: WireGuardService | None = Field(
+        default=None, description="A WireGuard VPN to reach home from your devices."
     )
 
     def enabled(self) -> list[Service]:
