@@ -30,9 +30,9 @@ def test_the_example_composes_vpn_firewall_kernel_and_web() -> None:
     [plan] = compile_fleet(load_fleet(ROOT / "examples" / "vpn.yaml"),
                            {"nas": Target(in_container=True)}).values()
     f = plan.files()
-    conf = f["/etc/wireguard/wg0.conf"]
+    conf = f["/etc/wireguard/wg0.conf.selfhost"]
     assert "Address = 10.8.0.1/24" in conf and f"PublicKey = {LAPTOP}" in conf
-    assert "PrivateKey" not in conf  # the key stays in /etc/wireguard/wg0.key
+    assert "PrivateKey" not in conf  # the key is added on the server
     rules = f["/etc/nftables.conf"]
     assert 'udp dport 51820 accept comment "wireguard"' in rules
     assert 'iifname "wg0" accept comment "wireguard"' in rules

@@ -147,8 +147,6 @@ class WireGuardService(Service):
             "[Interface]",
             f"Address = {self.server_address}/{self.network.prefixlen}",
             f"ListenPort = {self.port}",
-            "# The private key stays in a root-only file on this server.",
-            f"PostUp = wg set %i private-key {DIR}/%i.key",
         ]
         for p in sorted(self.peers, key=lambda p: p.name):
             lines += ["", "[Peer]", f"# {p.name}", f"PublicKey = {p.public_key}",
@@ -166,13 +164,22 @@ class WireGuardService(Service):
             f"wireguard: the server's key pair ({DIR}/{i}.key, never printed)",
             f"umask 077 && wg genkey > {DIR}/{i}.key.new && mv {DIR}/{i}.key.new {DIR}/{i}.key",
             unless=f"test -s {DIR}/{i}.key"))
+        # The model's part (no key) is the managed file; the configuration wg-quick reads is
+        # made from it on the server, with the private key added there, so that a reload
+        # (`wg syncconf`: peers change without dropping the tunnel) keeps the key.
+        template = f"{DIR}/{i}.conf.selfhost"
         conf = f"{DIR}/{i}.conf"
         c.files.append(ManagedFile(
-            conf, self.config(), mode="0600",
+            template, self.config(), mode="0600",
             validate=f"t=$(mktemp -d) && cp {{path}} \"$t/{i}.conf\" && wg-quick strip "
             f"\"$t/{i}.conf\" >/dev/null; rc=$?; rm -rf \"$t\"; exit $rc"))
-        # wg-quick@'s reload is `wg syncconf`: peers change without dropping the tunnel.
-        c.units.append(Unit(f"wg-quick@{i}.service", reload_on=(conf,)))
+        c.commands.append(Command(
+            f"wireguard: {conf} from the model's part and the server's key",
+            f"umask 077 && {{ sed -n '1,/^\\[Interface\\]/p' {template} && "
+            f"printf 'PrivateKey = %s\\n' \"$(cat {DIR}/{i}.key)\" && "
+            f"sed '1,/^\\[Interface\\]/d' {template}; }} > {conf}.new && mv {conf}.new {conf}",
+            on_change=(template,)))
+        c.units.append(Unit(f"wg-quick@{i}.service", reload_on=(template,)))
         return c
 
     def peer_config(self, env_endpoint: str, name: str, server_public_key: str) -> str:

@@ -63,7 +63,10 @@ def test_the_server_runs_the_tunnel_with_a_private_key_that_stays_on_it(host: An
     assert host.service("wg-quick@wg0").is_running and host.service("wg-quick@wg0").is_enabled
     key = host.file("/etc/wireguard/wg0.key")
     assert key.mode == 0o600 and key.user == "root" and len(key.content_string.strip()) == 44
-    assert "PrivateKey" not in host.file("/etc/wireguard/wg0.conf").content_string
+    conf = host.file("/etc/wireguard/wg0.conf")  # made on the server, with the key
+    assert conf.mode == 0o600 and conf.user == "root"
+    assert "PrivateKey" not in host.file("/etc/wireguard/wg0.conf.selfhost").content_string
+    assert "private key: (hidden)" in host.check_output("wg show wg0")
     peers = host.check_output("wg show wg0 peers").split()
     assert len(peers) == 2
 
