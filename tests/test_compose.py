@@ -352,6 +352,40 @@ def test_fleet_compiles_one_plan_per_host_with_both_ends_of_a_relation() -> None
         assert rules.index("ip saddr @fleet4 tcp dport") < rules.index("update @ssh_meter4")
 
 
+def test_compile_fleet_routes_the_fleet_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation and the plans share one routing (it used to run three times per compile)."""
+    import selfhost.validation as validation
+
+    fleet = load_fleet_text(FLEET.format(key=ALICE, peer="friend"), "fleet.yaml")
+    calls: list[int] = []
+    real = validation.route_fleet
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(validation, "route_fleet", counting)
+    plans = compile_fleet(fleet)
+    assert len(calls) == 1
+    assert sorted(plans) == ["friend", "nas"]
+    # Problems are still refused with the shared routing.
+    fleet.hosts["nas"].admins[0].sudo = False
+    with pytest.raises(CompileError, match="no admin has sudo"):
+        compile_fleet(fleet)
+
+
+def test_fleet_addresses_are_trusted_once_each_in_first_seen_order() -> None:
+    text = FLEET.format(key=ALICE, peer="friend") + (
+        "  third:\n    hostname: third\n"
+        "    addresses: {lan: [192.168.1.10, 10.0.0.3], public: [203.0.113.7]}\n")
+    plans = compile_fleet(load_fleet_text(text, "fleet.yaml"))
+    for plan in plans.values():
+        f = plan.files()
+        assert "192.168.1.10 203.0.113.7 10.0.0.3\n" in f["/etc/fail2ban/jail.local"]
+        assert "elements = { 10.0.0.3/32, 192.168.1.10/32, 203.0.113.7/32 }" \
+            in f["/etc/nftables.conf"]
+
+
 def test_one_host_file_is_a_fleet_of_one() -> None:
     s = validated(server())
     plans = compile_fleet(Fleet.of(s))
