@@ -37,7 +37,7 @@ from selfhost.compose.requests import (
     SystemUser,
     VirtualHost,
 )
-from selfhost.compose.route import Routed, order, route_fleet
+from selfhost.compose.route import Routed, merge, order, route_fleet
 from selfhost.config import ConfigError, load_fleet_text
 from selfhost.models.base import SecretRef
 from selfhost.models.fleet import Fleet
@@ -231,6 +231,28 @@ def test_the_same_request_twice_merges() -> None:
                             Port(9000, "tcp", origin="services.test"))
     assert not routed.problems
     assert len([p for p in routed.requests[Port] if getattr(p, "port", 0) == 9000]) == 1
+
+
+def test_merging_many_requests_compares_each_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Merge deduplicates with a set: 2000 distinct requests and their 2000 repeats cost a few
+    thousand comparisons, not the 2 million of a list's `in` (1000 sites made it 5x slower)."""
+    compared: list[int] = []
+    real_eq = Port.__eq__
+
+    def eq(self: Port, other: object) -> bool:
+        compared.append(1)
+        return real_eq(self, other)
+
+    monkeypatch.setattr(Port, "__eq__", eq)
+    ports = [Port(10_000 + i, "tcp", origin=f"services.s{i}") for i in range(2000)]
+    problems: list[Any] = []
+    merged = merge([*ports, *(dataclasses.replace(p) for p in ports)], problems)
+    assert merged == ports and not problems
+    assert len(compared) < 10_000
+    # Conflicts are still found: the same port from two modules.
+    merge([Port(22, origin="services.a"), Port(22, origin="services.b")], problems)
+    assert [p.message for p in problems] == [
+        "port 22/tcp is requested by both services.a and services.b"]
 
 
 def test_a_request_without_a_provider_fails_validation() -> None:
