@@ -21,10 +21,13 @@ def route(fleet: Fleet) -> dict[str, Routed]:
     return route_fleet(fleet, modules)
 
 
-def validate_fleet(fleet: Fleet) -> dict[str, list[Problem]]:
-    """Every problem of every host, by host name (hosts without problems are absent)."""
+def validate_fleet(fleet: Fleet, routed: dict[str, Routed] | None = None
+                   ) -> dict[str, list[Problem]]:
+    """Every problem of every host, by host name (hosts without problems are absent).
+    ``routed``: the fleet already routed by :func:`route` (routing is pure: the compiler
+    passes its own rather than routing twice)."""
     out: dict[str, list[Problem]] = {}
-    routed = route(fleet)
+    routed = route(fleet) if routed is None else routed
     for host, server in fleet.hosts.items():
         problems = host_assertions(server) + list(routed[host].problems)
         r = routed[host]

@@ -67,13 +67,12 @@ def compile_fleet(fleet: Fleet, targets: dict[str, Target] | None = None,
     (default: stand-in keys, which never touch the disk)."""
     from selfhost.validation import route, validate_fleet
 
-    problems = {h: [p for p in ps if p.severity == "error"]
-                for h, ps in validate_fleet(fleet).items()}
+    routed = route(fleet)  # once: validation and every host's plan use the same routing
+    warnings = validate_fleet(fleet, routed)
+    problems = {h: [p for p in ps if p.severity == "error"] for h, ps in warnings.items()}
     problems = {h: ps for h, ps in problems.items() if ps}
     if problems:
         raise CompileError(problems)
-    warnings = validate_fleet(fleet)
-    routed = route(fleet)
     keys = keys or FakeKeyStore()
     out: dict[str, Plan] = {}
     for host in hosts or list(fleet.hosts):

@@ -12,6 +12,7 @@ with ``nft -c`` before it is loaded; the SSH port in use is always open.
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import lru_cache
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -274,5 +275,8 @@ def _who(r: Request) -> str:
     return r.origin
 
 
+@lru_cache(maxsize=65536)
 def network(value: str) -> IPv4Network | IPv6Network:
+    # Cached: every host of an N-host fleet parses the N fleet addresses again (the networks
+    # are immutable, so sharing them is safe).
     return ip_network(value, strict=False)
