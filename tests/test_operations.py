@@ -1005,3 +1005,27 @@ def test_a_unit_still_starting_is_read_once_it_settles(tmp_path: Path) -> None:
                          env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"},
                          timeout=30)
     assert parse(q, res.stdout.splitlines()).units["fail2ban.service"] == ("enabled", "active")
+
+
+def test_a_fleet_file_is_loaded_and_routed_once_per_run(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    """pyinfra runs the deploy once per host: the fleet is read, validated and routed once
+    (else a fleet's deploy costs the square of its size on the controller)."""
+    import selfhost.config
+
+    calls: list[str] = []
+    real = selfhost.config.load_fleet
+
+    def counting(path: Any) -> Any:
+        calls.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(selfhost.config, "load_fleet", counting)
+    model = tmp_path / "fleet.yaml"
+    model.write_text((ROOT / "examples" / "backup.yaml").read_text())
+    first = backend._load_prepared(model)
+    second = backend._load_prepared(str(model))
+    assert first is second and len(calls) == 1
+    model.write_text(model.read_text() + "\n# edited\n")  # a changed file is read again
+    backend._load_prepared(model)
+    assert len(calls) == 2

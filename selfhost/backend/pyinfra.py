@@ -604,8 +604,35 @@ def target_for_host() -> Target:
                   keep_open_ports=keep)
 
 
+_LOADED: dict[tuple[str, int, int], tuple[Fleet, Any]] = {}
+"""Models already loaded (and prepared) in this pyinfra run, by file: pyinfra runs the deploy
+once per host, and a fleet file is read, validated and routed once, not once per host."""
+
+
 def load(config: str | Path) -> Fleet:
     """The fleet (or one-server) model of ``config``; errors are logged as FILE:LINE:COL."""
+    return _load_prepared(config)[0]
+
+
+def _load_prepared(config: str | Path) -> tuple[Fleet, Any]:
+    from selfhost.compile import prepare
+
+    p = Path(config).resolve()
+    try:
+        st = p.stat()
+        key = (str(p), st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = (str(p), 0, 0)
+    if key not in _LOADED:
+        fleet = _load_fleet(config)
+        try:
+            _LOADED[key] = (fleet, prepare(fleet))
+        except CompileError as exc:
+            raise DeployError(f"the model cannot be compiled: {exc}") from None
+    return _LOADED[key]
+
+
+def _load_fleet(config: str | Path) -> Fleet:
     from selfhost.config import ConfigError, load_fleet
 
     try:
@@ -637,18 +664,20 @@ def home_server(config: str | None = None, model: Fleet | Server | None = None,
     ``selfhost_config``), or a model built in Python (``model``: a Fleet or a Server). In a
     fleet, ``name`` (default: host data ``selfhost_host``, else the inventory name) says
     which host this is."""
+    prepared = None
     if model is None:
         path = config or host.data.get("selfhost_config")
         if not path:
             raise DeployError("no model: pass config=... or model=..., or set host data "
                               "selfhost_config")
-        fleet = load(path)
+        fleet, prepared = _load_prepared(path)
     else:
         fleet = model if isinstance(model, Fleet) else Fleet.of(model)
     me = fleet_host(fleet, name)
     keys = DirKeyStore()
     try:
-        plan = compile_fleet(fleet, {me: target_for_host()}, keys, hosts=[me])[me]
+        plan = compile_fleet(fleet, {me: target_for_host()}, keys, hosts=[me],
+                             prepared=prepared)[me]
     except CompileError as exc:
         raise DeployError(f"the model cannot be compiled: {exc}") from None
     for notice in plan.notices:

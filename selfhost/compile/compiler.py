@@ -60,11 +60,12 @@ def collect(routed: Routed, fleet: Fleet, target: Target,
             for path, module in routed.modules]
 
 
-def compile_fleet(fleet: Fleet, targets: dict[str, Target] | None = None,
-                  keys: KeyStore | None = None,
-                  hosts: list[str] | None = None) -> dict[str, Plan]:
-    """One plan per host (or per host of ``hosts``). ``keys`` is the controller's key store
-    (default: stand-in keys, which never touch the disk)."""
+Prepared = tuple[dict[str, Routed], dict[str, list[Problem]]]
+"""A fleet routed and validated (warnings by host): the target-free half of compilation."""
+
+
+def prepare(fleet: Fleet) -> Prepared:
+    """Route and validate a fleet once; raise :class:`CompileError` on any error."""
     from selfhost.validation import route, validate_fleet
 
     routed = route(fleet)  # once: validation and every host's plan use the same routing
@@ -73,6 +74,17 @@ def compile_fleet(fleet: Fleet, targets: dict[str, Target] | None = None,
     problems = {h: ps for h, ps in problems.items() if ps}
     if problems:
         raise CompileError(problems)
+    return routed, warnings
+
+
+def compile_fleet(fleet: Fleet, targets: dict[str, Target] | None = None,
+                  keys: KeyStore | None = None, hosts: list[str] | None = None,
+                  prepared: Prepared | None = None) -> dict[str, Plan]:
+    """One plan per host (or per host of ``hosts``). ``keys`` is the controller's key store
+    (default: stand-in keys, which never touch the disk). ``prepared``: the fleet's
+    :func:`prepare` result, when the caller compiles its hosts one at a time (a deploy runs
+    once per host: routing the whole fleet each time would cost the square of its size)."""
+    routed, warnings = prepared if prepared is not None else prepare(fleet)
     keys = keys or FakeKeyStore()
     out: dict[str, Plan] = {}
     for host in hosts or list(fleet.hosts):
