@@ -80,12 +80,18 @@ def _pam_unix_rounds(cost: int) -> str:
             f"s/[[:space:]]+rounds=[0-9]+//g;s/$/ rounds={cost}/}}}}'")
 
 
-# Regular dotfiles in the home of every account that can log in (uid 1000 and up, not nobody)
-# and in /etc/skel (copied by useradd): no group write or execute, nothing for others.
+# Shell start-up files (they run code at every login) in /etc/skel (copied by useradd) and in
+# the home of every account that can log in (uid 1000 and up, not nobody): no group write or
+# execute, nothing for others.
+INIT_FILES = (".profile", ".bashrc", ".bash_profile", ".bash_login", ".bash_logout", ".zshenv",
+              ".zprofile", ".zshrc", ".zlogin", ".zlogout", ".cshrc", ".tcshrc", ".login",
+              ".logout", ".kshrc", ".mkshrc")
 _INIT_FILES = ("{ ls -d /etc/skel; getent passwd | "
                "awk -F: '$3 >= 1000 && $3 < 65534 && $6 != \"/\" {print $6}'; } | "
                "while read -r d; do test -d \"$d\" && "
-               "find \"$d\" -maxdepth 1 -type f -name '.*' -perm /037; done")
+               "find \"$d\" -maxdepth 1 -type f \\( "
+               + " -o ".join(f"-name '{n}'" for n in INIT_FILES)
+               + " \\) -perm /037; done")
 
 
 class SudoPolicy(StrictModel):
@@ -174,8 +180,9 @@ class AccountsHardening(Control):
                                          description="How long a locked account stays locked.")
     private_dotfiles: bool = Field(
         default=True,
-        description="Dotfiles (.bashrc, .profile, ...) in /etc/skel and in the home of every "
-        "login account: no group write or execute, nothing for others (0740 at most).")
+        description="Shell start-up files (.profile, .bashrc, ...) in /etc/skel and in the "
+        "home of every login account: no group write or execute, nothing for others (0740 at "
+        "most), so nobody else can add commands to an admin's login.")
     sudo: SudoPolicy = Field(default_factory=SudoPolicy, description="sudo's defaults.")
     restrict_su: bool = Field(default=True,
                               description="Only members of the sudo group may use `su`.")
@@ -332,7 +339,7 @@ class AccountsHardening(Control):
         ))
         if self.private_dotfiles:
             c.commands.append(Command(
-                "dotfiles in /etc/skel and login homes: 0740 at most",
+                "shell start-up files in /etc/skel and login homes: 0740 at most",
                 f"{_INIT_FILES} | while read -r f; do chmod g-wx,o-rwx \"$f\"; done",
                 unless=f"test -z \"$({_INIT_FILES})\"",
             ))
