@@ -103,16 +103,17 @@ class SudoPolicy(StrictModel):
     requiretty: Departure = departure(
         "sudo with `requiretty` refuses commands run without a terminal, and deploys run sudo "
         "over SSH without one (pyinfra: `sudo -H -n sh -c ...`), as do scripts and other "
-        "automation; `use_pty` (Debian's default, kept) already gives every sudo command its "
-        "own pseudo-terminal, so a command cannot inject input into the admin's terminal",
+        "automation (seen: the deploy stops at `sudo: sorry, you must have a tty to run "
+        "sudo`); `use_pty` (Debian's default, kept) already gives every sudo command its own "
+        "pseudo-terminal, so a command cannot inject input into the admin's terminal",
         "`Defaults requiretty`: only run sudo from a terminal. Turning it on breaks deploys "
         "over SSH (pyinfra runs sudo without a terminal).",
     )
     noexec: Departure = departure(
         "sudo with `noexec` stops every command run through it from starting another program: "
-        "`sudo -i`, `sudo apt-get` (apt runs dpkg), `sudo systemctl edit` and the deploy itself "
-        "(`sudo sh -c ...`) would fail; it is meant for rules that allow single commands, and "
-        "selfhost's admins are full administrators",
+        "`sudo -i`, `sudo apt-get` (seen: apt cannot start its download method) and the deploy "
+        "itself (seen: `sudo sh -c 'id -u'` fails with `id: Permission denied`); it is meant "
+        "for rules that allow single commands, and selfhost's admins are full administrators",
         "`Defaults noexec`: commands run with sudo may not execute other programs. Turning "
         "it on breaks root shells, package installs and deploys.",
     )
