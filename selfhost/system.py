@@ -77,11 +77,8 @@ def base_contribution(server: Server) -> Contribution:
         unless=f"grep -qx {name} /etc/hostname && "
         f'{{ test "$(hostname)" = {name} || systemd-detect-virt --container --quiet; }}',
     ))
-    lines = ["# Managed by selfhost: the admins from the model."]
-    for admin in sorted(server.admins, key=lambda a: a.name):
-        if admin.sudo:
-            nopasswd = "" if admin.has_password else "NOPASSWD: "
-            lines.append(f"{admin.name} ALL=(ALL:ALL) {nopasswd}ALL")
-    c.files.append(ManagedFile(SUDOERS, "\n".join(lines) + "\n", mode="0440",
+    from selfhost.hardening.accounts import sudoers
+
+    c.files.append(ManagedFile(SUDOERS, sudoers(server), mode="0440",
                                validate="visudo -cqf {path}"))
     return c

@@ -677,6 +677,8 @@ def test_users_and_sudoers() -> None:
     assert users[0].ssh_keys == (ALICE,)
     assert users[2].password_hash == "$y$j9T$abc$def"
     assert plan.files()[SUDOERS].splitlines()[1:] == [
+        "Defaults\tignore_dot",
+        "Defaults\tumask=0027",
         "alice ALL=(ALL:ALL) NOPASSWD: ALL",
         "zoe ALL=(ALL:ALL) ALL",
     ]
@@ -697,9 +699,12 @@ def test_render_lists_disabled_controls_with_reasons() -> None:
     assert "Hardening controls turned OFF:" in text
     assert "  fail2ban: the router bans brute-forcers" in text
     assert "  updates: updates are done by hand on Sundays" in text
-    assert plan.disabled_controls == [("fail2ban", "the router bans brute-forcers"),
-                                      ("updates", "updates are done by hand on Sundays")]
-    assert "turned OFF" not in build().render()
+    assert plan.disabled_controls[:2] == [("fail2ban", "the router bans brute-forcers"),
+                                          ("updates", "updates are done by hand on Sundays")]
+    # By default only the documented departures of the accounts control are listed.
+    default = build()
+    assert {name.split(".")[0] for name, _ in default.disabled_controls} == {"accounts"}
+    assert "  accounts.sudo.requiretty: sudo with `requiretty` refuses" in default.render()
 
 
 def test_example_site_source_resolves_against_the_yaml_directory() -> None:
@@ -781,3 +786,73 @@ def test_apparmor_on_real_kernels_only() -> None:
     assert "apparmor" not in _packages(build(Target("bookworm", in_container=True)))
     off = {"hardening": {"kernel": {"apparmor": False}}}
     assert "apparmor" not in _packages(build(Target("trixie"), **off))
+
+
+# --------------------------------------------------------------------------------------------
+# Accounts: compliance rules applied where auditors read them, departures turned on
+
+
+def _accounts_run(plan: Plan, name_start: str) -> Run:
+    return next(s for s in plan.steps if isinstance(s, Run) and s.source == "hardening.accounts"
+                and s.command.name.startswith(name_start))
+
+
+def test_sudo_defaults_and_departures_turned_on() -> None:
+    on = {"enabled": True}
+    plan = build(hardening={"accounts": {"sudo": {"requiretty": on, "noexec": on}}})
+    assert plan.files()[SUDOERS].splitlines()[1:5] == [
+        "Defaults\tignore_dot", "Defaults\tumask=0027", "Defaults\trequiretty",
+        "Defaults\tnoexec"]
+    off = build(hardening={"accounts": {"enabled": False, "reason": "managed by the company"}})
+    assert "Defaults" not in off.files()[SUDOERS]
+    assert not [s for s in off.steps if isinstance(s, Run) and "sudoers.d" in s.command.name]
+
+
+def test_root_password_age_and_hash_cost_follow_the_model() -> None:
+    assert not [s for s in build().steps if isinstance(s, Run) and "chage" in s.command.command]
+    plan = build(hardening={"accounts": {"root_password_max_age": {"enabled": True},
+                                         "password_hash_cost": 11}})
+    assert _accounts_run(plan, "root's password").command.command == "chage --maxdays 365 root"
+    pam = _accounts_run(plan, "PAM:")
+    assert "s/$/ rounds=11/" in pam.command.command and "rounds=11$" in (pam.command.unless or "")
+    assert "YESCRYPT_COST_FACTOR\\t11" in _accounts_run(plan, "login.defs").command.command
+    assert "accounts.password_hash_cost" not in dict(plan.disabled_controls)
+
+
+PWQUALITY_DEBIAN = """# Configuration for systemwide password quality limits
+# minlen = 8
+# dcredit = 0
+# enforce_for_root
+"""
+
+
+@pytest.mark.parametrize("composition", [False, True])
+def test_pwquality_keys_land_in_pwquality_conf_once(tmp_path: Path, composition: bool) -> None:
+    """The command edits Debian's pwquality.conf in place (a real shell): each key once, the
+    admin's comments kept, a second run changes nothing and its guard then holds."""
+    conf = tmp_path / "pwquality.conf"
+    conf.write_text(PWQUALITY_DEBIAN + "minlen = 9\nminlen=10\n")
+    dropin = tmp_path / "50-selfhost.conf"
+    dropin.write_text("minlen = 14\n")
+    plan = build(hardening={"accounts": {"password_composition": {"enabled": True}}}
+                 if composition else {})
+    run = _accounts_run(plan, "pwquality.conf").command
+
+    def local(cmd: str) -> str:
+        return (cmd.replace("/etc/security/pwquality.conf.d/50-selfhost.conf", str(dropin))
+                .replace("/etc/security/pwquality.conf", str(conf)))
+
+    guard = ["/bin/sh", "-c", local(run.unless or "")]
+    assert subprocess.run(guard, check=False).returncode != 0
+    subprocess.run(["/bin/sh", "-c", local(run.command)], check=True)
+    first = conf.read_text()
+    subprocess.run(["/bin/sh", "-c", local(run.command)], check=True)
+    assert conf.read_text() == first and not dropin.exists()
+    assert subprocess.run(guard, check=False).returncode == 0
+    active = [ln for ln in first.splitlines() if ln and not ln.startswith("#")]
+    credit = "-1" if composition else "0"
+    assert active == ["minlen = 15", f"minclass = {4 if composition else 3}",
+                      f"dcredit = {credit}", f"ucredit = {credit}", f"lcredit = {credit}",
+                      f"ocredit = {credit}", "maxrepeat = 3", "dictcheck = 1", "usercheck = 1",
+                      "enforce_for_root"]
+    assert first.startswith("# Configuration for systemwide")

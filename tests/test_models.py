@@ -35,6 +35,14 @@ SHA512 = ("$6$rounds=65536$saltsalt$Q8u0Yj8gE8QZtE7y0Xb1m0vQwHh3b7oX2m0M2o0k6sC1
           "yM4y0k0ZyQm8Z1p9w3z5R6y0wY9m3Yx1.")
 
 
+# Benchmark rules selfhost does not apply by default, each with a reason the plan shows.
+DEPARTURES = [
+    "accounts.password_composition", "accounts.root_password_max_age",
+    "accounts.sudo.requiretty", "accounts.sudo.noexec", "accounts.sudo.restricted_rules",
+    "accounts.password_hash_cost",
+]
+
+
 def model(**overrides: Any) -> dict[str, Any]:
     data: dict[str, Any] = {
         "hostname": "box",
@@ -68,7 +76,9 @@ def test_minimal_model_is_valid_and_safe_by_default() -> None:
     assert server.fqdn == "box.example.org"
     assert server.timezone == "UTC"
     h = server.hardening
-    assert h.disabled() == []
+    # No control is off; only the documented departures from compliance benchmarks are listed.
+    assert [name for name, _ in h.disabled()] == DEPARTURES
+    assert all(len(reason) > 80 for _, reason in h.disabled())
     assert h.ssh.port == 22 and not h.ssh.password_authentication
     assert not h.ssh.allow_tcp_forwarding and not h.ssh.x11_forwarding
     assert server.services.enabled() == []
@@ -333,7 +343,10 @@ def test_control_off_needs_a_reason(control: str) -> None:
         ("hardening", control, "reason")
     server = validated(model(hardening={control: {"enabled": False,
                                                               "reason": "done elsewhere"}}))
-    assert server.hardening.disabled() == [(control, "done elsewhere")]
+    off = server.hardening.disabled()
+    assert off[0] == (control, "done elsewhere")
+    # Then the departures of the controls still on (none when accounts itself is off).
+    assert [name for name, _ in off[1:]] == ([] if control == "accounts" else DEPARTURES)
 
 
 def test_field_ranges() -> None:
@@ -442,3 +455,17 @@ def test_missing_description_walker_finds_gaps() -> None:
               "$defs": {"X": {"properties": {"b": {"type": "int"},
                                              "c": {"anyOf": [], "description": "C."}}}}}
     assert _missing_descriptions(schema) == ["#/$defs/X.b"]
+
+
+def test_departures_can_be_turned_on_except_restricted_sudo_rules() -> None:
+    on = {"enabled": True}
+    server = Server.model_validate(model(hardening={"accounts": {
+        "password_composition": on, "root_password_max_age": on, "password_hash_cost": 11,
+        "sudo": {"requiretty": on, "noexec": on}}}))
+    assert [name for name, _ in server.hardening.disabled()] == ["accounts.sudo.restricted_rules"]
+    errs = errors(model(hardening={"accounts": {"sudo": {"restricted_rules": on}}}))
+    assert errs[0]["loc"] == ("hardening", "accounts", "sudo", "restricted_rules")
+    assert "full administrators" in errs[0]["msg"]
+    # Turning a departure off again needs a reason of one's own, like any control.
+    errs = errors(model(hardening={"accounts": {"sudo": {"noexec": {"enabled": False}}}}))
+    assert "requires a `reason`" in errs[0]["msg"]

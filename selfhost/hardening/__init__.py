@@ -49,10 +49,16 @@ class Hardening(StrictModel):
     )
 
     def disabled(self) -> list[tuple[str, str]]:
-        """(control, reason) for every control that is turned off."""
+        """(control, reason) for every control that is turned off, then (control.setting,
+        reason) for every setting of an enabled control that is off (a documented departure
+        from a compliance benchmark, such as ``accounts.sudo.requiretty``)."""
         out = []
         for name in type(self).model_fields:
             ctl = getattr(self, name)
             if isinstance(ctl, Control) and not ctl.enabled:
                 out.append((name, ctl.reason or ""))
+        for name in type(self).model_fields:
+            ctl = getattr(self, name)
+            if isinstance(ctl, Control) and ctl.enabled:
+                out += [(f"{name}.{path}", why) for path, why in ctl.departures()]
         return out

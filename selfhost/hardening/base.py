@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from typing import Any
+
+from pydantic import BaseModel, Field, model_validator
 
 from selfhost.compose.module import Module
 from selfhost.models.base import StrictModel
@@ -26,3 +28,41 @@ class Control(StrictModel, Module):
         if not self.enabled and not self.reason:
             raise ValueError("turning a hardening control off requires a `reason`")
         return self
+
+    def departures(self) -> list[tuple[str, str]]:
+        """(setting, reason) for every setting inside this control that is off, by its path
+        relative to the control (``sudo.requiretty``). The plan lists them with the controls
+        that are off."""
+        return _departures(self)
+
+
+class Departure(Control):
+    """A rule of a compliance benchmark that selfhost does NOT apply by default, for the
+    reason given (shown by `selfhost plan`). Turn it on with ``{enabled: true}``."""
+
+    enabled: bool = Field(default=False, description="Apply this rule (off by default: see "
+                                                     "`reason`).")
+    reason: str | None = Field(
+        default=None,
+        min_length=3,
+        description="Why the rule is not applied (shown in the plan while it is off).",
+    )
+
+
+def departure(reason: str, description: str) -> Any:
+    """A field holding a `Departure` that is off by default because of ``reason``."""
+    return Field(default_factory=lambda: Departure(reason=reason), description=description)
+
+
+def _departures(model: BaseModel) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, Control):
+            if not value.enabled:
+                out.append((name, value.reason or ""))
+            else:
+                out += [(f"{name}.{path}", why) for path, why in value.departures()]
+        elif isinstance(value, BaseModel):
+            out += [(f"{name}.{path}", why) for path, why in _departures(value)]
+    return out

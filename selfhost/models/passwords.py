@@ -37,7 +37,7 @@ __all__ = [
     "shadow_sha1",
 ]
 
-MIN_LENGTH = 14
+MIN_LENGTH = 15
 """Shortest accepted password: the ``minlen`` pam_pwquality enforces on the server (see
 :mod:`selfhost.hardening.accounts`; a longer ``password_min_length`` there raises it)."""
 

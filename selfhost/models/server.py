@@ -59,7 +59,7 @@ class Admin(StrictModel):
         default=None,
         description="Optional password for sudo/console, as a reference to where the "
         "password is kept on the machine that runs the deploy ({env: VAR} or {file: PATH}); "
-        "never the password itself. It must be strong: at least 14 characters, without the "
+        "never the password itself. It must be strong: at least 15 characters, without the "
         "login, host or domain name, and rated 4/4 by zxcvbn (checked when the model is "
         "validated if the secret can be read there, and again by the deploy). The deploy "
         "hashes it with yescrypt; only the hash reaches the server. Exclusive with "
@@ -283,7 +283,7 @@ class Server(StrictModel):
 
     @property
     def password_min_length(self) -> int:
-        """Shortest accepted admin password: 14, or the accounts control's minimum if longer."""
+        """Shortest accepted admin password: 15, or the accounts control's minimum if longer."""
         from selfhost.models.passwords import MIN_LENGTH
 
         return max(MIN_LENGTH, self.hardening.accounts.password_min_length)

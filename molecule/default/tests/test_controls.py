@@ -49,10 +49,12 @@ def plan(release: str, in_container: bool) -> Plan:
 @pytest.fixture(scope="module")
 def probe_user(host: Any) -> Any:
     """A throw-away unprivileged login created the way a user would create one (useradd)."""
-    host.run(f"userdel -r {TEST_USER} 2>/dev/null")
+    # pam_pwhistory keeps old hashes by login name: a new user of the same name starts clean.
+    forget = f"sed -i '/^{TEST_USER}:/d' /etc/security/opasswd 2>/dev/null"
+    host.run(f"userdel -r {TEST_USER} 2>/dev/null; {forget}")
     host.check_output(f"useradd --create-home --shell /bin/bash {TEST_USER}")
     yield host.user(TEST_USER)
-    host.run(f"userdel -r {TEST_USER}")
+    host.run(f"userdel -r {TEST_USER}; {forget}")
 
 
 def as_login(host: Any, cmd: str) -> Any:
