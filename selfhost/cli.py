@@ -79,6 +79,16 @@ def _host(fleet: Fleet, file: str, name: str | None) -> str | int:
     return found
 
 
+def _load_host(args: argparse.Namespace) -> tuple[Fleet, str] | int:
+    """The model of ``args.file`` and the host ``args.host`` names (or its only host); an
+    exit status when either is wrong (the problems are printed)."""
+    fleet = _load(args.file, args.debug)
+    if isinstance(fleet, int):
+        return fleet
+    me = _host(fleet, args.file, args.host)
+    return me if isinstance(me, int) else (fleet, me)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from selfhost.compile import Target, compile_fleet
     from selfhost.config import Issue
@@ -136,12 +146,10 @@ def cmd_listening(args: argparse.Namespace) -> int:
     from selfhost.audit import SS_COMMAND, is_loopback, parse_ss, runner, unaccounted
     from selfhost.compile import Target, compile_fleet
 
-    fleet = _load(args.file, args.debug)
-    if isinstance(fleet, int):
-        return fleet
-    me = _host(fleet, args.file, args.host)
-    if isinstance(me, int):
-        return me
+    loaded = _load_host(args)
+    if isinstance(loaded, int):
+        return loaded
+    fleet, me = loaded
     run = runner(podman=args.podman, ssh=args.ssh, ssh_port=args.port)
     try:
         release = run(". /etc/os-release; echo $VERSION_CODENAME").strip()
@@ -227,12 +235,10 @@ def cmd_vpn_peer(args: argparse.Namespace) -> int:
     """Print a VPN peer's WireGuard configuration (and a QR code for the app)."""
     import shutil
 
-    fleet = _load(args.file, args.debug)
-    if isinstance(fleet, int):
-        return fleet
-    me = _host(fleet, args.file, args.host)
-    if isinstance(me, int):
-        return me
+    loaded = _load_host(args)
+    if isinstance(loaded, int):
+        return loaded
+    fleet, me = loaded
     server = fleet.hosts[me]
     wg = server.services.wireguard
     if wg is None:
@@ -268,12 +274,10 @@ def cmd_rehearse(args: argparse.Namespace) -> int:
     run `selfhost check` there (Molecule scenario `rehearse` of this repository)."""
     import os
 
-    fleet = _load(args.file, args.debug)
-    if isinstance(fleet, int):
-        return fleet
-    me = _host(fleet, args.file, args.host)
-    if isinstance(me, int):
-        return me
+    loaded = _load_host(args)
+    if isinstance(loaded, int):
+        return loaded
+    _, me = loaded
     repo = Path(__file__).resolve().parents[1]
     if not (repo / "molecule" / "rehearse" / "molecule.yml").is_file():
         _err("selfhost rehearse: needs a clone of the selfhost repository (its Molecule "
