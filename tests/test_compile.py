@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from validators import Validators
+from validators import EXAMPLES, Validators
 
 from selfhost.compile import Target, compile_server
 from selfhost.compile.plan import File, Packages, Plan, Reload, Run, UnitState, User
@@ -509,6 +509,29 @@ def test_rendered_files_pass_their_own_validate_commands(path: Path,
     file staged next to its destination, in a container of the plan's Debian release with
     the plan's packages installed (tests/validators.py). No validator may be missing."""
     release, steps = _validated_files(path)
+    assert {SSHD_CONFIG, SUDOERS, NFTABLES} <= {s.file.path for s in steps}
+    failed = []
+    for step in steps:
+        assert step.file.validate is not None
+        res = validators.check(release, step.file.path, step.file.content, step.file.validate)
+        if res.returncode != 0:
+            failed.append(f"{step.file.path}: {step.file.validate}\n"
+                          f"{(res.stdout + res.stderr).decode(errors='replace')}")
+    assert not failed, f"rejected on {release}:\n" + "\n".join(failed)
+
+
+EXAMPLE_PLANS = [(e, r) for e in EXAMPLES for r in ("bookworm", "trixie")]
+
+
+@pytest.mark.parametrize("example,release", EXAMPLE_PLANS,
+                         ids=[f"{e.stem}-{r}" for e, r in EXAMPLE_PLANS])
+def test_example_files_pass_their_own_validate_commands(example: Path, release: str,
+                                                        validators: Validators) -> None:
+    """The examples' plans (web site, backups to a local and an sftp repository, the
+    friend's host) on each release, checked the same way."""
+    inp = {"model_file": str(example.relative_to(ROOT)), "target": {"release": release}}
+    plan = compile_server(updater.load_model(inp), updater.target_of(inp))
+    steps = [s for s in _file_steps(plan).values() if s.file.validate]
     assert {SSHD_CONFIG, SUDOERS, NFTABLES} <= {s.file.path for s in steps}
     failed = []
     for step in steps:

@@ -38,8 +38,13 @@ class ValidatorError(Exception):
     """The container for a release could not be prepared (message says why)."""
 
 
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+"""The example models: the unit tests check their files on every release."""
+
+
 def plan_packages(release: str) -> list[str]:
-    """The packages of every compile fixture's plan for ``release``, plus every validator's."""
+    """The packages of every compile fixture's plan for ``release`` and of every example's,
+    plus every validator's."""
     import update_fixtures as updater  # tests/ is on sys.path (rootdir conftest)
 
     from selfhost.compile import compile_server
@@ -52,6 +57,12 @@ def plan_packages(release: str) -> list[str]:
         if target.release != release:
             continue
         plan = compile_server(updater.load_model(inp), target)
+        for step in plan.steps:
+            if isinstance(step, Packages):
+                names.update(step.names)
+    for example in EXAMPLES:
+        inp = {"model_file": str(example.relative_to(ROOT)), "target": {"release": release}}
+        plan = compile_server(updater.load_model(inp), updater.target_of(inp))
         for step in plan.steps:
             if isinstance(step, Packages):
                 names.update(step.names)
