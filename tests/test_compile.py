@@ -50,7 +50,8 @@ SUDOERS = "/etc/sudoers.d/selfhost-admins"
 SYSCTL = "/etc/sysctl.d/60-selfhost-hardening.conf"
 MODPROBE = "/etc/modprobe.d/selfhost-blacklist.conf"
 
-# ssh-audit's built-in policies "Hardened Debian 12 (version 3)" / "Hardened Debian 13".
+# ssh-audit's built-in policies "Hardened Debian 12 (version 3)" / "Hardened Debian 13", plus
+# curve25519 on Debian 13, the one key exchange there that pyinfra (paramiko) can use.
 KEX = {
     "bookworm": [
         "sntrup761x25519-sha512", "sntrup761x25519-sha512@openssh.com", "curve25519-sha256",
@@ -59,6 +60,7 @@ KEX = {
     ],
     "trixie": [
         "mlkem768x25519-sha256", "sntrup761x25519-sha512", "sntrup761x25519-sha512@openssh.com",
+        "curve25519-sha256", "curve25519-sha256@libssh.org",  # for paramiko
     ],
 }
 
@@ -371,6 +373,21 @@ def sshd_settings(text: str) -> dict[str, str]:
             key, _, value = line.partition(" ")
             out.setdefault(key.lower(), value)
     return out
+
+
+@pytest.mark.parametrize("release", ["bookworm", "trixie"])
+def test_pyinfra_can_still_deploy_over_ssh(release: str) -> None:
+    """After the first deploy, the admin deploys over SSH with pyinfra, i.e. paramiko: the
+    hardened sshd must share a key exchange, cipher, MAC and host key type with it
+    (Debian 13's post-quantum-only policy shares no key exchange with paramiko 4.0)."""
+    import paramiko
+
+    cfg = sshd_settings(build(Target(release=release)).files()[SSHD_CONFIG])
+    t = paramiko.Transport
+    client = {"kexalgorithms": t._preferred_kex, "ciphers": t._preferred_ciphers,
+              "macs": t._preferred_macs, "hostkeyalgorithms": t._preferred_keys}
+    for key, supported in client.items():
+        assert set(cfg[key].split(",")) & set(supported), (key, cfg[key], supported)
 
 
 @pytest.mark.parametrize("release", ["bookworm", "trixie"])

@@ -24,6 +24,7 @@ KEX = {
     "trixie": [
         "mlkem768x25519-sha256", "sntrup761x25519-sha512",
         "sntrup761x25519-sha512@openssh.com",
+        "curve25519-sha256", "curve25519-sha256@libssh.org",  # for paramiko
     ],
 }
 HOST_KEYS = {"/etc/ssh/ssh_host_ed25519_key", "/etc/ssh/ssh_host_rsa_key"}
