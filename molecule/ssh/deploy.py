@@ -7,7 +7,8 @@ every later one over SSH as the model's admin with sudo and the admin's password
 
 `prepare` writes (once) into WORKDIR: random secrets (0600), an SSH key for alice, and the
 model: examples/home.yaml with that key, alice's password by reference, a backup repository
-with a password and a mail relay with a password (all three `{env: ...}`).
+with a password and the mail relay of relay.sh (STARTTLS, AUTH) with a password (all three
+`{env: ...}`).
 
 `root` and `ssh` run pyinfra with the secrets in its environment only, and meanwhile sample
 every process command line of this machine (the containers' processes included) for the
@@ -37,6 +38,7 @@ ENV = {  # secret -> environment variable named in the model
     "backup_password": "SELFHOST_TEST_BACKUP_PASSWORD",
     "smtp_password": "SELFHOST_TEST_SMTP_PASSWORD",
 }
+RELAY_IP = "10.216.16.2"  # molecule/ssh/relay.sh
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 TOTAL = re.compile(r"Grand total\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)")
 
@@ -78,9 +80,9 @@ def prepare(work: Path) -> None:
         "name": "local", "type": "local", "path": "/var/backups/restic-local",
         "password": {"env": ENV["backup_password"]},
     }]}
-    # A relay on the server's own loopback (nothing listens there: no mail leaves).
+    # The relay container of molecule/ssh/relay.sh: submission, STARTTLS, AUTH.
     model["notify"] = {"email": "alice@example.org", "smtp": {
-        "host": "127.0.0.1", "port": 25, "tls": "off", "user": "nas@home.arpa",
+        "host": RELAY_IP, "port": 587, "tls": "starttls", "user": "nas@home.arpa",
         "password": {"env": ENV["smtp_password"]},
     }}
     # JSON is YAML: no line folding, no `off` turning into a boolean.
