@@ -59,8 +59,11 @@ def run_checks(container: str, junit: Path) -> dict[str, str]:
     for case in ET.parse(junit).getroot().iter("testcase"):
         outcome = "passed"
         for child in case:
-            if child.tag in ("failure", "error", "skipped"):
-                outcome = child.tag if child.tag != "failure" else "failed"
+            if child.tag in ("failure", "error"):
+                outcome = "failed"
+            elif child.tag == "skipped":
+                # An expected failure (a known gap, see the check) is not a pass either.
+                outcome = "xfailed" if child.get("type") == "pytest.xfail" else "skipped"
         outcomes[_test_id(case.get("classname", ""), case.get("name", ""), container)] = outcome
     return outcomes
 
@@ -80,6 +83,6 @@ def test_every_control_check_fails_on_an_untouched_system(host: Any, tmp_path: P
     assert skipped <= SKIP_IN_CONTAINER.keys(), sorted(skipped)
     # The list of exceptions stays exact: a check that no longer passes here leaves it.
     assert passed == PASS_UNTOUCHED.keys(), sorted(PASS_UNTOUCHED.keys() - passed)
-    failed = [t for t, o in outcomes.items() if o in ("failed", "error")]
+    failed = [t for t, o in outcomes.items() if o in ("failed", "xfailed")]
     print(f"{len(failed)} of {len(outcomes)} checks fail on the untouched system, "
           f"{len(passed)} pass (listed with reasons), {len(skipped)} skip")
