@@ -74,6 +74,16 @@ def _run(argv: list[str], timeout: float,
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def _remove_orphans() -> None:
+    """Remove containers of test sessions that died without cleaning up (their pid is gone)."""
+    listed = _run(["podman", "ps", "--all", "--filter", "label=selfhost.test=validators",
+                   "--format", "{{.Names}}"], timeout=60)
+    for name in listed.stdout.split():
+        pid = name.rsplit("-", 1)[-1]
+        if name.startswith(PREFIX) and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            _run(["podman", "rm", "--force", "--time", "0", "--ignore", name], timeout=60)
+
+
 class Validators:
     """One booted container per release, started on first use and removed by ``close``."""
 
@@ -105,6 +115,7 @@ class Validators:
             raise ValidatorError(f"images/build-validators {release} failed:\n"
                                  f"{build.stdout[-3000:]}{build.stderr[-3000:]}")
         image = build.stdout.strip().splitlines()[-1]
+        _remove_orphans()
         name = f"{PREFIX}-{release}-{os.getpid()}"
         env = {**os.environ, "CONTAINERS_CONF": str(IMAGES / "containers.conf")}
         _run(["podman", "rm", "--force", "--time", "0", "--ignore", name], timeout=60)
