@@ -9,8 +9,8 @@ Two kinds of tests:
 - focused assertions on properties that must hold whatever the fixtures say (the SSH port is
   always open, validated files are validated, crypto lists are ssh-audit's, ...).
 
-Where a tool is installed locally (``nft``, ``apt-config``, ``perl``, ...) rendered files are
-also checked with the file's own ``validate`` command, for real.
+Every rendered file with a ``validate`` command is also checked with it, for real, in a
+container of the plan's Debian release (``tests/validators.py``; podman is required).
 """
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
+from validators import EXAMPLES, Validators
 
 from selfhost.compile import Target, compile_server
 from selfhost.compile.plan import File, Packages, Plan, Reload, Run, UnitState, User
@@ -51,7 +50,8 @@ SUDOERS = "/etc/sudoers.d/selfhost-admins"
 SYSCTL = "/etc/sysctl.d/60-selfhost-hardening.conf"
 MODPROBE = "/etc/modprobe.d/selfhost-blacklist.conf"
 
-# ssh-audit's built-in policies "Hardened Debian 12 (version 3)" / "Hardened Debian 13".
+# ssh-audit's built-in policies "Hardened Debian 12 (version 3)" / "Hardened Debian 13", plus
+# curve25519 on Debian 13, the one key exchange there that pyinfra (paramiko) can use.
 KEX = {
     "bookworm": [
         "sntrup761x25519-sha512", "sntrup761x25519-sha512@openssh.com", "curve25519-sha256",
@@ -60,6 +60,7 @@ KEX = {
     ],
     "trixie": [
         "mlkem768x25519-sha256", "sntrup761x25519-sha512", "sntrup761x25519-sha512@openssh.com",
+        "curve25519-sha256", "curve25519-sha256@libssh.org",  # for paramiko
     ],
 }
 
@@ -376,6 +377,21 @@ def sshd_settings(text: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("release", ["bookworm", "trixie"])
+def test_pyinfra_can_still_deploy_over_ssh(release: str) -> None:
+    """After the first deploy, the admin deploys over SSH with pyinfra, i.e. paramiko: the
+    hardened sshd must share a key exchange, cipher, MAC and host key type with it
+    (Debian 13's post-quantum-only policy shares no key exchange with paramiko 4.0)."""
+    import paramiko
+
+    cfg = sshd_settings(build(Target(release=release)).files()[SSHD_CONFIG])
+    t = paramiko.Transport
+    client = {"kexalgorithms": t._preferred_kex, "ciphers": t._preferred_ciphers,
+              "macs": t._preferred_macs, "hostkeyalgorithms": t._preferred_keys}
+    for key, supported in client.items():
+        assert set(cfg[key].split(",")) & set(supported), (key, cfg[key], supported)
+
+
+@pytest.mark.parametrize("release", ["bookworm", "trixie"])
 def test_sshd_crypto_is_ssh_audit_policy(release: str) -> None:
     cfg = sshd_settings(build(Target(release=release)).files()[SSHD_CONFIG])
     assert cfg["kexalgorithms"].split(",") == KEX[release]
@@ -496,60 +512,122 @@ def test_permissions_of_sensitive_files() -> None:
         assert not int(step.file.mode, 8) & 0o022, f"{step.file.path} is group/world-writable"
 
 
-@cache
-def _tool_works(tool: str) -> bool:
-    """Whether ``tool`` is installed and usable here (nft -c needs CAP_NET_ADMIN)."""
-    if shutil.which(tool) is None:
-        return False
-    if tool == "nft":
-        probe = subprocess.run(["nft", "-c", "-f", "-"], input="table inet probe {}\n",
-                               capture_output=True, text=True)
-        return probe.returncode == 0
-    return True
-
-
-def _validator_tool(validate: str) -> str:
-    if "fail2ban-client" in validate:
-        return "fail2ban-client"
-    return validate.split()[0]
+def _validated_files(path: Path) -> tuple[str, list[File]]:
+    """The release of a fixture's plan and its files that have a ``validate`` command."""
+    inp = json.loads(path.read_text())["input"]
+    target = updater.target_of(inp)
+    plan = compile_server(updater.load_model(inp), target)
+    return target.release, [s for s in _file_steps(plan).values() if s.file.validate]
 
 
 @pytest.mark.parametrize("path", FIXTURES, ids=[p.stem for p in FIXTURES])
-def test_rendered_files_pass_their_own_validate_commands(path: Path, tmp_path: Path) -> None:
-    """Run each file's validate command for real on the rendered file, where the tool works
-    here (nft, apt-config and perl on a Debian dev box; sshd, visudo, caddy, fail2ban if
-    installed)."""
-    inp = json.loads(path.read_text())["input"]
-    plan = compile_server(updater.load_model(inp), updater.target_of(inp))
-    checked, skipped = [], []
-    for step in _file_steps(plan).values():
-        validate = step.file.validate
-        if validate is None:
-            continue
-        tool = _validator_tool(validate)
-        if not _tool_works(tool) or (tool == "fail2ban-client"
-                                     and not Path("/etc/fail2ban").is_dir()):
-            skipped.append(step.file.path)
-            continue
-        staged = tmp_path / Path(step.file.path).name
-        staged.write_text(step.file.content)
-        cmd = validate.replace("{path}", str(staged))
-        res = subprocess.run(["/bin/sh", "-c", cmd], capture_output=True, text=True, timeout=30)
-        assert res.returncode == 0, f"{step.file.path}: {cmd}\n{res.stdout}{res.stderr}"
-        checked.append(step.file.path)
-    if not checked:
-        pytest.skip(f"no validator usable here for {', '.join(skipped)}")
+def test_rendered_files_pass_their_own_validate_commands(path: Path,
+                                                         validators: Validators) -> None:
+    """Each rendered file's own check, run for real as the backend runs it on a server: the
+    file staged next to its destination, in a container of the plan's Debian release with
+    the plan's packages installed (tests/validators.py). No validator may be missing."""
+    release, steps = _validated_files(path)
+    assert {SSHD_CONFIG, SUDOERS, NFTABLES} <= {s.file.path for s in steps}
+    failed = []
+    for step in steps:
+        assert step.file.validate is not None
+        res = validators.check(release, step.file.path, step.file.content, step.file.validate)
+        if res.returncode != 0:
+            failed.append(f"{step.file.path}: {step.file.validate}\n"
+                          f"{(res.stdout + res.stderr).decode(errors='replace')}")
+    assert not failed, f"rejected on {release}:\n" + "\n".join(failed)
 
 
-def test_validate_command_catches_a_broken_ruleset(tmp_path: Path) -> None:
-    """The nft check is not a no-op: a broken ruleset fails it."""
-    if not _tool_works("nft"):
-        pytest.skip("nft not usable here")
-    bad = tmp_path / "bad.conf"
-    bad.write_text(build().files()[NFTABLES].replace("policy drop;", "policy dorp;"))
-    res = subprocess.run(["/bin/sh", "-c", VALIDATORS[NFTABLES].replace("{path}", str(bad))],
-                         capture_output=True, text=True)
+EXAMPLE_PLANS = [(e, r) for e in EXAMPLES for r in ("bookworm", "trixie")]
+
+
+@pytest.mark.parametrize("example,release", EXAMPLE_PLANS,
+                         ids=[f"{e.stem}-{r}" for e, r in EXAMPLE_PLANS])
+def test_example_files_pass_their_own_validate_commands(example: Path, release: str,
+                                                        validators: Validators) -> None:
+    """The examples' plans (web site, backups to a local and an sftp repository, the
+    friend's host) on each release, checked the same way."""
+    failed = []
+    for plan in updater.example_plans(example, release):
+        for f in _file_steps(plan).values():
+            # Written before jail.local in the same deploy: its check reads them.
+            if f.file.path.startswith("/etc/fail2ban/filter.d/"):
+                validators.install(release, f.file.path, updater.rendered(f.file))
+        for jail in plan.jails:  # the logs a jail reads exist before it (the web module's
+            for log in (jail.logpath or "").split():  # guarded command makes them)
+                validators.install(release, log, "")
+        steps = [s for s in _file_steps(plan).values() if s.file.validate]
+        assert {SSHD_CONFIG, SUDOERS, NFTABLES} <= {s.file.path for s in steps}
+        for step in steps:
+            assert step.file.validate is not None
+            res = validators.check(release, step.file.path, updater.rendered(step.file),
+                                   step.file.validate)
+            if res.returncode != 0:
+                failed.append(f"{plan.host}: {step.file.path}: {step.file.validate}\n"
+                              f"{(res.stdout + res.stderr).decode(errors='replace')}")
+
+    assert not failed, f"rejected on {release}:\n" + "\n".join(failed)
+
+
+def _break(path: str, text: str) -> str:
+    """A version of a rendered file that its own validator must reject."""
+    if path == NFTABLES:
+        assert "policy drop;" in text
+        return text.replace("policy drop;", "policy dorp;", 1)
+    if path == SSHD_CONFIG:
+        return "NoSuchKeyword yes\n" + text
+    if path == SUDOERS:
+        return text + "alice ALL=(ALL NOPASSWD: ALL\n"
+    if path == CADDYFILE:
+        return text + "www.example.org {\n"
+    if path == JAIL:
+        return text + "[sshd]\nenabled = true\nfilter = selfhost-no-such-filter\n"
+    if path.endswith(".conf") and "/needrestart/" in path:
+        return text + "}\n"
+    if path.startswith("/etc/apt/apt.conf.d/"):
+        return text + 'APT::Broken "unterminated;\n'
+    if path.endswith(".timer"):
+        return re.sub(r"(?m)^OnCalendar=.*$", "OnCalendar=every full moon", text)
+    if path.startswith(("/usr/local/sbin/", "/usr/local/lib/")):
+        return text + "\nif then fi\n"
+    raise AssertionError(f"no broken version of {path} to check its validator with: add one")
+
+
+def _one_plan_per_release() -> dict[str, Path]:
+    """For each release, the fixture whose plan validates the most files (a web site's)."""
+    best: dict[str, tuple[int, Path]] = {}
+    for path in FIXTURES:
+        release, steps = _validated_files(path)
+        if len(steps) > best.get(release, (-1, path))[0]:
+            best[release] = (len(steps), path)
+    return {release: path for release, (_, path) in sorted(best.items())}
+
+
+@pytest.mark.parametrize("release", ["bookworm", "trixie"])
+def test_each_validator_rejects_a_broken_file(release: str, validators: Validators) -> None:
+    """The checks are not no-ops: each validator of a plan refuses a broken version of its
+    file on the release it runs on."""
+    _, steps = _validated_files(_one_plan_per_release()[release])
+    assert CADDYFILE in {s.file.path for s in steps}  # every kind of validator is covered
+    accepted = []
+    for step in steps:
+        assert step.file.validate is not None
+        broken = _break(step.file.path, step.file.content)
+        res = validators.check(release, step.file.path, broken, step.file.validate)
+        if res.returncode == 0:
+            accepted.append(f"{step.file.path}: {step.file.validate}")
+    assert not accepted, "broken files accepted:\n" + "\n".join(accepted)
+
+
+def test_validators_are_those_of_the_plan_release(validators: Validators) -> None:
+    """Debian 13's sshd_config (ML-KEM key exchange) is refused by Debian 12's sshd: which
+    release runs a check matters, so each plan is checked on its own."""
+    sshd = _file_steps(build(Target(release="trixie")))[SSHD_CONFIG].file
+    assert sshd.validate is not None and "mlkem768x25519-sha256" in sshd.content
+    assert validators.check("trixie", sshd.path, sshd.content, sshd.validate).returncode == 0
+    res = validators.check("bookworm", sshd.path, sshd.content, sshd.validate)
     assert res.returncode != 0
+    assert b"mlkem768x25519-sha256" in res.stderr
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import pwd
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ import pytest
 from pyinfra.api import Config, FileUploadCommand, Inventory, StringCommand
 from pyinfra.api import State as PyinfraState
 from pyinfra.context import ctx_config, ctx_host, ctx_inventory, ctx_state
+from validators import Validators
 
 from selfhost.backend import pyinfra as backend
 from selfhost.compile import Target, compile_server
@@ -177,25 +177,28 @@ def test_validation_checks_the_staged_file_before_it_goes_live(pyinfra_host: Any
     assert path.read_bytes() == b"new\n"
 
 
-def test_failed_nft_check_keeps_the_old_ruleset(pyinfra_host: Any, tmp_path: Path) -> None:
-    """The real validator: a broken ruleset never replaces the live one."""
-    if shutil.which("nft") is None or sh("echo 'table inet probe {}' | nft -c -f -").returncode:
-        pytest.skip("nft not usable here")
-    path = tmp_path / "nftables.conf"
+@pytest.mark.parametrize("release", ["bookworm", "trixie"])
+def test_failed_nft_check_keeps_the_old_ruleset(pyinfra_host: Any, release: str,
+                                                validators: Validators) -> None:
+    """The real validator, on the real system: a broken ruleset never replaces the live one.
+    The backend's own commands run as root in a container of each release."""
+    path = "/etc/selfhost-test/nftables.conf"
     good = b"table inet selfhost {\n\tchain input { type filter hook input priority 0; }\n}\n"
-    path.write_bytes(good)
+    assert validators.run(release, f"mkdir -p /etc/selfhost-test && cat > {path}",
+                          good).returncode == 0
     bad = good.replace(b"priority 0;", b"priority 0; policy dorp;")
-    (cmd,) = commands(backend.managed_file,
-                      **file_kwargs(path, bad, mode="0700", validate="nft -c -f {path}"),
-                      state=State(files={str(path): None}))
-    assert sh(cmd).returncode != 0
-    assert path.read_bytes() == good
-    (cmd,) = commands(backend.managed_file,
-                      **file_kwargs(path, good + b"# ok\n", mode="0700",
-                                    validate="nft -c -f {path}"),
-                      state=State(files={str(path): None}))
-    assert sh(cmd).returncode == 0
-    assert path.read_bytes() == good + b"# ok\n"
+    kw = {"path": path, "mode": "0700", "owner": "root", "group": "root",
+          "validate": "nft -c -f {path}", "state": State(files={path: None})}
+    (cmd,) = commands(backend.managed_file, content=bad, **kw)
+    res = validators.run(release, cmd)
+    assert res.returncode != 0
+    assert b"failed its check (nft); the live file was left untouched" in res.stderr
+    assert validators.run(release, f"cat {path}").stdout == good
+    (cmd,) = commands(backend.managed_file, content=good + b"# ok\n", **kw)
+    res = validators.run(release, cmd)
+    assert res.returncode == 0, res.stderr
+    assert validators.run(release, f"cat {path}; stat -c %a {path}").stdout \
+        == good + b"# ok\n700\n"
 
 
 @pytest.mark.parametrize("content", [b"", b"no newline", bytes(range(256)) * 8,

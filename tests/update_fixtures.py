@@ -76,6 +76,32 @@ def load_model(inp: dict[str, Any]) -> Any:
     return validated(Server.model_validate(data)).with_base_dir(base)
 
 
+def example_plans(example: Path, release: str) -> list[Any]:
+    """The plans of every host of an example file (a server or a fleet) for ``release``."""
+    from selfhost.compile import Target, compile_fleet
+    from selfhost.config import load_fleet
+
+    fleet = load_fleet(example)
+    return list(compile_fleet(fleet, {h: Target(release=release)  # type: ignore[arg-type]
+                                      for h in fleet.hosts}).values())
+
+
+def rendered(f: Any) -> str:
+    """A managed file's content as the deploy writes it, with stand-ins for its secrets (a
+    bcrypt hash for a hashed password), for checking it with its validator."""
+    import base64
+
+    from selfhost.compose.resources import SECRET_MARK
+
+    text = f.content
+    dummy = "$2b$10$" + "a" * 53
+    for i, piece in enumerate(f.secrets):
+        value = base64.b64encode(dummy.encode()).decode() if piece.transform == "bcrypt-base64" \
+            else dummy if piece.transform == "bcrypt" else "stand-in-secret"
+        text = text.replace(SECRET_MARK.format(i), value)
+    return str(text)
+
+
 def target_of(inp: dict[str, Any]) -> Any:
     from selfhost.compile import Target
 

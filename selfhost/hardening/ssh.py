@@ -46,11 +46,15 @@ CRYPTO: dict[str, dict[str, list[str]]] = {
         ],
         "HostKeyAlgorithms": ["ssh-ed25519", "rsa-sha2-512", "rsa-sha2-256"],
     },
-    # OpenSSH 10.0 (Debian 13): post-quantum key exchange only.
+    # OpenSSH 10.0 (Debian 13): post-quantum key exchange first (what OpenSSH clients agree
+    # on), then curve25519: ssh-audit's "Hardened Debian 13" policy lists the post-quantum
+    # ones only, but pyinfra's SSH library (paramiko 4.0) knows none of them, and without
+    # curve25519 the admin could never deploy to the server over SSH again.
     "trixie": {
         "KexAlgorithms": [
             "mlkem768x25519-sha256", "sntrup761x25519-sha512",
-            "sntrup761x25519-sha512@openssh.com",
+            "sntrup761x25519-sha512@openssh.com", "curve25519-sha256",
+            "curve25519-sha256@libssh.org",
         ],
         "Ciphers": [
             "chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com", "aes256-ctr",

@@ -141,12 +141,12 @@ class RadicaleService(Service):
         c.directories.append(ManagedDir(COLLECTIONS, "0750", owner="radicale", group="radicale"))
         c.files.append(ManagedFile(
             CONFIG, self.config(), mode="0644",
-            # Radicale reads the file and checks the storage, then exits. As its own user: the
-            # check creates the storage's root folder when it is missing (Radicale 3.5), and
-            # root's would be unwritable for the daemon.
-            validate="runuser -u radicale -- radicale --config {path} --verify-storage "
-            ">/dev/null 2>&1 || runuser -u radicale -- radicale --config {path} "
-            "--verify-storage"))
+            # Radicale reads the file, then checks a storage and exits: an empty scratch one,
+            # as its own user, so that the check never touches the real collections.
+            validate="d=$(runuser -u radicale -- mktemp -d) && runuser -u radicale -- radicale "
+            "--config {path} --storage-filesystem-folder \"$d\" --verify-storage >/dev/null "
+            "2>&1; rc=$?; [ $rc -eq 0 ] || runuser -u radicale -- radicale --config {path} "
+            "--storage-filesystem-folder \"$d\" --verify-storage; rm -rf \"$d\"; exit $rc"))
         if env.require_target().in_container:
             # Debian's unit sandboxes Radicale. Three of its settings need CAP_SYS_ADMIN, which
             # a container does not give (systemd 257 then fails the start: "Failed to keep

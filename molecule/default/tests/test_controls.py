@@ -28,6 +28,7 @@ from selfhost.compile.compiler import compile_server
 from selfhost.compile.plan import File, Plan, Run, UnitState
 from selfhost.compile.target import Target
 from selfhost.config import load_server
+from selfhost.models.passwords import YESCRYPT_COST, gensalt
 
 REPO = Path(__file__).resolve().parents[3]
 MODEL_FILE = REPO / "examples" / "home.yaml"
@@ -169,10 +170,23 @@ def test_new_users_get_umask_027_and_no_core_dumps(host: Any, probe_user: Any) -
     assert as_login(host, "TMOUT=0 2>/dev/null; echo $TMOUT").stdout.strip() != "0"
 
 
-def test_passwords_are_hashed_with_yescrypt(host: Any, probe_user: Any) -> None:
-    host.check_output(f"echo '{TEST_USER}:c0rrect-Horse-battery-staple-42' | chpasswd")
+def test_passwords_are_hashed_with_yescrypt(host: Any, probe_user: Any, release: str) -> None:
+    # passwd through PAM (pam_unix), as a user changing a password on the server does.
+    new = "c0rrect-Horse-battery-staple-42"
+    host.check_output(f"printf '%s\\n%s\\n' {new} {new} | passwd {TEST_USER} >/dev/null 2>&1")
     hashed = host.check_output(f"getent shadow {TEST_USER} | cut -d: -f2")
     assert hashed.startswith("$y$")
+    # The cost selfhost sets (YESCRYPT_COST_FACTOR in login.defs), not Debian's default (5):
+    # yescrypt's parameter field of a new hash is that of libxcrypt's setting for the cost.
+    params, want = hashed.split("$")[2], gensalt(YESCRYPT_COST).split("$")[2]
+    assert want != gensalt(5).split("$")[2]
+    if release == "bookworm":
+        # Known gap: Debian 12's pam_unix (Linux-PAM 1.5.2) ignores login.defs' cost (Debian
+        # 13's 1.7 reads it); it would need `rounds=8` on pam_unix in common-password.
+        assert params != want, "Debian 12 applies selfhost's cost now: remove this exception"
+        pytest.xfail("Debian 12's pam_unix ignores YESCRYPT_COST_FACTOR: new passwords set "
+                     "on the server get yescrypt's default cost 5")
+    assert params == want, hashed
 
 
 PWQUALITY = r"""
@@ -235,10 +249,18 @@ def test_core_dumps_are_off(host: Any) -> None:
 
 # --- only what is needed ------------------------------------------------------------------
 
-@pytest.mark.parametrize("pkg", ["telnet", "rsh-client", "avahi-daemon", "rpcbind", "nis",
-                                 "tftpd-hpa", "xinetd"])
-def test_legacy_packages_absent(host: Any, pkg: str) -> None:
-    assert not host.package(pkg).is_installed
+PLANTED = "telnet"
+"""A forbidden package that molecule/default/create.yml installs before the first deploy."""
+
+
+def test_forbidden_packages_absent_and_the_planted_one_removed(host: Any) -> None:
+    forbidden = load_server(MODEL_FILE).hardening.minimal.absent_packages
+    assert PLANTED in forbidden
+    assert [p for p in forbidden if host.package(p).is_installed] == []
+    # dpkg's own log: the planted package was there, and something removed it.
+    log = host.file("/var/log/dpkg.log").content_string
+    assert re.search(rf"^\S+ \S+ install {PLANTED}:\S+ ", log, re.M), "telnet was never planted"
+    assert re.search(rf"^\S+ \S+ (remove|purge) {PLANTED}:\S+ ", log, re.M)
 
 
 @pytest.mark.parametrize("unit", ["ctrl-alt-del.target", "debug-shell.service",
@@ -257,6 +279,9 @@ def test_unaccounted_listeners_command(host: Any) -> None:
                           "--podman", name], capture_output=True, text=True, cwd=REPO,
                          check=False)
     assert res.returncode == 0, res.stdout + res.stderr
+    # Not vacuous: the command saw the sockets of the model's services (Caddy's 80 and 443).
+    for port in ("80/tcp", "443/tcp"):
+        assert re.search(rf"^ok\s+{port} on ", res.stdout, re.M), res.stdout
 
 
 # --- audit and integrity ------------------------------------------------------------------
