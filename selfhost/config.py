@@ -384,12 +384,23 @@ def _plain(value: str) -> Any:
     return value
 
 
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters written as Python escapes (``\\n``)."""
+    if not _UNPRINTABLE.search(text):
+        return text
+    return _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 def _describe_tag(tag: str) -> str:
     return "!!" + tag[len(_CORE):] if tag.startswith(_CORE) else tag
 
 
 def _fmt_loc(loc: Iterable[Any]) -> str:
-    parts = [str(p) for p in loc]
+    # A key may hold any character: escape those that would break or forge an error line.
+    parts = [_printable(str(p)) or "''" for p in loc]
     return ".".join(parts) if parts else ROOT
 
 
@@ -808,6 +819,9 @@ def _validation_issues(exc: ValidationError, doc: _Document, filename: str) -> l
         if err["type"] == "assertions" and isinstance(ctx.get("problems"), list):
             for problem_loc, problem_msg in ctx["problems"]:
                 errors.append(((*loc, *problem_loc), "assertion", str(problem_msg)))
+        elif isinstance(ctx.get("at"), list):
+            # An error found inside the field's value (a list item, a dict key or value).
+            errors.append(((*loc, *ctx["at"]), err["type"], err["msg"]))
         else:
             errors.append((loc, err["type"], err["msg"]))
 
