@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar
+from collections.abc import Iterator, Mapping
+from ipaddress import IPv4Network, IPv6Network
+from typing import Annotated, Any, ClassVar, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -55,30 +57,73 @@ def find_control(value: Any, allow: frozenset[str] = frozenset(),
 
     A dict key's sub-path ends with ``"[key]"`` (Pydantic's marker for a key's own error).
     """
+    for found in find_controls(value, allow, at):
+        return found
+    return None
+
+
+def find_controls(value: Any, allow: frozenset[str] = frozenset(),
+                  at: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], str]]:
+    """Every string of ``value`` holding a control character: (sub-path, first such char)."""
     if isinstance(value, str):
         for m in _CONTROL.finditer(value):
             if m.group() not in allow:
-                return at, m.group()
-        return None
-    if isinstance(value, BaseModel):
-        return None
+                yield at, m.group()
+                return
+    elif isinstance(value, BaseModel):
+        return
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from find_controls(k, allow, (*at, k, "[key]"))
+            yield from find_controls(v, allow, (*at, k))
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            yield from find_controls(v, allow, (*at, i))
+    elif isinstance(value, set | frozenset):
+        for v in sorted(value, key=repr):
+            yield from find_controls(v, allow, at)
+
+
+@functools.cache
+def _leaf_types(model: type[BaseModel], name: str) -> frozenset[Any]:
+    """The types a field's annotation is made of (unions, containers and Annotated opened)."""
+    field = model.model_fields.get(name)
+    if field is None:
+        return frozenset({bool})
+    kinds: set[Any] = set()
+    todo = [field.annotation]
+    while todo:
+        tp = todo.pop()
+        args = get_args(tp)
+        if get_origin(tp) is Annotated:
+            todo.append(args[0])
+        elif args:
+            todo += [a for a in args if a is not Ellipsis]
+        else:
+            kinds.add(tp)
+    return frozenset(kinds)
+
+
+def _what(kinds: frozenset[Any]) -> str:
+    if kinds & {IPv4Network, IPv6Network}:
+        return "a network such as 192.168.1.0/24 or fd00::/8"
+    if kinds & {int, float}:
+        return "a whole number" if float not in kinds else "a number"
+    return "text"
+
+
+def _find_bool(value: Any, at: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+    if isinstance(value, bool):
+        return at
     if isinstance(value, Mapping):
         for k, v in value.items():
-            found = find_control(k, allow, (*at, k, "[key]")) or \
-                find_control(v, allow, (*at, k))
-            if found:
+            found = _find_bool(v, (*at, k))
+            if found is not None:
                 return found
-        return None
-    if isinstance(value, list | tuple):
+    elif isinstance(value, list | tuple):
         for i, v in enumerate(value):
-            found = find_control(v, allow, (*at, i))
-            if found:
-                return found
-        return None
-    if isinstance(value, set | frozenset):
-        for v in sorted(value, key=repr):
-            found = find_control(v, allow, at)
-            if found:
+            found = _find_bool(v, (*at, i))
+            if found is not None:
                 return found
     return None
 
@@ -97,21 +142,49 @@ class StrictModel(BaseModel):
 
     multiline_fields: ClassVar[frozenset[str]] = frozenset()
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # Pydantic reads true as 1 where a number is expected: `port: true` would mean port 1,
+        # `allow_from: [true]` the network 0.0.0.1/32.
+        if info.field_name is None:
+            return value
+        kinds = _leaf_types(cls, info.field_name)
+        if bool in kinds:
+            return value
+        if any(isinstance(k, type) and issubclass(k, BaseModel) for k in kinds):
+            return value  # a model refuses a boolean itself; its fields check their own
+        at = _find_bool(value)
+        if at is not None:
+            found = value
+            for seg in at:
+                found = found[seg]
+            raise PydanticCustomError(
+                "boolean_not_allowed", "expected {what}, not {value} (a boolean)",
+                {"what": _what(kinds), "value": str(found).lower(), "at": list(at)})
+        return value
+
     @field_validator("*", mode="after")
     @classmethod
     def _no_control_characters(cls, value: Any, info: ValidationInfo) -> Any:
         multiline = info.field_name in cls.multiline_fields
-        found = find_control(value, _MULTILINE_OK if multiline else frozenset())
-        if found is None:
+        found = list(find_controls(value, _MULTILINE_OK if multiline else frozenset()))
+        if not found:
             return value
-        at, char = found
-        where = "a key" if at and at[-1] == "[key]" else "a value"
-        rule = ("only line feeds and tabs are allowed in this text" if multiline
-                else f"{where} must be one line of printable text")
+
+        def message(at: tuple[Any, ...], char: str) -> str:
+            where = "a key" if at and at[-1] == "[key]" else "a value"
+            rule = ("only line feeds and tabs are allowed in this text" if multiline
+                    else f"{where} must be one line of printable text")
+            return f"control character {describe_char(char)} is not allowed: {rule}"
+
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise PydanticCustomError(
             "control_character",
-            "control character {char} is not allowed: {rule}",
-            {"char": describe_char(char), "rule": rule, "at": list(at)},
+            "{message}{more}",
+            {"message": message(*found[0]), "more": more, "at": list(found[0][0]),
+             # The YAML loader reports each one at its own line and column.
+             "found": [[list(at), message(at, char)] for at, char in found]},
         )
 
 
