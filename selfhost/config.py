@@ -41,6 +41,7 @@ from ruamel.yaml.events import (
     SequenceStartEvent,
 )
 
+from selfhost.models.base import PLAINTEXT_SECRET, SECRET_HOWTO
 from selfhost.models.server import Server
 
 __all__ = [
@@ -816,8 +817,6 @@ def _message(etype: str, msg: str, where: _Located) -> str:
 # Pydantic's own messages speak of its types ("Input should be a valid dictionary or instance
 # of SecretRef"); these say what to write instead, in the words of a YAML file.
 
-_SECRET_HOWTO = ("{env: VARIABLE} (an environment variable on the machine that runs the "
-                 "deploy) or {file: PATH} (a file there, first line)")
 _NETWORK = "a network such as 192.168.1.0/24 or fd00::/8 (an address alone is ADDRESS/32)"
 _PATTERN_HELP = {
     r"^[^@\s]+@[^@\s]+\.[^@\s]+$": "an e-mail address such as alice@example.org",
@@ -868,7 +867,7 @@ def _expected(etype: str, msg: str) -> str | None:
     model = re.search(r"instance of (\w+)", msg)
     if etype in ("model_type", "model_attributes_type", "dict_type"):
         if model and model.group(1) == "SecretRef":
-            return "a secret reference, " + _SECRET_HOWTO
+            return "a secret reference, " + SECRET_HOWTO
         return "a mapping (`key: value` lines indented under it)"
     return {
         "string_type": "text",
@@ -894,8 +893,7 @@ def _readable(etype: str, msg: str, ctx: dict[str, Any], where: _Located,
     if expected is not None:
         if (expected.startswith("a secret reference") and where.union_at is None
                 and isinstance(value, str | int | float) and not isinstance(value, bool)):
-            return ("a secret is never written in this file: give a reference to where it is "
-                    "kept instead, " + _SECRET_HOWTO)
+            return PLAINTEXT_SECRET
         return f"expected {expected}{got}"
     if etype == "literal_error":
         choices = re.findall(r"'((?:[^'\\]|\\.)*)'", str(ctx.get("expected", "")))

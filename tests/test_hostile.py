@@ -207,9 +207,13 @@ def test_a_hostile_string_is_refused_with_a_location_or_adds_no_line(
     event("compiled")
     got = artifacts(plan)
     multiline = path[:3] == ("hardening", "audit", "banner")
+    # A site's host decides whether the plan lists a CNAME for it (the apex '@' has none).
+    shapes_plan = path[:3] == ("services", "web", "sites") and path[-1] == "host"
     for name, text_out in got.items():
         assert not BAD_CHARS.search(text_out), (name, text_out)
         if multiline and name in (ISSUE, ISSUE_NET, "plan"):
+            continue
+        if shapes_plan and name == "plan":
             continue
         if name in BASELINE:
             assert line_count(text_out) == line_count(BASELINE[name]), (name, text_out)

@@ -41,6 +41,12 @@ _CHAR_NAMES = {
 }
 
 
+SECRET_HOWTO = ("{env: VARIABLE} (an environment variable on the machine that runs the "
+                "deploy) or {file: PATH} (a file there, first line)")
+PLAINTEXT_SECRET = ("a secret is never written in the model: give a reference to where it is "
+                    "kept instead, " + SECRET_HOWTO)
+
+
 def describe_char(char: str) -> str:
     """``U+000A (line feed)``: how an error message names a character."""
     code = ord(char)
@@ -138,7 +144,9 @@ class StrictModel(BaseModel):
     tabs are allowed there, nothing else.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, str_strip_whitespace=True)
+    # hide_input_in_errors: a secret given by mistake must not end up in a traceback or a log.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, str_strip_whitespace=True,
+                              hide_input_in_errors=True)
 
     multiline_fields: ClassVar[frozenset[str]] = frozenset()
 
@@ -152,6 +160,10 @@ class StrictModel(BaseModel):
         kinds = _leaf_types(cls, info.field_name)
         if bool in kinds:
             return value
+        if (SecretRef in kinds and str not in kinds and isinstance(value, str | int | float)
+                and not isinstance(value, bool)):
+            # A secret given as is (a password): say how to reference it instead.
+            raise PydanticCustomError("plaintext_secret", PLAINTEXT_SECRET)
         if any(isinstance(k, type) and issubclass(k, BaseModel) for k in kinds):
             return value  # a model refuses a boolean itself; its fields check their own
         at = _find_bool(value)
