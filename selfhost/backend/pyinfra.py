@@ -506,7 +506,7 @@ def apply_plan(plan: Plan, server: Server) -> None:
             "mode 0700) on the target, needed to upload secrets; nothing was changed")
     for problem in target_problems(plan, state, files):
         raise DeployError(problem)
-    _log_waits(plan, state)
+    _log_waits(state)
     all_steps = [_with_hash(s, secrets, state) if isinstance(s, User) else s
                  for s in plan.steps]
     changed: set[str] = set()
@@ -599,7 +599,7 @@ def target_problems(plan: Plan, state: State, files: dict[str, bytes]) -> list[s
     return out
 
 
-def _log_waits(plan: Plan, state: State) -> None:
+def _log_waits(state: State) -> None:
     """Say up front when the packages phase is going to wait or to repair dpkg."""
     log = logging.getLogger("pyinfra")
     pc = state.prechecks
