@@ -115,7 +115,7 @@ def health_script(plans: list[Plan], expected: dict[str, bytes]) -> str:
         "printf 'H\\tupdates\\t%s\\n' \"$(apt-get -s -o Debug::NoLocking=1 upgrade 2>/dev/null "
         "| grep '^Inst' | grep -ci security)\"",
         "printf 'H\\tntp\\t%s\\n' \"$(timedatectl show -p NTPSynchronized --value 2>/dev/null)\"",
-        "ss -H -tulpn 2>/dev/null | sed 's/^/S\\t/'",
+        "ss -H -tulpn 2>/dev/null | sed 's/^/L\\t/'",
         f"[ -f {REMOVED} ] && sed 's/^/Z\\t/' {REMOVED}",
     ]
     for path, content in sorted(expected.items()):
@@ -173,7 +173,7 @@ def parse_facts(lines: list[str]) -> Facts:
         p = line.split("\t")
         if p[0] == "R" and len(p) > 1:
             f.release = p[1]
-        elif p[0] == "S":
+        elif p[0] == "L":
             ss.append("\t".join(p[1:]))
         elif p[0] == "B" and len(p) > 2:
             assert f.contents is not None

@@ -41,6 +41,7 @@ from ruamel.yaml.events import (
     SequenceStartEvent,
 )
 
+from selfhost.models.base import PLAINTEXT_SECRET, SECRET_HOWTO
 from selfhost.models.fleet import Fleet
 from selfhost.models.server import Server
 
@@ -86,7 +87,8 @@ class Issue:
     message: str
 
     def format(self) -> str:
-        return f"{self.file}:{self.line}:{self.col}: {self.path}: {self.message}"
+        # One line per issue, whatever a key, an alias or a value in the file holds.
+        return _printable(f"{self.file}:{self.line}:{self.col}: {self.path}: {self.message}")
 
     def __str__(self) -> str:
         return self.format()
@@ -472,12 +474,23 @@ def _plain(value: str) -> Any:
     return value
 
 
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters written as Python escapes (``\\n``)."""
+    if not _UNPRINTABLE.search(text):
+        return text
+    return _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 def _describe_tag(tag: str) -> str:
     return "!!" + tag[len(_CORE):] if tag.startswith(_CORE) else tag
 
 
 def _fmt_loc(loc: Iterable[Any]) -> str:
-    parts = [str(p) for p in loc]
+    # A key may hold any character: escape those that would break or forge an error line.
+    parts = [_printable(str(p)) or "''" for p in loc]
     return ".".join(parts) if parts else ROOT
 
 
@@ -888,23 +901,155 @@ def _message(etype: str, msg: str, where: _Located) -> str:
     return msg
 
 
+# --------------------------------------------------------------------------- readable messages
+# Pydantic's own messages speak of its types ("Input should be a valid dictionary or instance
+# of SecretRef"); these say what to write instead, in the words of a YAML file.
+
+_NETWORK = "a network such as 192.168.1.0/24 or fd00::/8 (an address alone is ADDRESS/32)"
+_PATTERN_HELP = {
+    r"^[^@\s]+@[^@\s]+\.[^@\s]+$": "an e-mail address such as alice@example.org",
+    r"^[^@\s]+@[^@\s]+$": "an e-mail address such as nas@example.org",
+    r"^[A-Za-z_][A-Za-z0-9_]*$": "an environment variable name (letters, digits and '_', "
+                                  "not starting with a digit)",
+    r"^0[0-7]{2}$": "a umask of three octal digits starting with 0, such as 027",
+}
+
+
+def _kind(value: Any) -> str:
+    """What a YAML value is, in YAML's words."""
+    if value is None:
+        return "an empty value (null)"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, int | float):
+        return f"the number {value!r}" if len(repr(value)) <= 24 else "a number"
+    if isinstance(value, str):
+        shown = _printable(value if len(value) <= 40 else value[:37] + "...")
+        return f"the text {shown!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"
+
+
+_MISSING = object()
+
+
+def _value_at(where: _Located, doc: _Document) -> Any:
+    """The YAML value an error is about (``_MISSING`` when it is not in the file)."""
+    if not where.path:
+        return doc.data
+    container, seg = where.parent_data, where.path[-1]
+    if where.key_error:
+        return seg
+    if isinstance(container, dict) and _hashable(seg) and seg in container:
+        return container[seg]
+    if isinstance(container, list) and isinstance(seg, int) and 0 <= seg < len(container):
+        return container[seg]
+    return _MISSING
+
+
+def _expected(etype: str, msg: str) -> str | None:
+    """What a type error expected, as "a ..." (None if it is not a type error)."""
+    model = re.search(r"instance of (\w+)", msg)
+    if etype in ("model_type", "model_attributes_type", "dict_type"):
+        if model and model.group(1) == "SecretRef":
+            return "a secret reference, " + SECRET_HOWTO
+        return "a mapping (`key: value` lines indented under it)"
+    return {
+        "string_type": "text",
+        "int_type": "a whole number", "int_parsing": "a whole number",
+        "int_from_float": "a whole number",
+        "float_type": "a number", "float_parsing": "a number",
+        "bool_type": "true or false", "bool_parsing": "true or false",
+        "list_type": "a list (`- item` lines, or [a, b])",
+        "set_type": "a list (`- item` lines, or [a, b])",
+        "tuple_type": "a list (`- item` lines, or [a, b])",
+        "ip_v4_network": _NETWORK, "ip_v6_network": _NETWORK, "ip_any_network": _NETWORK,
+        "ip_v4_address": "an IP address", "ip_v6_address": "an IP address",
+        "ip_any_address": "an IP address",
+    }.get(etype)
+
+
+def _readable(etype: str, msg: str, ctx: dict[str, Any], where: _Located,
+              doc: _Document) -> str:
+    """A message a person understands, in place of Pydantic's default one."""
+    value = _value_at(where, doc)
+    got = "" if value is _MISSING else f", not {_kind(value)}"
+    expected = _expected(etype, msg)
+    if expected is not None:
+        if (expected.startswith("a secret reference") and where.union_at is None
+                and isinstance(value, str | int | float) and not isinstance(value, bool)):
+            return PLAINTEXT_SECRET
+        return f"expected {expected}{got}"
+    if etype == "literal_error":
+        choices = re.findall(r"'((?:[^'\\]|\\.)*)'", str(ctx.get("expected", "")))
+        text = f"must be one of {', '.join(repr(c) for c in choices)}{got}"
+        close = _suggest(value, choices) if isinstance(value, str) else None
+        return text + (f" (did you mean {close!r}?)" if close else "")
+    if etype == "string_pattern_mismatch":
+        help_ = _PATTERN_HELP.get(str(ctx.get("pattern")))
+        return f"expected {help_}{got}" if help_ else f"does not have the expected form{got}"
+    if etype == "too_short":
+        n = ctx.get("min_length")
+        return f"needs at least {n} item{'s' if n != 1 else ''}, got {ctx.get('actual_length')}"
+    if etype == "too_long":
+        n = ctx.get("max_length")
+        return f"holds at most {n} item{'s' if n != 1 else ''}, got {ctx.get('actual_length')}"
+    if etype == "string_too_short":
+        n = ctx.get("min_length")
+        return f"must be at least {n} character{'s' if n != 1 else ''} long"
+    if etype == "string_too_long":
+        return f"must be at most {ctx.get('max_length')} characters long"
+    bounds = {"greater_than_equal": ("at least", "ge"), "less_than_equal": ("at most", "le"),
+              "greater_than": ("more than", "gt"), "less_than": ("less than", "lt")}
+    if etype in bounds:
+        words, key = bounds[etype]
+        return f"must be {words} {ctx.get(key)}{got}"
+    if etype == "finite_number":
+        return f"expected a finite number{got}"
+    if etype == "string_unicode":
+        return ("holds a lone surrogate (an escape such as \\ud800 that is not a character): "
+                "write the character itself")
+    return msg
+
+
+def _join(texts: list[str]) -> str:
+    """One message for the members of a union that all failed at one value."""
+    if len(texts) > 1 and all(t.startswith("expected ") for t in texts):
+        tails = {t.rpartition(", not ")[2] for t in texts if ", not " in t}
+        if len(tails) == 1 and all(", not " in t for t in texts):
+            heads = [t.rpartition(", not ")[0].removeprefix("expected ") for t in texts]
+            return f"expected {' or '.join(heads)}, not {tails.pop()}"
+    return texts[0] + "".join(f", or {t[:1].lower()}{t[1:]}" for t in texts[1:])
+
+
 def _validation_issues(exc: ValidationError, doc: _Document, filename: str) -> list[Issue]:
-    errors: list[tuple[Loc, str, str]] = []
+    errors: list[tuple[Loc, str, str, dict[str, Any]]] = []
     for err in exc.errors(include_url=False, include_input=False):
         loc = tuple(err["loc"])
         ctx = err.get("ctx") or {}
         if err["type"] == "assertions" and isinstance(ctx.get("problems"), list):
             for problem_loc, problem_msg in ctx["problems"]:
-                errors.append(((*loc, *problem_loc), "assertion", str(problem_msg)))
+                errors.append(((*loc, *problem_loc), "assertion", str(problem_msg), {}))
+        elif isinstance(ctx.get("found"), list):
+            # Several problems found inside the field's value, each at its own place.
+            for at, message in ctx["found"]:
+                errors.append(((*loc, *at), err["type"], str(message), {}))
+        elif isinstance(ctx.get("at"), list):
+            # An error found inside the field's value (a list item, a dict key or value).
+            errors.append(((*loc, *ctx["at"]), err["type"], err["msg"], ctx))
         else:
-            errors.append((loc, err["type"], err["msg"]))
+            errors.append((loc, err["type"], err["msg"], ctx))
 
     located: list[tuple[_Located, str, str]] = []
-    for loc, etype, msg in errors:
+    for loc, etype, msg, ctx in errors:
         where = _locate(loc, etype, doc)
         if any(where.path[:len(p)] == p for p in doc.poisoned):
             continue
-        located.append((where, etype, _message(etype, msg, where)))
+        text = _readable(etype, msg, ctx, where, doc)
+        located.append((where, etype, _message(etype, text, where)))
 
     issues: list[Issue] = []
     i = 0
@@ -927,8 +1072,7 @@ def _validation_issues(exc: ValidationError, doc: _Document, filename: str) -> l
             if text not in texts:
                 texts.append(text)
         for (path, mark), texts in merged.items():
-            message = texts[0] + "".join(f", or {t[:1].lower()}{t[1:]}" for t in texts[1:])
-            issues.append(Issue(filename, mark[0], mark[1], _fmt_loc(path), message))
+            issues.append(Issue(filename, mark[0], mark[1], _fmt_loc(path), _join(texts)))
     return issues
 
 

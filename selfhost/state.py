@@ -35,6 +35,13 @@ class Query:
     pending: str | None = None
     """Also list the managed files an earlier deploy changed without finishing (the paths
     held by the files of this directory)."""
+    prechecks: bool = False
+    """Also read what the target can do: an interrupted or busy dpkg, CAP_NET_ADMIN and a
+    working ``nft`` (see :class:`Prechecks`)."""
+    space: tuple[str, ...] = ()
+    """Paths whose file system's free space (KiB) and free inodes to read (see
+    :class:`Space`); a path that does not exist yet is measured at its nearest existing
+    parent."""
 
 
 @dataclass
@@ -54,6 +61,30 @@ class UserState:
 
 
 @dataclass
+class Prechecks:
+    """What the target can do, read before anything is changed."""
+
+    dpkg_interrupted: bool = False
+    """/var/lib/dpkg/updates is not empty: a dpkg run was interrupted (or is running)."""
+    apt_busy: str = ""
+    """The process holding a lock of apt or dpkg ("unattended-upgr (pid 123)"), if any."""
+    net_admin: bool | None = None
+    """Whether the deploy runs with CAP_NET_ADMIN (None: unknown)."""
+    nft_works: bool | None = None
+    """Whether ``nft list tables`` works (None: nft is not installed)."""
+
+
+@dataclass(frozen=True)
+class Space:
+    """Free space on the file system that holds a path."""
+
+    avail_kib: int
+    free_inodes: int | None
+    """None when the file system does not count inodes (btrfs, some tmpfs)."""
+    mount: str
+
+
+@dataclass
 class State:
     files: dict[str, FileState | None] = field(default_factory=dict)
     dirs: dict[str, FileState | None] = field(default_factory=dict)
@@ -68,6 +99,8 @@ class State:
     """The previous deploy's manifest (None: there is none)."""
     pending: list[str] = field(default_factory=list)
     """Managed files changed by an unfinished deploy: their reloads are still due."""
+    prechecks: Prechecks = field(default_factory=Prechecks)
+    space: dict[str, Space | None] = field(default_factory=dict)
     upload_dir: str | None = None
     """The private upload directory of the login user (absolute path); ``""`` when no sudo is
     involved, so uploads go straight to their destination; ``None`` when not asked for or
@@ -87,6 +120,26 @@ if [ "$(id -un)" = "$u" ]; then sh -c "$mk" sh "$d"
 else runuser -u "$u" -- sh -c "$mk" sh "$d"; fi >/dev/null 2>&1
 printf 'X\t0\t%s\t%s\t%s\n' "$d" "$(stat -c '%a %U' "$d" 2>/dev/null)" "$u"; fi"""
 )
+
+
+_PRECHECKS_SCRIPT = (
+    # C 0: files in dpkg's journal of an unfinished run; C 1: who holds apt's or dpkg's lock;
+    # C 2: the effective capabilities (hex); C 3: whether nft can read the ruleset.
+    r"""printf 'C\t0\t%s\n' "$(ls -A /var/lib/dpkg/updates 2>/dev/null | wc -l)"
+printf 'C\t1\t%s\n' "$(lslocks -n -r -o COMMAND,PID,PATH 2>/dev/null \
+  | awk '$3 ~ /^\/var\/lib\/(dpkg\/lock|apt\/lists\/lock)/ { print $1 " (pid " $2 ")"; exit }')"
+printf 'C\t2\t%s\n' "$(awk '/^CapEff:/ { print $2 }' /proc/self/status)"
+if command -v nft >/dev/null 2>&1; then
+if nft list tables >/dev/null 2>&1; then printf 'C\t3\t1\n'; else printf 'C\t3\t0\n'; fi; fi"""
+)
+_SPACE_SCRIPT = (
+    # S i: free KiB and mount point, then total and free inodes, of the path's file system.
+    'd={path}; while [ ! -e "$d" ]; do d=$(dirname "$d"); done\n'
+    "printf 'S\\t{i}\\t%s\\t%s\\n' "
+    "\"$(df -P -k \"$d\" | awk 'NR==2 {{print $4 \"\\t\" $6}}')\" "
+    "\"$(df -P -i \"$d\" 2>/dev/null | awk 'NR==2 {{print $2 \"\\t\" $4}}')\""
+)
+CAP_NET_ADMIN = 12
 
 
 def script(q: Query) -> str:
@@ -141,15 +194,20 @@ def script(q: Query) -> str:
                      f"\"$(base64 -w0 < {q_(q.manifest)})\"; fi")
     if q.pending:
         parts.append(f"for f in {q_(q.pending)}/*; do [ -f \"$f\" ] && "
-                     "printf 'C\\t0\\t%s\\n' \"$(head -n1 \"$f\")\"; done")
+                     "printf 'N\\t0\\t%s\\n' \"$(head -n1 \"$f\")\"; done")
     if q.upload_dir:
         parts.append(_UPLOAD_DIR_SCRIPT)
+    if q.prechecks:
+        parts.append(_PRECHECKS_SCRIPT)
+    for i, path in enumerate(q.space):
+        parts.append(_SPACE_SCRIPT.format(path=q_(path), i=i))
     parts.append("true")
     return "\n".join(parts)
 
 
 def parse(q: Query, lines: list[str]) -> State:
     st = State(
+        space=dict.fromkeys(q.space),
         files=dict.fromkeys(q.files),
         dirs=dict.fromkeys(q.dirs),
         guards=dict.fromkeys(q.guards, False),
@@ -190,11 +248,31 @@ def parse(q: Query, lines: list[str]) -> State:
                 st.manifest = base64.b64decode(f[2], validate=True).decode("utf-8", "replace")
             except (binascii.Error, ValueError):
                 st.manifest = None
-        elif kind == "C" and q.pending and f[2].startswith("/"):
+        elif kind == "N" and q.pending and f[2].startswith("/"):
             st.pending.append(f[2])
+        elif kind == "C" and q.prechecks:
+            _precheck(st.prechecks, i, f[2])
+        elif kind == "S" and i < len(q.space) and len(f) >= 4 and f[2].isdigit():
+            inodes = f[5] if len(f) >= 6 and f[4].isdigit() and int(f[4]) > 0 else ""
+            st.space[q.space[i]] = Space(int(f[2]), int(inodes) if inodes.isdigit() else None,
+                                         f[3])
         elif kind == "X" and q.upload_dir and i == 0:
             if f[2] == "-":
                 st.upload_dir = ""
             elif len(f) >= 5 and _SAFE_PATH.match(f[2]) and f[3] == f"700 {f[4]}":
                 st.upload_dir = f[2]
     return st
+
+
+def _precheck(pc: Prechecks, i: int, value: str) -> None:
+    if i == 0:
+        pc.dpkg_interrupted = value.isdigit() and int(value) > 0
+    elif i == 1:
+        pc.apt_busy = value
+    elif i == 2:
+        try:
+            pc.net_admin = bool(int(value, 16) >> CAP_NET_ADMIN & 1)
+        except ValueError:
+            pc.net_admin = None
+    elif i == 3:
+        pc.nft_works = value == "1"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shlex
 from typing import TYPE_CHECKING, ClassVar
 
+from selfhost.apt import APT_GET
 from selfhost.compose.module import Contribution, Env, Module
 from selfhost.compose.requests import DnsRecord, HealthCheck, Request, Sendmail, SystemUser
 from selfhost.compose.resources import Command, ManagedFile
@@ -62,9 +63,9 @@ def base_contribution(server: Server) -> Contribution:
         # daemons, and apt would remove the admin's chrony to install it.
         c.commands.append(Command(
             "time sync: systemd-timesyncd (NTP)",
-            "export DEBIAN_FRONTEND=noninteractive; i='apt-get install -y -qq "
+            f"export DEBIAN_FRONTEND=noninteractive; i='{APT_GET} install -y -qq "
             "--no-install-recommends systemd-timesyncd'; "
-            "$i >/dev/null 2>&1 || { apt-get update -qq && $i >/dev/null; }",
+            f"$i >/dev/null 2>&1 || {{ {APT_GET} update -qq && $i >/dev/null; }}",
             unless=f"dpkg-query -W -f='${{Status}}\\n' {' '.join(TIME_DAEMONS)} "
             "2>/dev/null | grep -q 'ok installed'",
         ))

@@ -94,7 +94,7 @@ def test_the_script_reads_everything_in_one_go_and_parses_back() -> None:
     facts = parse_facts(["R\tbookworm", "H\tcontainer\t1", "H\tfailed\tx.service",
                          "H\tdisk\t/\t50\t3", "H\tmem\t100\t50", "H\tupdates\t2",
                          "B\t/etc/issue\teA==", "K\ttcp\t127.0.0.1:5232\t1",
-                         "S\ttcp LISTEN 0 1 *:22 *:*"])
+                         "L\ttcp LISTEN 0 1 *:22 *:*"])
     assert facts.release == "bookworm" and facts.in_container
     assert facts.failed == ["x.service"] and facts.disks == [("/", 50, 3)]
     assert facts.contents == {"/etc/issue": b"x"} and facts.updates == 2

@@ -84,8 +84,8 @@ def test_validate_exact_output(capsys: pytest.CaptureFixture[str], tmp_path: Pat
         f"{path}:1:1: hostname: missing required key 'hostname' (is 'hostnme' a misspelling "
         "of it?)",
         f"{path}:1:1: hostnme: unknown key 'hostnme' (did you mean 'hostname'?)",
-        f"{path}:3:9: admins: List should have at least 1 item after validation, not 0",
-        f"{path}:6:11: hardening.ssh.port: Input should be less than or equal to 65535",
+        f"{path}:3:9: admins: needs at least 1 item, got 0",
+        f"{path}:6:11: hardening.ssh.port: must be at most 65535, not the number 70000",
     ]
 
 

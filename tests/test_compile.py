@@ -842,7 +842,7 @@ def _time_sync_steps(plan: Plan) -> list[Run]:
 
 def test_time_sync_installs_timesyncd_only_without_another_time_daemon() -> None:
     [step] = _time_sync_steps(build())
-    assert "apt-get install" in step.command.command
+    assert "apt-get -o DPkg::Lock::Timeout=600 install" in step.command.command
     assert "systemd-timesyncd" in step.command.command
     # Never a package of the packages phase: apt would remove a conflicting chrony for it.
     pkgs = next(s for s in build().steps if isinstance(s, Packages))

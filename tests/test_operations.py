@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import grp
 import hashlib
 import logging
 import os
 import pwd
+import re
+import shlex
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,8 +43,18 @@ from selfhost.compile.plan import (
     UnitState,
     User,
 )
+from selfhost.hardening.firewall import FirewallHardening
 from selfhost.models import Server
-from selfhost.state import FileState, Query, State, UserState, parse, script
+from selfhost.state import (
+    FileState,
+    Prechecks,
+    Query,
+    Space,
+    State,
+    UserState,
+    parse,
+    script,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 ME = pwd.getpwuid(os.getuid()).pw_name
@@ -349,14 +362,84 @@ def test_packages(pyinfra_host: Any, caplog: pytest.LogCaptureFixture) -> None:
     assert noops(caplog) == ["all packages installed"]
     (cmd,) = commands(backend.packages, names=names,
                       state=State(packages={"caddy": False, "nftables": True, "sudo": False}))
-    assert cmd == (
-        "export DEBIAN_FRONTEND=noninteractive; "
-        "apt-get update -qq -o Acquire::http::Timeout=30 -o Acquire::Retries=3 && "
-        "apt-get install -y -qq --no-install-recommends "
-        "-o Acquire::http::Timeout=30 -o Acquire::Retries=3 -o Dpkg::Options::=--force-confdef "
-        "-o Dpkg::Options::=--force-confold caddy sudo >/dev/null")
+    assert cmd == f"sh -c {shlex.quote(backend.APT_INSTALL)} selfhost-apt 600 caddy sudo"
     # a package the state does not mention counts as missing
-    assert "fail2ban" in commands(backend.packages, names=("fail2ban",), state=State())[0]
+    assert commands(backend.packages, names=("fail2ban",), state=State())[0].endswith(
+        " 600 fail2ban")
+    # an interrupted dpkg is finished even when nothing is missing (apt refuses to work before)
+    interrupted = State(packages=dict.fromkeys(names, True),
+                        prechecks=Prechecks(dpkg_interrupted=True))
+    assert commands(backend.packages, names=names, state=interrupted) == [
+        f"sh -c {shlex.quote(backend.APT_INSTALL)} selfhost-apt 600"]
+
+
+def test_every_apt_get_of_the_deploy_waits_for_the_dpkg_lock() -> None:
+    # The packages phase goes through apt-install.sh; guarded commands use APT_GET.
+    plan = compile_server(Server.model_validate({
+        "hostname": "nas", "domain": "home.arpa", "admins": [{"name": "alice",
+                                                              "ssh_keys": [ALICE]}]}))
+    runs = [s.command.command for s in plan.steps if isinstance(s, Run)]
+    calls = [c for c in runs if "apt-get" in c]
+    assert len(calls) >= 2  # time sync, removal of unneeded packages
+    for c in calls:
+        for m in re.finditer(r"apt-get( -o [^ ]+)*", c):
+            assert "-o DPkg::Lock::Timeout=600" in m.group(), c
+    script_calls = re.findall(r"^.*apt-get.*$", backend.APT_INSTALL, re.MULTILINE)
+    assert [c for c in script_calls if "install -y" in c]
+    assert 'DPkg::Lock::Timeout=$(remaining)' in backend.APT_INSTALL
+
+
+def _fake_tools(tmp_path: Path, busy_runs: int, dpkg_busy: bool = False) -> Path:
+    """apt-get, dpkg and lslocks stand-ins: apt-get fails with apt's lock message the first
+    ``busy_runs`` times, then logs its arguments and succeeds."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "apt-get").write_text(
+        "#!/bin/sh\n"
+        f"n=$(cat {tmp_path}/count 2>/dev/null || echo 0); echo $((n + 1)) > {tmp_path}/count\n"
+        f"if [ \"$n\" -lt {busy_runs} ]; then\n"
+        "  echo 'E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 42 "
+        "(unattended-upgr)' >&2; exit 100; fi\n"
+        f'echo "apt-get $*" >> {tmp_path}/log\n')
+    (bin_ / "lslocks").write_text(
+        "#!/bin/sh\necho 'unattended-upgr 42 /var/lib/dpkg/lock-frontend'\n")
+    for tool in bin_.iterdir():
+        tool.chmod(0o755)
+    return bin_
+
+
+def _apt_install(tmp_path: Path, bin_: Path, timeout: int, *names: str) -> Any:
+    return subprocess.run(["sh", "-c", backend.APT_INSTALL, "selfhost-apt", str(timeout), *names],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}"})
+
+
+def test_apt_install_waits_for_a_busy_package_manager(tmp_path: Path) -> None:
+    bin_ = _fake_tools(tmp_path, busy_runs=2)
+    done = _apt_install(tmp_path, bin_, 60, "caddy", "sudo")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == ("selfhost: the package manager is busy (held by "
+                                   "unattended-upgr (pid 42)): waiting up to 60s for it")
+    log = (tmp_path / "log").read_text().splitlines()
+    assert log[0].startswith("apt-get update -qq")
+    assert log[1].startswith("apt-get install -y -qq --no-install-recommends -o DPkg::Lock")
+    assert log[1].endswith(" caddy sudo")
+
+
+def test_apt_install_gives_up_after_its_timeout(tmp_path: Path) -> None:
+    bin_ = _fake_tools(tmp_path, busy_runs=1000)
+    done = _apt_install(tmp_path, bin_, 3, "caddy")
+    assert done.returncode == 1
+    assert "still busy after 3s" in done.stderr and "Could not get lock" in done.stderr
+    assert not (tmp_path / "log").exists()
+
+
+def test_apt_install_stops_at_once_on_another_error(tmp_path: Path) -> None:
+    bin_ = _fake_tools(tmp_path, busy_runs=0)
+    (bin_ / "apt-get").write_text("#!/bin/sh\necho 'E: Unable to locate package nope' >&2\n"
+                                  "exit 100\n")
+    done = _apt_install(tmp_path, bin_, 60, "nope")
+    assert done.returncode == 1 and done.stderr.strip() == "E: Unable to locate package nope"
 
 
 def test_guarded_command_uses_the_real_guard_result(pyinfra_host: Any, tmp_path: Path) -> None:
@@ -808,6 +891,98 @@ def test_pending_files_are_read_by_the_state_script(tmp_path: Path) -> None:
     assert parse(Query(pending=str(tmp_path / "none")),
                  sh(script(Query(pending=str(tmp_path / "none")))).stdout.splitlines()
                  ).pending == []
+
+
+def test_a_target_that_cannot_do_what_the_model_asks_stops_before_any_operation(
+        pyinfra_host: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = _server()
+    plan = compile_server(server, Target())
+    (q,), _ = _apply(plan, server, parse(Query(), []), monkeypatch, pyinfra_host)
+    assert q.prechecks and "/etc/caddy/Caddyfile" in q.space and "/var/lib/dpkg" in q.space
+    blank = parse(q, [])
+    roomy = {p: Space(10**7, 10**6, "/") for p in q.space}
+
+    def ops_with(state: State) -> list[Any]:
+        with fresh_pyinfra() as host:
+            return _apply(plan, server, state, monkeypatch, host)[1]
+
+    # No CAP_NET_ADMIN: one line with both ways out, and not a single operation.
+    state = dataclasses.replace(blank, prechecks=Prechecks(net_admin=False), space=roomy)
+    with pytest.raises(backend.DeployError) as info:
+        ops_with(state)
+    msg = str(info.value)
+    assert "\n" not in msg and "CAP_NET_ADMIN" in msg and "--cap-add NET_ADMIN" in msg
+    assert "firewall: {enabled: false, reason:" in msg and msg.endswith("Nothing was changed")
+    # ...fine when the model turns the firewall off (with a reason).
+    off = server.model_copy(update={"hardening": server.hardening.model_copy(update={
+        "firewall": FirewallHardening(enabled=False, reason="the host filters")})})
+    off_plan = compile_server(off, Target())
+    assert "/etc/nftables.conf" not in off_plan.files()
+    assert backend.target_problems(off_plan, state, {}) == []
+    # nft installed but not working (capability present, nf_tables missing...)
+    state = dataclasses.replace(blank, prechecks=Prechecks(net_admin=True, nft_works=False),
+                                space=roomy)
+    with pytest.raises(backend.DeployError, match="`nft list tables` fails here"):
+        ops_with(state)
+
+    # A full file system: named, with how much is needed, before anything is written.
+    full = dict(roomy)
+    for path in q.space:
+        if path.startswith("/srv/"):
+            full[path] = Space(3, 1000, "/srv")
+    state = dataclasses.replace(blank, prechecks=Prechecks(net_admin=True), space=full)
+    with pytest.raises(backend.DeployError) as info:
+        ops_with(state)
+    msg = str(info.value)
+    assert "(mounted on /srv) is full: 3 KiB free, this deploy needs about" in msg, msg
+    assert msg.endswith("Nothing was changed") and "\n" not in msg
+    # Out of inodes
+    full = {p: Space(10**7, 5 if p.startswith("/srv/") else 10**6, "/srv" if p.startswith(
+        "/srv/") else "/") for p in q.space}
+    state = dataclasses.replace(blank, prechecks=Prechecks(net_admin=True), space=full)
+    with pytest.raises(backend.DeployError, match=r"mounted on /srv\) has no free inodes left"):
+        ops_with(state)
+    # Packages to install need room where dpkg unpacks.
+    low = {p: Space(1024 if p in backend.PACKAGE_PATHS else 10**7, None, "/usr"
+                    if p in backend.PACKAGE_PATHS else "/") for p in q.space}
+    state = dataclasses.replace(blank, prechecks=Prechecks(net_admin=True), space=low)
+    with pytest.raises(backend.DeployError, match=r"mounted on /usr\) is full: 1024 KiB free"):
+        ops_with(state)
+    # ...but a converged host writing nothing is never refused for space.
+    converged = _converged(plan, q)
+    converged.space = {p: Space(0, 0, "/") for p in q.space}
+    converged.prechecks = Prechecks(net_admin=True, nft_works=True)
+    files = {s.file.path: s.file.content.encode() for s in plan.steps if isinstance(s, File)}
+    for step in plan.steps:
+        if isinstance(step, Sync):
+            for mf in backend._expand_sync(step):
+                files[mf.path] = (Path(step.src) / mf.path.removeprefix(step.dest + "/")
+                                  ).read_bytes()
+    assert backend.target_problems(plan, converged, files) == []
+    converged.files["/etc/caddy/Caddyfile"] = None  # ...and one that does is
+    assert "is full: 0 KiB free" in backend.target_problems(plan, converged, files)[0]
+
+
+def test_busy_or_interrupted_dpkg_is_announced(pyinfra_host: Any, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    server = _server()
+    plan = compile_server(server, Target())
+    (q,), _ = _apply(plan, server, parse(Query(), []), monkeypatch, pyinfra_host)
+    state = _converged(plan, q)
+    state.prechecks = Prechecks(dpkg_interrupted=True, apt_busy="", net_admin=True)
+    caplog.clear()
+    with fresh_pyinfra() as host:
+        _, ops = _apply(plan, server, state, monkeypatch, host)
+    busy = {name.removeprefix("selfhost "): cmds for name, _, cmds in ops if cmds}
+    assert busy == {"packages": [backend.apt_install_cmd([])]}  # recovery only
+    assert "dpkg was interrupted" in caplog.text and "dpkg --configure -a" in caplog.text
+    state.prechecks = Prechecks(apt_busy="unattended-upgr (pid 42)", net_admin=True)
+    state.packages["fail2ban"] = False
+    caplog.clear()
+    with fresh_pyinfra() as host:
+        _apply(plan, server, state, monkeypatch, host)
+    assert ("the package manager is busy (held by unattended-upgr (pid 42)): the deploy waits "
+            "for it, up to 10 minutes") in caplog.text
 
 
 def test_joined_phase_script_stops_at_the_first_failure(tmp_path: Path) -> None:

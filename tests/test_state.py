@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from selfhost.state import FileState, Query, State, UserState, parse, script
+from selfhost.state import (
+    FileState,
+    Prechecks,
+    Query,
+    Space,
+    State,
+    UserState,
+    parse,
+    script,
+)
 
 ME = pwd.getpwuid(os.getuid()).pw_name
 MY_GROUP = grp.getgrgid(os.getgid()).gr_name
@@ -265,3 +274,35 @@ def test_parse_defaults_when_nothing_is_printed() -> None:
               users=("w",))
     assert parse(q, []) == State(files={"/a": None}, dirs={"/d": None}, guards={"g": False},
                                  units={"u": ("", "")}, packages={"p": False}, users={"w": None})
+
+
+# --------------------------------------------------------------------------------------------
+# What the target can do (prechecks) and free space
+
+
+def test_prechecks_and_space_for_real(tmp_path: Path) -> None:
+    deep = tmp_path / "not" / "yet" / "there.conf"
+    lines, st = run(Query(prechecks=True, space=(str(deep), "/")))
+    assert [ln.split("\t")[:2] for ln in lines if ln.startswith("C")][:3] == [
+        ["C", "0"], ["C", "1"], ["C", "2"]]
+    assert st.prechecks.net_admin is not None
+    space = st.space[str(deep)]
+    assert space is not None and space.avail_kib > 0
+    # a path that does not exist yet is measured at its nearest existing parent
+    df = subprocess.run(["df", "-P", "-k", str(tmp_path)], capture_output=True, text=True)
+    assert space.mount == df.stdout.splitlines()[1].split()[-1]
+
+
+def test_parse_prechecks() -> None:
+    q = Query(prechecks=True, space=("/etc/caddy/Caddyfile", "/srv/www/x/index.html"))
+    st = parse(q, ["C\t0\t3", "C\t1\tunattended-upgr (pid 42)", "C\t2\t00000000a80425fb",
+                   "C\t3\t0", "S\t0\t12\t/etc/caddy\t2048\t2000",
+                   "S\t1\t99999\t/\t0\t0"])
+    assert st.prechecks.dpkg_interrupted and st.prechecks.apt_busy == "unattended-upgr (pid 42)"
+    assert st.prechecks.net_admin is False and st.prechecks.nft_works is False
+    assert st.space["/etc/caddy/Caddyfile"] == Space(12, 2000, "/etc/caddy")
+    assert st.space["/srv/www/x/index.html"] == Space(99999, None, "/")  # no inode count
+    full = parse(q, ["C\t0\t0", "C\t1\t", "C\t2\t000001ffffffffff"])
+    assert not full.prechecks.dpkg_interrupted and full.prechecks.apt_busy == ""
+    assert full.prechecks.net_admin is True and full.prechecks.nft_works is None
+    assert parse(q, []).prechecks == Prechecks() and parse(q, []).space == dict.fromkeys(q.space)

@@ -37,6 +37,7 @@ from pyinfra.api.facts import FactBase
 from pyinfra.api.operation import operation
 from pyinfra.context import host
 
+from selfhost.apt import LOCK_TIMEOUT
 from selfhost.compile import CompileError, Target, compile_fleet
 from selfhost.compile.diff import (
     dir_change,
@@ -210,21 +211,29 @@ def managed_dir(path: str, mode: str, owner: str, group: str,
            f"&& chmod {mode} {q(path)}")
 
 
+APT_INSTALL = (Path(__file__).parent / "apt-install.sh").read_text(encoding="utf-8")
+"""The script that installs packages, waiting (bounded) for a busy package manager and
+finishing an interrupted dpkg run first (see ``apt-install.sh``)."""
+
+
+def apt_install_cmd(names: list[str] | tuple[str, ...]) -> str:
+    """Shell: ``apt-install.sh`` with the lock timeout and the packages (none: only recover
+    an interrupted dpkg)."""
+    return " ".join(["sh", "-c", q(APT_INSTALL), "selfhost-apt", str(LOCK_TIMEOUT),
+                     *(q(n) for n in names)])
+
+
 @operation()
 def packages(names: tuple[str, ...], state: State) -> Generator[str, None, None]:
-    """Install missing packages; run ``apt-get update`` only when something is missing."""
+    """Install missing packages; run ``apt-get update`` only when something is missing.
+
+    A dpkg run that was interrupted (``state.prechecks.dpkg_interrupted``) is finished
+    first, even when nothing is missing: apt refuses to work until it is."""
     missing = missing_packages(names, state)
-    if not missing:
+    if not missing and not state.prechecks.dpkg_interrupted:
         host.noop("all packages installed")
         return
-    yield (
-        "export DEBIAN_FRONTEND=noninteractive; "
-        "apt-get update -qq -o Acquire::http::Timeout=30 -o Acquire::Retries=3 && "
-        "apt-get install -y -qq --no-install-recommends "
-        "-o Acquire::http::Timeout=30 -o Acquire::Retries=3 "
-        "-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "
-        + " ".join(q(n) for n in missing) + " >/dev/null"
-    )
+    yield apt_install_cmd(missing)
 
 
 @operation()
@@ -572,12 +581,17 @@ def apply_plan(plan: Plan, server: Server, keys: KeyStore | None = None) -> None
                                                  or s.file.secret_file is not None)
                        for s in plan.steps)
         or any(isinstance(s, User) and (s.password_hash or s.password) for s in plan.steps),
+        prechecks=True,
+        space=tuple(_space_paths(plan, files, users)),
     )
     state = _get_state(query)
     if query.upload_dir and state.upload_dir is None:
         raise DeployError(
             f"cannot prepare the login user's private upload directory (~/{UPLOAD_DIR}, "
             "mode 0700) on the target, needed to upload secrets; nothing was changed")
+    for problem in target_problems(plan, state, files):
+        raise DeployError(problem)
+    _log_waits(state)
     all_steps = [_with_hash(s, secrets, state) if isinstance(s, User) else s
                  for s in plan.steps]
     changed: set[str] = set(state.pending)
@@ -585,6 +599,102 @@ def apply_plan(plan: Plan, server: Server, keys: KeyStore | None = None) -> None
         steps = [s for s in all_steps if _phase_of(s) == phase]
         plan_phase(name=f"selfhost {phase}", phase=phase, steps=steps, files=files, state=state,
                    changed=changed)
+
+
+# ------------------------------------------------------------------ what the target can do
+# Read in the batched state query (no extra round trip) and checked before the first
+# operation: a target that cannot do what the model asks stops the deploy in one line,
+# with the ways out, before anything is changed.
+
+PACKAGE_PATHS = ("/var/cache/apt/archives", "/var/lib/dpkg", "/usr")
+"""Where installing packages writes (checked for a full file system when some are missing)."""
+PACKAGES_MIN_KIB = 64 * 1024
+"""Free space below which installing packages is refused on any of :data:`PACKAGE_PATHS`
+(apt checks its download directory itself, not where dpkg unpacks)."""
+FILE_MARGIN_KIB = 64
+"""Free space kept on a file system beyond the files written there (logs, dpkg's status)."""
+
+
+def _space_paths(plan: Plan, files: dict[str, bytes], users: list[str]) -> list[str]:
+    dirs = [s.dir.path for s in plan.steps if isinstance(s, Directory)]
+    keys = [f"/home/{u}/.ssh/authorized_keys" for u in users]
+    out: list[str] = []
+    for path in [*files, *keys, *dirs, *PACKAGE_PATHS]:
+        if path not in out:
+            out.append(path)
+    return out
+
+
+def _kib(n: int) -> int:
+    return (n + 1023) // 1024
+
+
+def target_problems(plan: Plan, state: State, files: dict[str, bytes]) -> list[str]:
+    """Why this target cannot take this plan (one line each, with the ways out); empty when
+    it can. Reads only the batched state (``Query(prechecks=True, space=...)``)."""
+    from selfhost.hardening.firewall import NFTABLES_CONF
+
+    out: list[str] = []
+    pc = state.prechecks
+    if any(isinstance(s, File) and s.file.path == NFTABLES_CONF for s in plan.steps) and (
+            pc.net_admin is False or pc.nft_works is False):
+        why = ("this deploy runs without CAP_NET_ADMIN" if pc.net_admin is False
+               else "`nft list tables` fails here")
+        out.append(
+            f"the firewall cannot be applied on this target: {why}, so nft fails with "
+            "'Operation not permitted' (a container started without that capability?). "
+            "Either give it the capability (podman/docker run --cap-add NET_ADMIN) or turn "
+            "the control off in the model (hardening: {firewall: {enabled: false, reason: "
+            "...}}). Nothing was changed")
+    # Free space: what this deploy writes on each file system, against what is free there.
+    need: dict[str, list[int]] = {}  # mount -> [KiB, inodes, example path]
+    where: dict[str, str] = {}
+    for path, content in files.items():
+        current = state.files.get(path)
+        if current is not None and current.sha1 == hashlib.sha1(content).hexdigest():
+            continue
+        space = state.space.get(path)
+        if space is None:
+            continue
+        n = need.setdefault(space.mount, [FILE_MARGIN_KIB, 0])
+        n[0] += _kib(len(content)) + 4
+        n[1] += 1 if current is None else 0
+        where.setdefault(space.mount, path)
+    if not all(state.packages.values()):
+        for path in PACKAGE_PATHS:
+            space = state.space.get(path)
+            if space is not None:
+                n = need.setdefault(space.mount, [FILE_MARGIN_KIB, 0])
+                n[0] = max(n[0], PACKAGES_MIN_KIB)
+                where.setdefault(space.mount, path)
+    spaces = {s.mount: s for s in state.space.values() if s is not None}
+    for mount, (kib, inodes) in sorted(need.items()):
+        space = spaces[mount]
+        if space.avail_kib < kib:
+            out.append(
+                f"the file system of {where[mount]} (mounted on {mount}) is full: "
+                f"{space.avail_kib} KiB free, this deploy needs about {kib} KiB there "
+                "(files are written next to their destination before they replace it). "
+                "Free some space and deploy again. Nothing was changed")
+        elif space.free_inodes is not None and space.free_inodes < inodes + 16:
+            out.append(
+                f"the file system of {where[mount]} (mounted on {mount}) has no free inodes "
+                f"left ({space.free_inodes}; this deploy creates {inodes} files there). "
+                "Remove some files and deploy again. Nothing was changed")
+    return out
+
+
+def _log_waits(state: State) -> None:
+    """Say up front when the packages phase is going to wait or to repair dpkg."""
+    log = logging.getLogger("pyinfra")
+    pc = state.prechecks
+    installing = not all(state.packages.values())
+    if pc.dpkg_interrupted and not pc.apt_busy:
+        log.warning("selfhost: dpkg was interrupted (a crash or a killed run): the deploy "
+                    "runs `dpkg --configure -a` first")
+    if pc.apt_busy and (installing or pc.dpkg_interrupted):
+        log.warning(f"selfhost: the package manager is busy (held by {pc.apt_busy}): the "
+                    f"deploy waits for it, up to {LOCK_TIMEOUT // 60} minutes")
 
 
 def target_for_host() -> Target:

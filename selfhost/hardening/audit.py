@@ -128,6 +128,8 @@ def _debconf_and_default(package: str, path: str, settings: dict[str, tuple[str,
 class AuditHardening(Control):
     """Auditing, accounting and integrity checking, with the small hardening around them."""
 
+    multiline_fields = frozenset({"banner"})
+
     auditd: bool = Field(
         default=True,
         description="Run auditd with rules recording changes to accounts, sudo, PAM, sshd, "

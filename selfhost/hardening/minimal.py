@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from selfhost.apt import APT_GET
 from selfhost.compose.module import Contribution, Env
 from selfhost.compose.resources import Command
 from selfhost.hardening.base import Control
@@ -19,6 +21,9 @@ ABSENT = [
     "xinetd", "avahi-daemon", "rpcbind", "nfs-common", "cups-browsed", "ftp", "vsftpd",
     "snmpd", "finger",
 ]
+_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+_UNIT = re.compile(r"[A-Za-z0-9:_.@-]+\.(service|socket|target|timer|path|mount|automount|swap|"
+                   r"slice|scope|device)")
 MASKED = ["avahi-daemon.service", "avahi-daemon.socket", "rpcbind.service", "rpcbind.socket",
           "cups-browsed.service", "ctrl-alt-del.target", "debug-shell.service"]
 
@@ -35,6 +40,24 @@ class MinimalHardening(Control):
         description="systemd units masked so that nothing can start them.",
     )
 
+    @field_validator("absent_packages")
+    @classmethod
+    def _packages(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not _PACKAGE.fullmatch(name):
+                raise ValueError(f"{name!r} is not a Debian package name (a-z, 0-9, '+', '-', "
+                                 "'.', starting with a letter or digit)")
+        return v
+
+    @field_validator("masked_units")
+    @classmethod
+    def _units(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not _UNIT.fullmatch(name):
+                raise ValueError(f"{name!r} is not a systemd unit name such as "
+                                 "'rpcbind.service'")
+        return v
+
     def contribute(self, env: Env) -> Contribution:
         c = Contribution()
         if not self.enabled:
@@ -45,7 +68,7 @@ class MinimalHardening(Control):
         c.commands.append(Command(
             "remove unneeded packages",
             f"p=$({installed}); [ -z \"$p\" ] || DEBIAN_FRONTEND=noninteractive "
-            "apt-get purge -y -qq $p >/dev/null",
+            f"{APT_GET} purge -y -qq $p >/dev/null",
             unless=f'test -z "$({installed})"',
         ))
         units = sorted(self.masked_units)

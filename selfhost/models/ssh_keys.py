@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import struct
 
 ALLOWED_TYPES = {
@@ -30,7 +31,8 @@ def _read_string(blob: bytes, offset: int) -> tuple[bytes, int]:
 
 def check_public_key(line: str) -> str:
     """Return the normalised key line, or raise ValueError saying what is wrong."""
-    parts = line.strip().split(None, 2)
+    # sshd separates the fields of an authorized_keys line with spaces and tabs only.
+    parts = re.split(r"[ \t]+", line.strip(), maxsplit=2)
     if len(parts) < 2:
         raise ValueError("an SSH public key looks like 'ssh-ed25519 AAAAC3... comment'")
     key_type, data = parts[0], parts[1]

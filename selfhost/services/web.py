@@ -50,6 +50,7 @@ from selfhost.services.base import Service
 PRIVATE_SUFFIXES = ("home.arpa", "lan", "local", "internal", "test", "example", "invalid",
                     "localhost", "localdomain", "home", "corp")
 CADDYFILE = "/etc/caddy/Caddyfile"
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: a header name
 
 
 def is_public_domain(domain: str) -> bool:
@@ -86,6 +87,16 @@ class Site(StrictModel):
         label = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
         if v != "@" and not re.fullmatch(rf"{label}(\.{label})*", v):
             raise ValueError("not a valid host name")
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not _TOKEN.fullmatch(name):
+                raise ValueError(
+                    f"{name!r} is not an HTTP header name: letters, digits and "
+                    "!#$%&'*+-.^_`|~ only (e.g. 'Cache-Control')")
         return v
 
     @field_validator("root")

@@ -1,0 +1,74 @@
+#!/bin/sh
+# selfhost: install Debian packages, waiting (bounded) for a busy package manager.
+#
+#   sh apt-install.sh TIMEOUT [PACKAGE...]
+#
+# Another apt, dpkg or unattended-upgrades run may hold the package manager's locks (or one
+# left running by an interrupted deploy): wait up to TIMEOUT seconds for them, saying so once,
+# instead of failing at once with "Could not get lock /var/lib/dpkg/lock-frontend". apt-get
+# waits for the dpkg lock itself (DPkg::Lock::Timeout, apt >= 1.9.11); `apt-get update` and
+# `dpkg` fail at once on a held lock, so they are retried until the deadline.
+#
+# A dpkg run that was interrupted (a crash, a killed deploy) leaves /var/lib/dpkg/updates
+# not empty, and apt then refuses to work until `dpkg --configure -a` has run: run it first.
+# Without PACKAGE arguments, only that recovery is done.
+set -u
+timeout=$1
+shift
+export DEBIAN_FRONTEND=noninteractive
+deadline=$(( $(date +%s) + timeout ))
+said=""
+
+holder() {
+    # Which process holds a lock of the package manager, when lslocks can tell.
+    lslocks -n -r -o COMMAND,PID,PATH 2>/dev/null \
+        | awk '$3 ~ /^\/var\/lib\/(dpkg\/lock|apt\/lists\/lock)/ { print $1 " (pid " $2 ")"; exit }'
+}
+
+# Run "$@" (its output is kept only for a failure), retrying while a lock is held.
+retry_locked() {
+    while :; do
+        if out=$("$@" 2>&1); then
+            return 0
+        fi
+        case $out in
+            *"Could not get lock"* | *"is locked by another process"* \
+            | *"lock was locked by another process"* | *"Unable to acquire the dpkg"*) ;;
+            *) printf '%s\n' "$out" >&2; return 1 ;;
+        esac
+        if [ "$(date +%s)" -ge "$deadline" ]; then
+            printf '%s\n' "$out" >&2
+            echo "selfhost: the package manager is still busy after ${timeout}s (another" \
+                 "apt, dpkg or unattended-upgrades run holds its lock); nothing was installed," \
+                 "deploy again when it has finished" >&2
+            return 1
+        fi
+        if [ -z "$said" ]; then
+            who=$(holder)
+            echo "selfhost: the package manager is busy${who:+ (held by $who)}: waiting up" \
+                 "to ${timeout}s for it" >&2
+            said=1
+        fi
+        sleep 2
+    done
+}
+
+remaining() {
+    r=$(( deadline - $(date +%s) ))
+    [ "$r" -gt 0 ] || r=1
+    echo "$r"
+}
+
+if [ -n "$(ls -A /var/lib/dpkg/updates 2>/dev/null)" ]; then
+    echo "selfhost: dpkg was interrupted (a crash or a killed run): running" \
+         "dpkg --configure -a first" >&2
+    retry_locked dpkg --force-confdef --force-confold --configure -a || exit 1
+fi
+[ "$#" -gt 0 ] || exit 0
+
+retry_locked apt-get update -qq -o Acquire::http::Timeout=30 -o Acquire::Retries=3 || exit 1
+retry_locked apt-get install -y -qq --no-install-recommends \
+    -o "DPkg::Lock::Timeout=$(remaining)" \
+    -o Acquire::http::Timeout=30 -o Acquire::Retries=3 \
+    -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+    "$@"
