@@ -260,6 +260,30 @@ def test_update_reports_are_mailed_to_the_admin(host: Any, smtp_sink: Any) -> No
     assert mails[-1].startswith("<alice@example.org>") and "unattended-upgrades" in mails[-1]
 
 
+def test_the_daily_check_mails_the_admin_what_got_worse(host: Any, smtp_sink: Any) -> None:
+    """The on-host check (its timer's service) mails the admin through the sendmail role when
+    a finding appears, once: the next day's same news is not mailed again."""
+    sh(host, "systemctl start selfhost-check.service")  # today's baseline
+    before = len(smtp_sink())
+    original = sh(host, "base64 -w0 /etc/issue.net")
+    try:
+        sh(host, "echo tampered >> /etc/issue.net")
+        sh(host, "systemctl start selfhost-check.service")
+        deadline = time.monotonic() + 20
+        while len(smtp_sink()) == before and time.monotonic() < deadline:
+            time.sleep(0.5)
+        mails = smtp_sink()
+        assert len(mails) == before + 1
+        assert mails[-1].startswith("<alice@example.org>")
+        assert "selfhost-check on" in mails[-1] and "/etc/issue.net differs" in mails[-1]
+        sh(host, "systemctl start selfhost-check.service")  # the same news
+        time.sleep(3)
+        assert len(smtp_sink()) == before + 1
+    finally:
+        sh(host, f"echo {original} | base64 -d > /etc/issue.net")
+        sh(host, "systemctl start selfhost-check.service")
+
+
 def test_late_backup_alerts_and_status_shows_age(host: Any) -> None:
     since = sh(host, "date '+%F %T'")
     stamp = "/var/lib/selfhost-backup/friend.last-success"
