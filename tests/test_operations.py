@@ -816,7 +816,41 @@ def test_apply_plan_reloads_only_what_changed(pyinfra_host: Any,
     busy = {name.removeprefix("selfhost "): cmds for name, _, cmds in ops if cmds}
     assert set(busy) == {"files", "reloads"}
     assert len(busy["files"]) == 1 and "nft -c -f" in busy["files"][0]
-    assert busy["reloads"] == ["systemctl reload-or-restart nftables.service"]
+    # The reload is owed from before the file changes until it has run (see the next test).
+    marker = "/var/lib/selfhost/pending/reload-nftables.service"
+    script = busy["files"][0]
+    assert f"touch {marker}" in script
+    assert script.index(f"touch {marker}") < script.index("mv -f /etc/nftables.conf.selfhost-new")
+    assert busy["reloads"] == [f"systemctl reload-or-restart nftables.service && rm -f {marker}"]
+
+
+def test_a_reload_owed_by_an_interrupted_deploy_is_done_by_the_next(
+        pyinfra_host: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Killed between a file and its reload: the file is new, the service runs the old
+    # configuration (a closed port still open). The next deploy sees the marker and reloads.
+    server = _server()
+    plan = compile_server(server, Target())
+    (q,), _ = _apply(plan, server, parse(Query(), []), monkeypatch, pyinfra_host)
+    assert q.pending
+    state = _converged(plan, q)
+    state.pending = {"reload-nftables.service", "reload-caddy.service"}
+    with fresh_pyinfra() as host:
+        _, ops = _apply(plan, server, state, monkeypatch, host)
+    busy = {name.removeprefix("selfhost "): cmds for name, _, cmds in ops if cmds}
+    assert set(busy) == {"reloads"} and len(busy["reloads"]) == 1, busy  # one script
+    for unit in ("caddy.service", "nftables.service"):
+        assert (f"systemctl reload-or-restart {unit} && rm -f "
+                f"/var/lib/selfhost/pending/reload-{unit}") in busy["reloads"][0]
+    # On-change commands are owed the same way.
+    on_change = [s for s in plan.steps if isinstance(s, Run) and s.command.on_change]
+    assert on_change
+    if on_change:
+        state.pending = {backend._marker(on_change[0])}
+        with fresh_pyinfra() as host:
+            _, ops = _apply(plan, server, state, monkeypatch, host)
+        sent = [c for _, _, cmds in ops for c in cmds]
+        assert any(on_change[0].command.command in c and "rm -f /var/lib/selfhost/pending/run-"
+                   in c for c in sent), sent
 
 
 def test_a_target_that_cannot_do_what_the_model_asks_stops_before_any_operation(

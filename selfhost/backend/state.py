@@ -10,6 +10,10 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
+PENDING_DIR = "/var/lib/selfhost/pending"
+"""One empty file per reload or on-change command that a deploy owes the target: made before
+the file that calls for it is replaced, removed once it has run. A deploy killed in between
+leaves it, and the next deploy runs what it names even though its files no longer change."""
 UPLOAD_DIR = ".cache/selfhost-upload"
 """Where, in the home of the user pyinfra logs in as, secrets are uploaded before sudo copies
 them into place: a directory only that user can enter (mode 0700)."""
@@ -28,6 +32,9 @@ class Query:
     users: tuple[str, ...] = ()
     upload_dir: bool = False
     """Also prepare the private upload directory of the login user (see :data:`UPLOAD_DIR`)."""
+    pending: bool = False
+    """Also list the reloads and on-change commands that an interrupted deploy left to do
+    (markers in :data:`PENDING_DIR`)."""
     prechecks: bool = False
     """Also read what the target can do: an interrupted or busy dpkg, CAP_NET_ADMIN and a
     working ``nft`` (see :class:`Prechecks`)."""
@@ -89,6 +96,8 @@ class State:
     """Per user with a yescrypt password hash, its setting ``$y$PARAMS$SALT`` (never the hash
     value itself): enough to tell whether a password is unchanged by hashing it again."""
     prechecks: Prechecks = field(default_factory=Prechecks)
+    pending: set[str] = field(default_factory=set)
+    """Markers left in :data:`PENDING_DIR` by an interrupted deploy."""
     space: dict[str, Space | None] = field(default_factory=dict)
     upload_dir: str | None = None
     """The private upload directory of the login user (absolute path); ``""`` when no sudo is
@@ -174,6 +183,9 @@ def script(q: Query) -> str:
         )
     if q.upload_dir:
         parts.append(_UPLOAD_DIR_SCRIPT)
+    if q.pending:
+        parts.append(f"for m in {PENDING_DIR}/*; do [ -e \"$m\" ] && "
+                     "printf 'M\\t0\\t%s\\n' \"${m##*/}\"; done")
     if q.prechecks:
         parts.append(_PRECHECKS_SCRIPT)
     for i, path in enumerate(q.space):
@@ -217,6 +229,8 @@ def parse(q: Query, lines: list[str]) -> State:
             st.users[q.users[i]] = UserState(f[2], f[3], tuple(f[4].split(",")), f[5])
             if len(f) >= 7 and _YESCRYPT_SETTING.match(f[6]):
                 st.settings[q.users[i]] = f[6]
+        elif kind == "M" and q.pending:
+            st.pending.add(f[2])
         elif kind == "C" and q.prechecks:
             _precheck(st.prechecks, i, f[2])
         elif kind == "S" and i < len(q.space) and len(f) >= 4 and f[2].isdigit():
