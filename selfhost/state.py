@@ -12,6 +12,10 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
+PENDING_DIR = "/var/lib/selfhost/pending"
+"""One empty file per reload or on-change command that a deploy owes the target: made before
+the file that calls for it is replaced, removed once it has run. A deploy killed in between
+leaves it, and the next deploy runs what it names even though its files no longer change."""
 UPLOAD_DIR = ".cache/selfhost-upload"
 """Where, in the home of the user pyinfra logs in as, secrets are uploaded before sudo copies
 them into place: a directory only that user can enter (mode 0700)."""
@@ -32,9 +36,9 @@ class Query:
     """Also prepare the private upload directory of the login user (see :data:`UPLOAD_DIR`)."""
     manifest: str | None = None
     """Also read this file (selfhost's manifest of the previous deploy), base64-encoded."""
-    pending: str | None = None
-    """Also list the managed files an earlier deploy changed without finishing (the paths
-    held by the files of this directory)."""
+    pending: bool = False
+    """Also list the reloads and on-change commands that an interrupted deploy left to do
+    (markers in :data:`PENDING_DIR`)."""
     prechecks: bool = False
     """Also read what the target can do: an interrupted or busy dpkg, CAP_NET_ADMIN and a
     working ``nft`` (see :class:`Prechecks`)."""
@@ -97,9 +101,9 @@ class State:
     value itself): enough to tell whether a password is unchanged by hashing it again."""
     manifest: str | None = None
     """The previous deploy's manifest (None: there is none)."""
-    pending: list[str] = field(default_factory=list)
-    """Managed files changed by an unfinished deploy: their reloads are still due."""
     prechecks: Prechecks = field(default_factory=Prechecks)
+    pending: set[str] = field(default_factory=set)
+    """Markers left in :data:`PENDING_DIR` by an interrupted deploy."""
     space: dict[str, Space | None] = field(default_factory=dict)
     upload_dir: str | None = None
     """The private upload directory of the login user (absolute path); ``""`` when no sudo is
@@ -192,11 +196,11 @@ def script(q: Query) -> str:
     if q.manifest:
         parts.append(f"if [ -f {q_(q.manifest)} ]; then printf 'M\\t0\\t%s\\n' "
                      f"\"$(base64 -w0 < {q_(q.manifest)})\"; fi")
-    if q.pending:
-        parts.append(f"for f in {q_(q.pending)}/*; do [ -f \"$f\" ] && "
-                     "printf 'N\\t0\\t%s\\n' \"$(head -n1 \"$f\")\"; done")
     if q.upload_dir:
         parts.append(_UPLOAD_DIR_SCRIPT)
+    if q.pending:
+        parts.append(f"for m in {PENDING_DIR}/*; do [ -e \"$m\" ] && "
+                     "printf 'N\\t0\\t%s\\n' \"${m##*/}\"; done")
     if q.prechecks:
         parts.append(_PRECHECKS_SCRIPT)
     for i, path in enumerate(q.space):
@@ -248,8 +252,8 @@ def parse(q: Query, lines: list[str]) -> State:
                 st.manifest = base64.b64decode(f[2], validate=True).decode("utf-8", "replace")
             except (binascii.Error, ValueError):
                 st.manifest = None
-        elif kind == "N" and q.pending and f[2].startswith("/"):
-            st.pending.append(f[2])
+        elif kind == "N" and q.pending:
+            st.pending.add(f[2])
         elif kind == "C" and q.prechecks:
             _precheck(st.prechecks, i, f[2])
         elif kind == "S" and i < len(q.space) and len(f) >= 4 and f[2].isdigit():

@@ -854,43 +854,41 @@ def test_apply_plan_reloads_only_what_changed(pyinfra_host: Any,
     busy = {name.removeprefix("selfhost "): cmds for name, _, cmds in ops if cmds}
     assert set(busy) == {"files", "reloads"}
     assert len(busy["files"]) == 1 and "nft -c -f" in busy["files"][0]
-    # The change is remembered on the target until its reload has run.
-    assert "mkdir -p /var/lib/selfhost/pending && echo /etc/nftables.conf > " \
-        "/var/lib/selfhost/pending/" in busy["files"][0]
-    assert busy["reloads"] == [backend._join(["systemctl reload-or-restart nftables.service",
-                                              "rm -rf /var/lib/selfhost/pending"])]
+    # The reload is owed from before the file changes until it has run (see the next test).
+    marker = "/var/lib/selfhost/pending/reload-nftables.service"
+    script = busy["files"][0]
+    assert f"touch {marker}" in script
+    assert script.index(f"touch {marker}") < script.index("mv -f /etc/nftables.conf.selfhost-new")
+    assert busy["reloads"] == [f"systemctl reload-or-restart nftables.service && rm -f {marker}"]
 
 
-def test_reloads_left_by_an_interrupted_deploy_are_done_by_the_next(
+def test_a_reload_owed_by_an_interrupted_deploy_is_done_by_the_next(
         pyinfra_host: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A deploy that wrote the Caddyfile and died before reloading Caddy left a marker; the
-    next deploy finds every file unchanged, yet reloads Caddy (and runs the file's on-change
-    commands), then clears the marker."""
+    # Killed between a file and its reload: the file is new, the service runs the old
+    # configuration (a closed port still open). The next deploy sees the marker and reloads.
     server = _server()
     plan = compile_server(server, Target())
     (q,), _ = _apply(plan, server, parse(Query(), []), monkeypatch, pyinfra_host)
-    assert q.pending == backend.PENDING_DIR
+    assert q.pending
     state = _converged(plan, q)
-    state.pending = ["/etc/caddy/Caddyfile"]
+    state.pending = {"reload-nftables.service", "reload-caddy.service"}
     with fresh_pyinfra() as host:
         _, ops = _apply(plan, server, state, monkeypatch, host)
     busy = {name.removeprefix("selfhost "): cmds for name, _, cmds in ops if cmds}
-    assert set(busy) == {"reloads"}
-    assert busy["reloads"] == [backend._join(["systemctl reload-or-restart caddy.service",
-                                              "rm -rf /var/lib/selfhost/pending"])]
-
-
-def test_pending_files_are_read_by_the_state_script(tmp_path: Path) -> None:
-    pending = tmp_path / "pending"
-    pending.mkdir()
-    (pending / "a").write_text("/etc/caddy/Caddyfile\n")
-    (pending / "b").write_text("/etc/nftables.conf\n")
-    q = Query(pending=str(pending))
-    out = sh(script(q)).stdout.splitlines()
-    assert sorted(parse(q, out).pending) == ["/etc/caddy/Caddyfile", "/etc/nftables.conf"]
-    assert parse(Query(pending=str(tmp_path / "none")),
-                 sh(script(Query(pending=str(tmp_path / "none")))).stdout.splitlines()
-                 ).pending == []
+    assert set(busy) == {"reloads"} and len(busy["reloads"]) == 1, busy  # one script
+    for unit in ("caddy.service", "nftables.service"):
+        assert (f"systemctl reload-or-restart {unit} && rm -f "
+                f"/var/lib/selfhost/pending/reload-{unit}") in busy["reloads"][0]
+    # On-change commands are owed the same way.
+    on_change = [s for s in plan.steps if isinstance(s, Run) and s.command.on_change]
+    assert on_change
+    if on_change:
+        state.pending = {backend._marker(on_change[0])}
+        with fresh_pyinfra() as host:
+            _, ops = _apply(plan, server, state, monkeypatch, host)
+        sent = [c for _, _, cmds in ops for c in cmds]
+        assert any(on_change[0].command.command in c and "rm -f /var/lib/selfhost/pending/run-"
+                   in c for c in sent), sent
 
 
 def test_a_target_that_cannot_do_what_the_model_asks_stops_before_any_operation(

@@ -306,3 +306,11 @@ def test_parse_prechecks() -> None:
     assert not full.prechecks.dpkg_interrupted and full.prechecks.apt_busy == ""
     assert full.prechecks.net_admin is True and full.prechecks.nft_works is None
     assert parse(q, []).prechecks == Prechecks() and parse(q, []).space == dict.fromkeys(q.space)
+
+
+def test_pending_markers() -> None:
+    q = Query(pending=True)
+    assert "/var/lib/selfhost/pending/*" in script(q)
+    st = parse(q, ["N\t0\treload-ssh.service", "N\t0\trun-0123456789abcdef"])
+    assert st.pending == {"reload-ssh.service", "run-0123456789abcdef"}
+    assert parse(Query(), ["N\t0\treload-ssh.service"]).pending == set()  # not asked for

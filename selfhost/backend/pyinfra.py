@@ -65,15 +65,12 @@ from selfhost.compose.resources import SECRET_MARK, ManagedFile, SecretPiece
 from selfhost.models.fleet import Fleet
 from selfhost.models.passwords import CryptUnavailable, WeakPassword, check_password, hash_for
 from selfhost.models.server import _HASH_RE, Server
-from selfhost.state import UPLOAD_DIR, Query, State, parse, script
+from selfhost.state import PENDING_DIR, UPLOAD_DIR, Query, State, parse, script
 
 q = shlex.quote
 INLINE_MAX = 64 * 1024
 """Files whose base64 form is longer than this are uploaded, not inlined in the command
 (one shell argument may not exceed 128 KiB on Linux)."""
-PENDING_DIR = "/var/lib/selfhost/pending"
-"""Managed files changed by a deploy whose reloads and on-change commands have not run yet
-(one file each, holding the path); cleared at the end of a deploy, read by the next one."""
 CHPASSWD_DIR = "/run/selfhost"
 """Root-only directory (on tmpfs) where a ``user:hash`` line waits for ``chpasswd -e``."""
 
@@ -135,10 +132,6 @@ def _finish_cmd(tmp: str, path: str, mode: str, owner: str, group: str,
             f"rm -f {q(tmp)}; exit 1; fi"
         )
     steps.append(f"mv -f {q(tmp)} {q(path)}")
-    # Remember the change on the target until this deploy's reloads and on-change commands
-    # are done: a deploy that dies in between leaves them to the next one.
-    steps.append(f"mkdir -p {PENDING_DIR} && echo {q(path)} > "
-                 f"{PENDING_DIR}/{hashlib.sha1(path.encode()).hexdigest()}")
     return " && ".join(steps)
 
 
@@ -458,16 +451,44 @@ def _known_hosts(peer: str, address: str, port: int) -> str:
                       "hosts together (its SSH host key goes into this host's known_hosts)")
 
 
+def _marker(step: Reload | Run) -> str:
+    """Name of the marker that says ``step`` is owed (see :data:`PENDING_DIR`)."""
+    if isinstance(step, Reload):
+        return f"reload-{step.unit}"
+    return "run-" + hashlib.sha1(step.command.name.encode()).hexdigest()[:16]
+
+
+def owed_by_file(steps: list[Any]) -> dict[str, list[str]]:
+    """For each managed file, the markers of the reloads and on-change commands its change
+    calls for."""
+    out: dict[str, list[str]] = {}
+    for step in steps:
+        paths: tuple[str, ...] = ()
+        if isinstance(step, Reload):
+            paths = step.when
+        elif isinstance(step, Run) and step.command.on_change:
+            paths = step.command.on_change
+        for path in paths:
+            out.setdefault(path, []).append(_marker(step))
+    return out
+
+
 @operation()
 def plan_phase(phase: str, steps: list[Any], files: dict[str, bytes], state: State,
-               changed: set[str]) -> Generator[str | StringCommand | FileUploadCommand, None, None]:
+               changed: set[str], owed: dict[str, list[str]] | None = None,
+               ) -> Generator[str | StringCommand | FileUploadCommand, None, None]:
     """Apply the steps of one phase of the plan. ``changed`` collects the managed files that
     this deploy rewrites, so that reloads and on-change commands of later phases know.
+
+    ``owed`` (see :func:`owed_by_file`): before a file that calls for a reload or an on-change
+    command is replaced, a marker is left on the target; the reload or command removes it once
+    it has run. A deploy interrupted in between leaves the marker, and the next one runs what
+    it names (``state.pending``) even though the file no longer changes.
 
     Consecutive plain commands are sent as one script (each in its own subshell, stopping at
     the first failure): one round trip instead of one per step."""
     batch: list[str] = []
-    for cmd in _phase_commands(steps, files, state, changed):
+    for cmd in _phase_commands(steps, files, state, changed, owed or {}):
         if isinstance(cmd, str):
             batch.append(cmd)
             continue
@@ -475,10 +496,6 @@ def plan_phase(phase: str, steps: list[Any], files: dict[str, bytes], state: Sta
             yield _join(batch)
             batch = []
         yield cmd
-    if phase == PHASES[-1] and changed:
-        # Every reload and on-change command of the changed files has run (a failure stops
-        # the deploy before this line): nothing is pending any more.
-        batch.append(f"rm -rf {PENDING_DIR}")
     if batch:
         yield _join(batch)
 
@@ -487,8 +504,9 @@ def _join(commands: list[str]) -> str:
     return commands[0] if len(commands) == 1 else " && ".join(f"( {c}\n)" for c in commands)
 
 
-def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State,
-                    changed: set[str]) -> Generator[str | StringCommand | FileUploadCommand, None, None]:
+def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State, changed: set[str],
+                    owed: dict[str, list[str]],
+                    ) -> Generator[str | StringCommand | FileUploadCommand, None, None]:
     installing = not all(state.packages.values())
     for step in steps:
         if isinstance(step, Packages):
@@ -500,8 +518,8 @@ def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State,
         elif isinstance(step, Run):
             cmd = step.command
             if cmd.on_change:
-                if changed.intersection(cmd.on_change):
-                    yield cmd.command
+                if changed.intersection(cmd.on_change) or _marker(step) in state.pending:
+                    yield f"( {cmd.command}\n) && rm -f {q(PENDING_DIR + '/' + _marker(step))}"
             else:
                 yield from guarded._inner(label=cmd.name, command=cmd.command,
                                           unless=cmd.unless, state=state, recheck=installing)
@@ -525,7 +543,7 @@ def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State,
             f = step.file
             yield from _file(f.path, files[f.path], f.mode, f.owner, f.group, f.validate,
                              bool(f.secret is not None or f.secrets or f.secret_file),
-                             state, changed)
+                             state, changed, owed.get(f.path, []))
         elif isinstance(step, Sync):
             for mf in _expand_sync(step):
                 yield from _file(mf.path, files[mf.path], mf.mode, mf.owner, mf.group, None,
@@ -533,19 +551,25 @@ def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State,
         elif isinstance(step, UnitState):
             yield from unit_state._inner(unit=step.name, enabled=step.enabled,
                                          running=step.running, state=state)
-        elif isinstance(step, Reload) and changed.intersection(step.when):
+        elif isinstance(step, Reload) and (changed.intersection(step.when)
+                                           or _marker(step) in state.pending):
             # Even for a unit that was not running before this deploy: installing its package
             # may have started it with the package's default configuration.
-            yield from reload_unit._inner(unit=step.unit, action=step.action)
+            for cmd in reload_unit._inner(unit=step.unit, action=step.action):
+                yield f"{cmd} && rm -f {q(PENDING_DIR + '/' + _marker(step))}"
 
 
 def _file(path: str, content: bytes, mode: str, owner: str, group: str, validate: str | None,
-          secret: bool, state: State,
-          changed: set[str]) -> Generator[str | StringCommand | FileUploadCommand, None, None]:
+          secret: bool, state: State, changed: set[str], owed: list[str] | None = None,
+          ) -> Generator[str | StringCommand | FileUploadCommand, None, None]:
     cmds = list(managed_file._inner(path=path, content=content, mode=mode, owner=owner,
                                     group=group, validate=validate, state=state, secret=secret))
     if cmds:
         changed.add(path)
+        if owed:
+            # Before the file changes: what its change calls for is owed until it has run.
+            yield (f"mkdir -p {PENDING_DIR} && touch "
+                   + " ".join(q(f"{PENDING_DIR}/{m}") for m in owed))
     yield from cmds
 
 
@@ -576,12 +600,12 @@ def apply_plan(plan: Plan, server: Server, keys: KeyStore | None = None) -> None
         packages=tuple(n for s in plan.steps if isinstance(s, Packages) for n in s.names),
         users=tuple(users),
         manifest=MANIFEST,
-        pending=PENDING_DIR,
         upload_dir=any(isinstance(s, File) and (s.file.secret is not None or s.file.secrets
                                                  or s.file.secret_file is not None)
                        for s in plan.steps)
         or any(isinstance(s, User) and (s.password_hash or s.password) for s in plan.steps),
         prechecks=True,
+        pending=True,
         space=tuple(_space_paths(plan, files, users)),
     )
     state = _get_state(query)
@@ -594,11 +618,12 @@ def apply_plan(plan: Plan, server: Server, keys: KeyStore | None = None) -> None
     _log_waits(state)
     all_steps = [_with_hash(s, secrets, state) if isinstance(s, User) else s
                  for s in plan.steps]
-    changed: set[str] = set(state.pending)
+    changed: set[str] = set()
+    owed = owed_by_file(all_steps)
     for phase in PHASES:
         steps = [s for s in all_steps if _phase_of(s) == phase]
         plan_phase(name=f"selfhost {phase}", phase=phase, steps=steps, files=files, state=state,
-                   changed=changed)
+                   changed=changed, owed=owed)
 
 
 # ------------------------------------------------------------------ what the target can do
