@@ -95,7 +95,7 @@ def query_for(plans: list[Plan]) -> Query:
     from selfhost.compile.removal import MANIFEST
 
     return Query(files=tuple(files), dirs=tuple(dirs), guards=tuple(guards), units=tuple(units),
-                 packages=tuple(packages), users=tuple(users), manifest=MANIFEST)
+                 packages=tuple(packages), users=tuple(users), manifest=MANIFEST, pending=True)
 
 
 def health_script(plans: list[Plan], expected: dict[str, bytes]) -> str:
@@ -241,6 +241,11 @@ def findings(plan: Plan, state: State, facts: Facts) -> list[Finding]:
                         f"{step.file.path} (on the server)", f"{step.file.path} (the model)"))
             out.append(Finding("error", "drift", change.describe(),
                                "run the deploy to put it back (or change the model)", diff))
+    for marker in sorted(state.pending):
+        kind, _, what = marker.partition("-")
+        out.append(Finding("error", "drift", f"an interrupted deploy left a {kind} undone "
+                           f"({what if kind == 'reload' else marker})",
+                           "run the deploy: it does what was left"))
     for unit in facts.failed or []:
         out.append(Finding("error", "health", f"unit {unit} has failed",
                            f"journalctl -u {unit}; systemctl restart {unit}"))

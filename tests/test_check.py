@@ -140,3 +140,12 @@ def test_exposure_from_outside() -> None:
                     "it")]
     text = probe_script("10.0.0.2", sorted(COMMON_PORTS))
     assert "/dev/tcp/10.0.0.2/$p" in text and " 5232 " in text
+
+
+def test_work_left_by_an_interrupted_deploy_is_drift() -> None:
+    p = plan()
+    st = converged(p)
+    st.pending = {"reload-caddy.service"}
+    [f] = findings(p, st, healthy())
+    assert (f.severity, f.what) == ("error", "an interrupted deploy left a reload undone "
+                                             "(caddy.service)")
