@@ -149,3 +149,13 @@ def test_work_left_by_an_interrupted_deploy_is_drift() -> None:
     [f] = findings(p, st, healthy())
     assert (f.severity, f.what) == ("error", "an interrupted deploy left a reload undone "
                                              "(caddy.service)")
+
+
+def test_the_daily_check_unit_treats_findings_as_a_report() -> None:
+    """Exit 1 and 2 are findings, reported by the script: the unit must not fail for them
+    (the next check would report a failed unit, and `systemctl start` would error)."""
+    [p] = __import__("selfhost.compile", fromlist=["compile_fleet"]).compile_fleet(
+        __import__("selfhost.config", fromlist=["load_fleet"]).load_fleet(
+            ROOT / "examples" / "home.yaml")).values()
+    unit = p.files()["/etc/systemd/system/selfhost-check.service"]
+    assert "SuccessExitStatus=1 2\n" in unit and "Type=oneshot\n" in unit
