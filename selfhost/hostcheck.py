@@ -54,6 +54,9 @@ class HostCheck(StrictModel, Module):
                                    validate="bash -n {path}"))
         c.files.append(ManagedFile(SERVICE, "[Unit]\nDescription=selfhost: daily check of the "
                                    "server against its model\n\n[Service]\nType=oneshot\n"
+                                   # Findings are the script's report, not a failed unit
+                                   # (which the next check would report again).
+                                   "SuccessExitStatus=1 2\n"
                                    f"ExecStart={SCRIPT}\n"))
         c.files.append(ManagedFile(TIMER, "[Unit]\nDescription=selfhost: daily check\n\n"
                                    f"[Timer]\nOnCalendar={self.schedule}\nRandomizedDelaySec=1h\n"
