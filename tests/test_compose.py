@@ -455,3 +455,40 @@ def test_the_python_deploy_example_builds_a_valid_fleet() -> None:
     plan = compile_fleet(mod.build())["nas"]
     assert "dav.home.arpa {" in plan.files()["/etc/caddy/Caddyfile"]
     assert any(d.path == "/var/lib/radicale/collections" for d in plan.data)
+
+
+def test_certificate_export_runs_on_debian(validators: Any) -> None:
+    """The script the web module installs for Certificate requests, run for real in a
+    Debian container: it copies Caddy's certificate and key for each requested name to
+    /etc/selfhost/tls/NAME/ (the key readable by the requester's group only), does nothing
+    the second time, and copies again when Caddy renewed the certificate."""
+    import shlex
+
+    from selfhost.services.web import CERT_EXPORT
+
+    store = "/var/lib/caddy/.local/share/caddy/certificates/local/mail.example.org"
+    setup = (f"mkdir -p {store} /etc/selfhost/tls /usr/local/lib/selfhost && "
+             f"echo CERT1 > {store}/mail.example.org.crt && "
+             f"echo KEY1 > {store}/mail.example.org.key && "
+             "getent group ssl-cert >/dev/null || groupadd --system ssl-cert; "
+             "printf 'mail.example.org\\tssl-cert\\tpostfix.service\\n' "
+             "> /etc/selfhost/tls/certificates.txt && "
+             f"printf %s {shlex.quote(CERT_EXPORT)} > /usr/local/lib/selfhost/cert-export && "
+             "chmod 0755 /usr/local/lib/selfhost/cert-export")
+    run = "/usr/local/lib/selfhost/cert-export"
+    d = "/etc/selfhost/tls/mail.example.org"
+    for release in ("bookworm", "trixie"):
+        assert validators.run(release, setup).returncode == 0
+        first = validators.run(release, run)
+        assert first.returncode == 0, first.stderr
+        assert b"certificate of mail.example.org updated" in first.stdout
+        out = validators.run(release, f"cat {d}/fullchain.pem {d}/privkey.pem; "
+                                      f"stat -c '%a %G' {d} {d}/privkey.pem {d}/fullchain.pem")
+        assert out.stdout.decode().split("\n")[:5] == [
+            "CERT1", "KEY1", "750 ssl-cert", "640 ssl-cert", "644 root"]
+        again = validators.run(release, run)
+        assert again.returncode == 0 and b"updated" not in again.stdout
+        renewed = validators.run(release, f"echo CERT2 > {store}/mail.example.org.crt && {run}"
+                                          f" && cat {d}/fullchain.pem")
+        assert renewed.returncode == 0 and renewed.stdout.decode().endswith("CERT2\n")
+        validators.run(release, f"rm -rf {d} /var/lib/caddy/.local")
