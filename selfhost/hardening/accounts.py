@@ -22,6 +22,34 @@ PWQUALITY = "/etc/security/pwquality.conf.d/50-selfhost.conf"
 FAILLOCK = "/etc/security/faillock.conf"
 PAM_FAILLOCK = "/usr/share/pam-configs/selfhost-faillock"
 PAM_FAILLOCK_NOTIFY = "/usr/share/pam-configs/selfhost-faillock-notify"
+PAM_UNIX = "/usr/share/pam-configs/selfhost-unix"
+# Debian 12's pam_unix (Linux-PAM 1.5.2) ignores YESCRYPT_COST_FACTOR in login.defs (1.7 on
+# Debian 13 reads it): passwords changed there would get yescrypt's default cost 5. This is
+# Debian 12's own "unix" profile with `rounds=8`, enabled instead of it.
+PAM_UNIX_BOOKWORM = """Name: Unix authentication, yescrypt cost 8 (selfhost)
+Default: yes
+Priority: 256
+Auth-Type: Primary
+Auth:
+\t[success=end default=ignore]\tpam_unix.so nullok try_first_pass
+Auth-Initial:
+\t[success=end default=ignore]\tpam_unix.so nullok
+Account-Type: Primary
+Account:
+\t[success=end new_authtok_reqd=done default=ignore]\tpam_unix.so
+Account-Initial:
+\t[success=end new_authtok_reqd=done default=ignore]\tpam_unix.so
+Session-Type: Additional
+Session:
+\trequired\tpam_unix.so
+Session-Initial:
+\trequired\tpam_unix.so
+Password-Type: Primary
+Password:
+\t[success=end default=ignore]\tpam_unix.so obscure use_authtok try_first_pass yescrypt rounds=8
+Password-Initial:
+\t[success=end default=ignore]\tpam_unix.so obscure yescrypt rounds=8
+"""
 LIMITS = "/etc/security/limits.d/50-selfhost.conf"
 COREDUMP = "/etc/systemd/coredump.conf.d/50-selfhost.conf"
 PROFILE_UMASK = "/etc/profile.d/50-selfhost-umask.sh"
@@ -117,14 +145,20 @@ class AccountsHardening(Control):
             "\trequired\tpam_faillock.so",
             "",
         ])))
+        profiles = "selfhost-faillock selfhost-faillock-notify pwquality"
+        unix_cost = ""
+        if target.release == "bookworm":
+            c.files.append(ManagedFile(PAM_UNIX, PAM_UNIX_BOOKWORM))
+            profiles += " selfhost-unix --disable unix"
+            unix_cost = " && grep -q 'pam_unix.so .*rounds=8' /etc/pam.d/common-password"
         c.commands.append(Command(
-            "PAM: enable faillock and pwquality",
-            "DEBIAN_FRONTEND=noninteractive pam-auth-update --package "
-            "--enable selfhost-faillock selfhost-faillock-notify pwquality",
+            "PAM: enable faillock and pwquality"
+            + (", yescrypt cost 8" if unix_cost else ""),
+            f"DEBIAN_FRONTEND=noninteractive pam-auth-update --package --enable {profiles}",
             unless="grep -q 'pam_faillock.so authfail' /etc/pam.d/common-auth && "
             "grep -q 'pam_faillock.so preauth' /etc/pam.d/common-auth && "
             "grep -q pam_faillock.so /etc/pam.d/common-account && "
-            "grep -q pam_pwquality.so /etc/pam.d/common-password",
+            "grep -q pam_pwquality.so /etc/pam.d/common-password" + unix_cost,
             after_files=True,
         ))
         if not self.core_dumps:
