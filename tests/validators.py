@@ -5,7 +5,7 @@ A plan's checks run on the target after its packages phase: ``sshd -t`` of that 
 OpenSSH (Debian 12 refuses Debian 13's ``mlkem768x25519-sha256``), ``visudo``, ``nft -c``,
 ``caddy validate``, ``fail2ban-client -t`` with Debian's ``/etc/fail2ban``, ``apt-config``...
 The host running the unit tests has none of that, or other versions. So each check runs in a
-container of ``localhost/selfhost-validators:<release>`` (``images/build-validators``: the
+container of ``localhost/selfhost-validators:<release>-<recipe>`` (``images/build-validators``: the
 test image of that release with the plans' packages installed, cached by recipe hash), booted
 with systemd like a server (``/run/sshd`` exists because ssh.service runs), with no network.
 
@@ -88,6 +88,7 @@ class Validators:
 
     def __init__(self) -> None:
         self.containers: dict[str, str] = {}
+        self.images: dict[str, str] = {}
         self.timings: dict[str, float] = {}
         self.errors: dict[str, ValidatorError] = {}
 
@@ -114,6 +115,7 @@ class Validators:
             raise ValidatorError(f"images/build-validators {release} failed:\n"
                                  f"{build.stdout[-3000:]}{build.stderr[-3000:]}")
         image = build.stdout.strip().splitlines()[-1]
+        self.images[release] = image
         _remove_orphans()
         name = f"{PREFIX}-{release}-{os.getpid()}"
         env = {**os.environ, "CONTAINERS_CONF": str(IMAGES / "containers.conf")}
@@ -160,7 +162,7 @@ class Validators:
         if res.returncode == 127:
             raise ValidatorError(
                 f"{path}: the validator of `{validate}` is missing in "
-                f"localhost/selfhost-validators:{release}: add its package to "
+                f"{self.images.get(release)}: add its package to "
                 "VALIDATOR_PACKAGES in tests/validators.py\n" + res.stderr.decode())
         return res
 

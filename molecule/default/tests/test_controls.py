@@ -170,7 +170,7 @@ def test_new_users_get_umask_027_and_no_core_dumps(host: Any, probe_user: Any) -
     assert as_login(host, "TMOUT=0 2>/dev/null; echo $TMOUT").stdout.strip() != "0"
 
 
-def test_passwords_are_hashed_with_yescrypt(host: Any, probe_user: Any, release: str) -> None:
+def test_passwords_are_hashed_with_yescrypt(host: Any, probe_user: Any) -> None:
     # passwd through PAM (pam_unix), as a user changing a password on the server does.
     new = "c0rrect-Horse-battery-staple-42"
     host.check_output(f"printf '%s\\n%s\\n' {new} {new} | passwd {TEST_USER} >/dev/null 2>&1")
@@ -180,12 +180,7 @@ def test_passwords_are_hashed_with_yescrypt(host: Any, probe_user: Any, release:
     # yescrypt's parameter field of a new hash is that of libxcrypt's setting for the cost.
     params, want = hashed.split("$")[2], gensalt(YESCRYPT_COST).split("$")[2]
     assert want != gensalt(5).split("$")[2]
-    if release == "bookworm":
-        # Known gap: Debian 12's pam_unix (Linux-PAM 1.5.2) ignores login.defs' cost (Debian
-        # 13's 1.7 reads it); it would need `rounds=8` on pam_unix in common-password.
-        assert params != want, "Debian 12 applies selfhost's cost now: remove this exception"
-        pytest.xfail("Debian 12's pam_unix ignores YESCRYPT_COST_FACTOR: new passwords set "
-                     "on the server get yescrypt's default cost 5")
+    # Debian 12's pam_unix ignores login.defs' cost: selfhost gives it `rounds=8` there.
     assert params == want, hashed
 
 
