@@ -385,17 +385,20 @@ def test_every_apt_get_of_the_deploy_waits_for_the_dpkg_lock() -> None:
     assert 'DPkg::Lock::Timeout=$(remaining)' in backend.APT_INSTALL
 
 
-def _fake_tools(tmp_path: Path, busy_runs: int, dpkg_busy: bool = False) -> Path:
-    """apt-get, dpkg and lslocks stand-ins: apt-get fails with apt's lock message the first
-    ``busy_runs`` times, then logs its arguments and succeeds."""
+APT_LOCKED = ("E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 42 "
+              "(unattended-upgr)")
+
+
+def _fake_tools(tmp_path: Path, busy_runs: int, message: str = APT_LOCKED) -> Path:
+    """apt-get and lslocks stand-ins: apt-get fails with ``message`` (a lock message) the
+    first ``busy_runs`` times, then logs its arguments and succeeds."""
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     (bin_ / "apt-get").write_text(
         "#!/bin/sh\n"
         f"n=$(cat {tmp_path}/count 2>/dev/null || echo 0); echo $((n + 1)) > {tmp_path}/count\n"
         f"if [ \"$n\" -lt {busy_runs} ]; then\n"
-        "  echo 'E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 42 "
-        "(unattended-upgr)' >&2; exit 100; fi\n"
+        f"  echo '{message}' >&2; exit 100; fi\n"
         f'echo "apt-get $*" >> {tmp_path}/log\n')
     (bin_ / "lslocks").write_text(
         "#!/bin/sh\necho 'unattended-upgr 42 /var/lib/dpkg/lock-frontend'\n")
@@ -410,8 +413,14 @@ def _apt_install(tmp_path: Path, bin_: Path, timeout: int, *names: str) -> Any:
                           env={**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}"})
 
 
-def test_apt_install_waits_for_a_busy_package_manager(tmp_path: Path) -> None:
-    bin_ = _fake_tools(tmp_path, busy_runs=2)
+@pytest.mark.parametrize("message", [
+    APT_LOCKED,
+    # dpkg's own messages (1.21, Debian 12; 1.22, Debian 13: seen in the faults scenario)
+    "dpkg: error: dpkg frontend lock was locked by another process with pid 42",
+    "dpkg: error: dpkg frontend lock was locked by <unknown> process with pid 435",
+])
+def test_apt_install_waits_for_a_busy_package_manager(tmp_path: Path, message: str) -> None:
+    bin_ = _fake_tools(tmp_path, busy_runs=1, message=message)
     done = _apt_install(tmp_path, bin_, 60, "caddy", "sudo")
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip() == ("selfhost: the package manager is busy (held by "

@@ -32,8 +32,9 @@ retry_locked() {
             return 0
         fi
         case $out in
-            *"Could not get lock"* | *"is locked by another process"* \
-            | *"lock was locked by another process"* | *"Unable to acquire the dpkg"*) ;;
+            # apt: "Could not get lock ..."; dpkg 1.21: "dpkg frontend lock was locked by
+            # another process with pid N"; dpkg 1.22: "... locked by <unknown> process ...".
+            *"Could not get lock"* | *"locked by"* | *"Unable to acquire the dpkg"*) ;;
             *) printf '%s\n' "$out" >&2; return 1 ;;
         esac
         if [ "$(date +%s)" -ge "$deadline" ]; then
