@@ -367,6 +367,11 @@ def test_packages(pyinfra_host: Any, caplog: pytest.LogCaptureFixture) -> None:
                         prechecks=Prechecks(dpkg_interrupted=True))
     assert commands(backend.packages, names=names, state=interrupted) == [
         f"sh -c {shlex.quote(backend.APT_INSTALL)} selfhost-apt 600"]
+    # so is a busy one: the commands that follow use dpkg and debconf
+    busy = State(packages=dict.fromkeys(names, True),
+                 prechecks=Prechecks(apt_busy="apt-get (pid 7)"))
+    assert commands(backend.packages, names=names, state=busy) == [
+        f"sh -c {shlex.quote(backend.APT_INSTALL)} selfhost-apt 600"]
 
 
 def test_every_apt_get_of_the_deploy_waits_for_the_dpkg_lock() -> None:
@@ -946,7 +951,6 @@ def test_busy_or_interrupted_dpkg_is_announced(pyinfra_host: Any, monkeypatch: p
     assert busy == {"packages": [backend.apt_install_cmd([])]}  # recovery only
     assert "dpkg was interrupted" in caplog.text and "dpkg --configure -a" in caplog.text
     state.prechecks = Prechecks(apt_busy="unattended-upgr (pid 42)", net_admin=True)
-    state.packages["fail2ban"] = False
     caplog.clear()
     with fresh_pyinfra() as host:
         _apply(plan, server, state, monkeypatch, host)
@@ -1134,3 +1138,21 @@ def test_apply_plan_refuses_a_hash_reference_that_is_no_hash(
     uploads = [c for c in _op_commands(pyinfra_host)["admins"]
                if isinstance(c, FileUploadCommand)]
     assert [u.src.getvalue() for u in uploads] == [f"alice:{HASH}\n".encode()]
+
+
+def test_apt_install_without_packages_waits_for_a_busy_dpkg(tmp_path: Path) -> None:
+    # Nothing to install, an apt left running by a killed deploy: wait for dpkg's lock, since
+    # the commands that follow use dpkg and debconf (seen in the faults scenario).
+    bin_ = _fake_tools(tmp_path, busy_runs=0)
+    (bin_ / "dpkg").write_text(
+        "#!/bin/sh\n"
+        f"n=$(cat {tmp_path}/dcount 2>/dev/null || echo 0); echo $((n + 1)) > {tmp_path}/dcount\n"
+        "if [ \"$n\" -lt 1 ]; then echo 'dpkg: error: dpkg frontend lock was locked by "
+        "<unknown> process with pid 435' >&2; exit 2; fi\n"
+        f'echo "dpkg $*" >> {tmp_path}/log\n')
+    (bin_ / "dpkg").chmod(0o755)
+    done = _apt_install(tmp_path, bin_, 60)
+    assert done.returncode == 0, done.stderr
+    assert "the package manager is busy" in done.stderr
+    assert (tmp_path / "log").read_text().splitlines() == [
+        "dpkg --force-confdef --force-confold --configure -a"]
