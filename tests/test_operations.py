@@ -371,6 +371,11 @@ def test_packages(pyinfra_host: Any, caplog: pytest.LogCaptureFixture) -> None:
                         prechecks=Prechecks(dpkg_interrupted=True))
     assert commands(backend.packages, names=names, state=interrupted) == [
         f"sh -c {shlex.quote(backend.APT_INSTALL)} selfhost-apt 600"]
+    # so is a busy one: the commands that follow use dpkg and debconf
+    busy = State(packages=dict.fromkeys(names, True),
+                 prechecks=Prechecks(apt_busy="apt-get (pid 7)"))
+    assert commands(backend.packages, names=names, state=busy) == [
+        f"sh -c {shlex.quote(backend.APT_INSTALL)} selfhost-apt 600"]
 
 
 def test_every_apt_get_of_the_deploy_waits_for_the_dpkg_lock() -> None:
@@ -389,17 +394,20 @@ def test_every_apt_get_of_the_deploy_waits_for_the_dpkg_lock() -> None:
     assert 'DPkg::Lock::Timeout=$(remaining)' in backend.APT_INSTALL
 
 
-def _fake_tools(tmp_path: Path, busy_runs: int, dpkg_busy: bool = False) -> Path:
-    """apt-get, dpkg and lslocks stand-ins: apt-get fails with apt's lock message the first
-    ``busy_runs`` times, then logs its arguments and succeeds."""
+APT_LOCKED = ("E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 42 "
+              "(unattended-upgr)")
+
+
+def _fake_tools(tmp_path: Path, busy_runs: int, message: str = APT_LOCKED) -> Path:
+    """apt-get and lslocks stand-ins: apt-get fails with ``message`` (a lock message) the
+    first ``busy_runs`` times, then logs its arguments and succeeds."""
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     (bin_ / "apt-get").write_text(
         "#!/bin/sh\n"
         f"n=$(cat {tmp_path}/count 2>/dev/null || echo 0); echo $((n + 1)) > {tmp_path}/count\n"
         f"if [ \"$n\" -lt {busy_runs} ]; then\n"
-        "  echo 'E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 42 "
-        "(unattended-upgr)' >&2; exit 100; fi\n"
+        f"  echo '{message}' >&2; exit 100; fi\n"
         f'echo "apt-get $*" >> {tmp_path}/log\n')
     (bin_ / "lslocks").write_text(
         "#!/bin/sh\necho 'unattended-upgr 42 /var/lib/dpkg/lock-frontend'\n")
@@ -414,8 +422,14 @@ def _apt_install(tmp_path: Path, bin_: Path, timeout: int, *names: str) -> Any:
                           env={**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}"})
 
 
-def test_apt_install_waits_for_a_busy_package_manager(tmp_path: Path) -> None:
-    bin_ = _fake_tools(tmp_path, busy_runs=2)
+@pytest.mark.parametrize("message", [
+    APT_LOCKED,
+    # dpkg's own messages (1.21, Debian 12; 1.22, Debian 13: seen in the faults scenario)
+    "dpkg: error: dpkg frontend lock was locked by another process with pid 42",
+    "dpkg: error: dpkg frontend lock was locked by <unknown> process with pid 435",
+])
+def test_apt_install_waits_for_a_busy_package_manager(tmp_path: Path, message: str) -> None:
+    bin_ = _fake_tools(tmp_path, busy_runs=1, message=message)
     done = _apt_install(tmp_path, bin_, 60, "caddy", "sudo")
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip() == ("selfhost: the package manager is busy (held by "
@@ -975,7 +989,6 @@ def test_busy_or_interrupted_dpkg_is_announced(pyinfra_host: Any, monkeypatch: p
     assert busy == {"packages": [backend.apt_install_cmd([])]}  # recovery only
     assert "dpkg was interrupted" in caplog.text and "dpkg --configure -a" in caplog.text
     state.prechecks = Prechecks(apt_busy="unattended-upgr (pid 42)", net_admin=True)
-    state.packages["fail2ban"] = False
     caplog.clear()
     with fresh_pyinfra() as host:
         _apply(plan, server, state, monkeypatch, host)
@@ -1205,3 +1218,21 @@ def test_a_fleet_file_is_loaded_and_routed_once_per_run(monkeypatch: pytest.Monk
     model.write_text(model.read_text() + "\n# edited\n")  # a changed file is read again
     backend._load_prepared(model)
     assert len(calls) == 2
+
+
+def test_apt_install_without_packages_waits_for_a_busy_dpkg(tmp_path: Path) -> None:
+    # Nothing to install, an apt left running by a killed deploy: wait for dpkg's lock, since
+    # the commands that follow use dpkg and debconf (seen in the faults scenario).
+    bin_ = _fake_tools(tmp_path, busy_runs=0)
+    (bin_ / "dpkg").write_text(
+        "#!/bin/sh\n"
+        f"n=$(cat {tmp_path}/dcount 2>/dev/null || echo 0); echo $((n + 1)) > {tmp_path}/dcount\n"
+        "if [ \"$n\" -lt 1 ]; then echo 'dpkg: error: dpkg frontend lock was locked by "
+        "<unknown> process with pid 435' >&2; exit 2; fi\n"
+        f'echo "dpkg $*" >> {tmp_path}/log\n')
+    (bin_ / "dpkg").chmod(0o755)
+    done = _apt_install(tmp_path, bin_, 60)
+    assert done.returncode == 0, done.stderr
+    assert "the package manager is busy" in done.stderr
+    assert (tmp_path / "log").read_text().splitlines() == [
+        "dpkg --force-confdef --force-confold --configure -a"]

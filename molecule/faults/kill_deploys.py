@@ -7,7 +7,8 @@ The controller (pyinfra, with every `podman exec` it started) is SIGKILLed:
    after another, then the host is recovered;
 2. at the start of every phase of the deploy (packages ... reloads), switching between model A
    and model B each time so that every phase has work to do;
-3. after short fixed delays (3, 6 and 10 s) on a converged host, switching models again.
+3. after short fixed delays (1.5, 3 and 4.5 s) on a converged host (a switch of models
+   takes about 4-7 s), switching models again.
 
 Right after each kill, on every container: sshd is active, `sshd -t` accepts its
 configuration, SSH answers on the port published on 127.0.0.1, and every managed file holds a
@@ -250,7 +251,7 @@ def main() -> int:
         killed_deploy(f"kill {kills}", model, ("phase", phase), ctx)
         recover(f"after kill {kills}", model)
     # 3. Short fixed delays on a converged host.
-    for delay in (3, 6, 10):
+    for delay in (1.5, 3, 4.5):
         model = "B" if model == "A" else "A"
         kills += 1
         killed_deploy(f"kill {kills}", model, ("delay", delay), ctx)

@@ -11,7 +11,7 @@
 #
 # A dpkg run that was interrupted (a crash, a killed deploy) leaves /var/lib/dpkg/updates
 # not empty, and apt then refuses to work until `dpkg --configure -a` has run: run it first.
-# Without PACKAGE arguments, only that recovery is done.
+# Without PACKAGE arguments, only that recovery is done, or the wait for a busy dpkg.
 set -u
 timeout=$1
 shift
@@ -32,8 +32,9 @@ retry_locked() {
             return 0
         fi
         case $out in
-            *"Could not get lock"* | *"is locked by another process"* \
-            | *"lock was locked by another process"* | *"Unable to acquire the dpkg"*) ;;
+            # apt: "Could not get lock ..."; dpkg 1.21: "dpkg frontend lock was locked by
+            # another process with pid N"; dpkg 1.22: "... locked by <unknown> process ...".
+            *"Could not get lock"* | *"locked by"* | *"Unable to acquire the dpkg"*) ;;
             *) printf '%s\n' "$out" >&2; return 1 ;;
         esac
         if [ "$(date +%s)" -ge "$deadline" ]; then
@@ -62,6 +63,11 @@ remaining() {
 if [ -n "$(ls -A /var/lib/dpkg/updates 2>/dev/null)" ]; then
     echo "selfhost: dpkg was interrupted (a crash or a killed run): running" \
          "dpkg --configure -a first" >&2
+    retry_locked dpkg --force-confdef --force-confold --configure -a || exit 1
+elif [ "$#" -eq 0 ]; then
+    # Nothing to install, but the package manager is busy (an apt left running by a killed
+    # deploy): wait for it, since the commands that follow use dpkg and debconf. With nothing
+    # pending, `dpkg --configure -a` only takes and releases dpkg's lock.
     retry_locked dpkg --force-confdef --force-confold --configure -a || exit 1
 fi
 [ "$#" -gt 0 ] || exit 0

@@ -221,9 +221,11 @@ def packages(names: tuple[str, ...], state: State) -> Generator[str, None, None]
     """Install missing packages; run ``apt-get update`` only when something is missing.
 
     A dpkg run that was interrupted (``state.prechecks.dpkg_interrupted``) is finished
-    first, even when nothing is missing: apt refuses to work until it is."""
+    first, even when nothing is missing: apt refuses to work until it is. A busy package
+    manager (``state.prechecks.apt_busy``: an apt left running by a killed deploy) is waited
+    for even when nothing is missing: later commands use dpkg and debconf."""
     missing = missing_packages(names, state)
-    if not missing and not state.prechecks.dpkg_interrupted:
+    if not missing and not state.prechecks.dpkg_interrupted and not state.prechecks.apt_busy:
         host.noop("all packages installed")
         return
     yield apt_install_cmd(missing)
@@ -713,11 +715,10 @@ def _log_waits(state: State) -> None:
     """Say up front when the packages phase is going to wait or to repair dpkg."""
     log = logging.getLogger("pyinfra")
     pc = state.prechecks
-    installing = not all(state.packages.values())
     if pc.dpkg_interrupted and not pc.apt_busy:
         log.warning("selfhost: dpkg was interrupted (a crash or a killed run): the deploy "
                     "runs `dpkg --configure -a` first")
-    if pc.apt_busy and (installing or pc.dpkg_interrupted):
+    if pc.apt_busy:
         log.warning(f"selfhost: the package manager is busy (held by {pc.apt_busy}): the "
                     f"deploy waits for it, up to {LOCK_TIMEOUT // 60} minutes")
 
