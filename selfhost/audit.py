@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import shlex
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,21 +69,22 @@ def unaccounted(plan: Plan, sockets: Sequence[Socket]) -> list[Socket]:
 
 
 def runner(podman: str | None = None, ssh: str | None = None,
-           ssh_port: int | None = None) -> Callable[[str], str]:
-    """A function running a shell command on the target and returning its stdout."""
+           ssh_port: int | None = None) -> Callable[[str], list[str]]:
+    """A function sending a shell script on standard input to the target's shell (as root,
+    with sudo over SSH) and returning its output lines: one round trip per call, and no
+    length limit of a command line."""
     if podman:
-        prefix = ["podman", "exec", podman, "sh", "-c"]
+        argv = ["podman", "exec", "-i", podman, "sh", "-s"]
     elif ssh:
-        prefix = ["ssh", *(["-p", str(ssh_port)] if ssh_port else []), ssh, "sudo", "sh", "-c"]
+        argv = ["ssh", *(["-p", str(ssh_port)] if ssh_port else []), ssh, "sudo", "sh", "-s"]
     else:
         raise ValueError("give a podman container name or an SSH destination")
 
-    def run(command: str) -> str:
-        arg = command if podman else shlex.quote(command)
-        done = subprocess.run([*prefix, arg], capture_output=True, text=True, timeout=120,
+    def run(text: str) -> list[str]:
+        done = subprocess.run(argv, input=text, capture_output=True, text=True, timeout=180,
                               check=False)
         if done.returncode != 0:
-            raise RuntimeError(f"{command!r} failed on the target: {done.stderr.strip()}")
-        return done.stdout
+            raise RuntimeError(f"the script failed on the target: {done.stderr.strip()}")
+        return done.stdout.splitlines()
 
     return run

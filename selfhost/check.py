@@ -19,7 +19,6 @@ import difflib
 import hashlib
 import json
 import shlex
-import subprocess
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Literal
@@ -29,7 +28,6 @@ from selfhost.compile.diff import step_changes
 from selfhost.compile.plan import File, Packages, Plan, Run, Sync, UnitState, User
 from selfhost.compile.removal import REMOVED
 from selfhost.compile.target import RELEASES, Target
-from selfhost.compose.resources import ManagedFile
 from selfhost.state import Query, State, parse, script
 
 if TYPE_CHECKING:
@@ -50,15 +48,11 @@ class Finding:
     diff: str = ""
 
 
-def _secretive(f: ManagedFile) -> bool:
-    return bool(f.secret is not None or f.secret_file or f.secrets or f.host_key_of)
-
-
 def expected_files(plan: Plan) -> dict[str, bytes]:
     """The content each managed file must have, where it can be known without a secret."""
     out: dict[str, bytes] = {}
     for s in plan.steps:
-        if isinstance(s, File) and not _secretive(s.file):
+        if isinstance(s, File) and not s.file.opaque:
             out[s.file.path] = s.file.content.encode()
     return out
 
@@ -217,7 +211,7 @@ def findings(plan: Plan, state: State, facts: Facts) -> list[Finding]:
     for step in plan.steps:
         if isinstance(step, Sync):
             continue
-        if isinstance(step, File) and _secretive(step.file):
+        if isinstance(step, File) and step.file.opaque:
             # A secret's content is not known here: only its presence and mode count.
             current = state.files.get(step.file.path)
             f = step.file
@@ -368,23 +362,3 @@ def check_host(fleet: Fleet, host: str, run: Callable[[str], list[str]]
     facts.contents = {k: v for k, v in (facts.contents or {}).items() if k in mine}
     state = parse(q, lines)
     return findings(plan, state, facts), plan
-
-
-def runner(podman: str | None = None, ssh: str | None = None,
-           ssh_port: int | None = None) -> Callable[[str], list[str]]:
-    """A function sending a script on standard input to the target's shell (as root)."""
-    if podman:
-        argv = ["podman", "exec", "-i", podman, "sh", "-s"]
-    elif ssh:
-        argv = ["ssh", *(["-p", str(ssh_port)] if ssh_port else []), ssh, "sudo", "sh", "-s"]
-    else:
-        raise ValueError("give a podman container name or an SSH destination")
-
-    def run(text: str) -> list[str]:
-        done = subprocess.run(argv, input=text, capture_output=True, text=True, timeout=180,
-                              check=False)
-        if done.returncode not in (0,):
-            raise RuntimeError(f"the check script failed on the target: {done.stderr.strip()}")
-        return done.stdout.splitlines()
-
-    return run

@@ -152,8 +152,9 @@ def cmd_listening(args: argparse.Namespace) -> int:
     fleet, me = loaded
     run = runner(podman=args.podman, ssh=args.ssh, ssh_port=args.port)
     try:
-        release = run(". /etc/os-release; echo $VERSION_CODENAME").strip()
-        sockets = parse_ss(run(SS_COMMAND))
+        lines = run(f". /etc/os-release; echo \"$VERSION_CODENAME\"; {SS_COMMAND}")
+        release = lines[0].strip() if lines else ""
+        sockets = parse_ss("\n".join(lines[1:]))
     except (RuntimeError, OSError) as exc:
         _err(f"selfhost listening: {exc}")
         return EXIT_INTERNAL
@@ -171,6 +172,7 @@ def cmd_listening(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Drift and health of a target (or of every host of a fleet), in one round trip each."""
+    from selfhost.audit import runner
     from selfhost.check import (
         EXIT_UNCHECKED,
         check_host,
@@ -178,7 +180,6 @@ def cmd_check(args: argparse.Namespace) -> int:
         exposure,
         probe_script,
         render,
-        runner,
         to_json,
     )
     fleet = _load(args.file, args.debug)
@@ -250,7 +251,7 @@ def cmd_vpn_peer(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     public = "<the server's public key: run this command with --podman or --ssh>"
     if args.podman or args.ssh:
-        from selfhost.check import runner
+        from selfhost.audit import runner
 
         run = runner(podman=args.podman, ssh=args.ssh, ssh_port=args.port)
         try:

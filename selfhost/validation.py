@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from selfhost.compose.module import Problem
-from selfhost.compose.route import Modules, Routed, route_fleet
+from selfhost.compose.route import Modules, Routed, loc_of, route_fleet
 
 if TYPE_CHECKING:
     from selfhost.models.fleet import Fleet
@@ -35,7 +35,7 @@ def validate_fleet(fleet: Fleet, routed: dict[str, Routed] | None = None
         for kind, reqs in r.requests.items():
             if kind not in provided and reqs:
                 for req in reqs:
-                    problems.append(Problem(_loc(req.origin), f"{req.describe()}: no module "
+                    problems.append(Problem(loc_of(req.origin), f"{req.describe()}: no module "
                                             "on this host provides it (is its provider switched "
                                             "off?)"))
         for path, module in r.modules:
@@ -47,12 +47,6 @@ def validate_fleet(fleet: Fleet, routed: dict[str, Routed] | None = None
         if uniq:
             out[host] = uniq
     return out
-
-
-def _loc(origin: str) -> tuple[str | int, ...]:
-    from selfhost.compose.route import loc_of
-
-    return loc_of(origin)
 
 
 def host_assertions(server: Server) -> list[Problem]:

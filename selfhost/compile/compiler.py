@@ -115,7 +115,7 @@ def expected_rows(parts: list[tuple[str, Contribution]], manifest: str) -> list[
     for _, c in parts:
         for f in c.files:
             mode = f"{int(f.mode, 8):o}"
-            if f.secret is not None or f.secret_file or f.secrets or f.host_key_of:
+            if f.opaque:
                 rows.append(("M", f.path, mode, f.owner, f.group))
             else:
                 rows.append(("F", f.path, hashlib.sha1(f.content.encode()).hexdigest(), mode,

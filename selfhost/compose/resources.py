@@ -54,6 +54,14 @@ class ManagedFile:
     """Secrets (or their hashes) that replace the markers ``SECRET_MARK.format(N)`` in
     ``content`` at deploy time. A file with secrets must not be world-readable."""
 
+    @property
+    def opaque(self) -> bool:
+        """Whether the plan does not hold the file's final content (a secret, a key of the
+        controller, another host's key, hashes filled in at deploy time): checks compare its
+        mode and owner only."""
+        return bool(self.secret is not None or self.secret_file or self.secrets
+                    or self.host_key_of)
+
 
 @dataclass(frozen=True)
 class ManagedDir:

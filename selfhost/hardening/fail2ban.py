@@ -13,6 +13,7 @@ from pydantic import Field
 from selfhost.compose.module import Contribution, Env, Problem
 from selfhost.compose.requests import Jail, Request
 from selfhost.compose.resources import ManagedFile, Unit
+from selfhost.compose.route import loc_of
 from selfhost.hardening.base import Control
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ class Fail2banHardening(Control):
     def assertions(self, env: Env) -> list[Problem]:
         if self.enabled:
             return []
-        return [Problem((*_loc(j.origin),), f"{j.describe()} is not installed: hardening.fail2ban "
+        return [Problem(loc_of(j.origin), f"{j.describe()} is not installed: hardening.fail2ban "
                         f"is off ({self.reason})", severity="warning")
                 for j in env.incoming(Jail) if not j.origin.startswith("hardening.")]
 
@@ -116,9 +117,3 @@ def trusted_addresses(env: Env) -> list[str]:
         if a.public or a.lan or a.vpn:
             out.update(dict.fromkeys(a.all()))
     return list(out)
-
-
-def _loc(origin: str) -> tuple[str | int, ...]:
-    from selfhost.compose.route import loc_of
-
-    return loc_of(origin)
