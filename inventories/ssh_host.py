@@ -4,6 +4,10 @@
 
 Log in as an admin from the model (key-based), with sudo. On a brand-new server, the first
 deploy may use the account the installer created; selfhost keeps the SSH port in use open.
+
+If sudo asks for the admin's password, give it here from the environment (or a file), e.g.
+``"_sudo_password": os.environ["NAS_SUDO_PASSWORD"]``, or run pyinfra with
+``--same-sudo-password``: selfhost keeps it out of every command line on the server.
 """
 
 hosts = [

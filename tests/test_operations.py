@@ -1236,3 +1236,77 @@ def test_apt_install_without_packages_waits_for_a_busy_dpkg(tmp_path: Path) -> N
     assert "the package manager is busy" in done.stderr
     assert (tmp_path / "log").read_text().splitlines() == [
         "dpkg --force-confdef --force-confold --configure -a"]
+
+
+def test_the_sudo_password_never_reaches_a_command_line(tmp_path: Path) -> None:
+    """pyinfra's own way puts ``PYINFRA_SUDO_PASSWORD=<password>`` in the login shell's command
+    line on the target (the ``ssh`` scenario's sampler caught it in /proc). private_sudo()
+    makes the askpass helper hold the password instead: the commands pyinfra builds for sudo
+    (with pyinfra's real command builder) carry a fixed word, and the uploaded helper, run by
+    a real shell, prints the exact password."""
+    from pyinfra.api.deploy import deploy
+    from pyinfra.connectors.ssh import SSHConnector
+    from pyinfra.connectors.util import make_unix_command_for_host
+
+    password = "it's a \"long\" $HOME pass`word` \\ with spaces"
+    inventory = Inventory((["nas.example.org"], {"_sudo": True, "_sudo_password": password}))
+    state = PyinfraState(inventory, Config())
+    target = inventory.get_host("nas.example.org")
+    assert isinstance(target.connector, SSHConnector)
+    sent: list[str] = []
+    uploads: dict[str, bytes] = {}
+
+    def run_shell_command(command: StringCommand, **kwargs: Any) -> tuple[bool, Any]:
+        raw = command.get_raw_value()
+        sent.append(raw)
+        res = subprocess.run(["/bin/sh", "-c", raw], capture_output=True, text=True,
+                             env={"PATH": os.environ["PATH"], "TMPDIR": str(tmp_path)})
+        lines = res.stdout.splitlines()
+        return res.returncode == 0, type("Out", (), {"stdout_lines": lines,
+                                                      "stderr": res.stderr})()
+
+    def put_file(data: Any, path: str, **kwargs: Any) -> bool:
+        uploads[path] = data.read()
+        Path(path).write_bytes(uploads[path])
+        return True
+
+    target.run_shell_command = run_shell_command  # type: ignore[method-assign]
+    target.put_file = put_file  # type: ignore[method-assign]
+    with ctx_state.use(state), ctx_inventory.use(inventory), ctx_config.use(state.config), \
+            ctx_host.use(target):
+        backend.private_sudo()
+        backend.private_sudo()  # once per host: the second call finds the token
+        (path,) = uploads
+        assert Path(path).parent == tmp_path and Path(path).name.startswith("selfhost-askpass-")
+        assert oct(Path(path).stat().st_mode & 0o777) == "0o700"
+        assert target.data._sudo_password == backend.ASKPASS_TOKEN
+        seen: list[Any] = []
+
+        @deploy("probe")
+        def probe() -> None:  # what a deploy's operations and facts are given
+            seen.append(target.current_deploy_kwargs["_sudo_password"])
+        probe()
+        assert seen == [backend.ASKPASS_TOKEN]
+        cmd = make_unix_command_for_host(state, target, StringCommand("true"), _sudo=True,
+                                         _sudo_password=seen[0])
+    raw = cmd.get_raw_value()
+    assert f"SUDO_ASKPASS={path}" in raw and "sudo -H -A -k" in raw, raw
+    assert password not in raw and password not in "".join(sent)
+    assert len(sent) == 1  # no pyinfra helper made: its cache holds ours
+    out = subprocess.run([path], capture_output=True, text=True, check=True)
+    assert out.stdout == password + "\n"
+
+
+def test_private_sudo_leaves_other_connectors_and_passwordless_sudo_alone() -> None:
+    with fresh_pyinfra() as local:
+        local.data._sudo = True
+        local.data._sudo_password = "x"
+        backend.private_sudo()
+        assert local.data._sudo_password == "x"
+    inventory = Inventory((["nas.example.org"], {"_sudo": True}))
+    state = PyinfraState(inventory, Config())
+    target = inventory.get_host("nas.example.org")
+    with ctx_state.use(state), ctx_inventory.use(inventory), ctx_config.use(state.config), \
+            ctx_host.use(target):
+        backend.private_sudo()  # would fail: not connected
+        assert target.data.get("_sudo_password") is None

@@ -28,7 +28,7 @@ import shlex
 from collections.abc import Generator
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pyinfra.api.command import FileUploadCommand, StringCommand
 from pyinfra.api.deploy import deploy
@@ -723,6 +723,64 @@ def _log_waits(state: State) -> None:
                     f"deploy waits for it, up to {LOCK_TIMEOUT // 60} minutes")
 
 
+ASKPASS_TOKEN = "selfhost-askpass-file"
+"""What pyinfra puts in its ``PYINFRA_SUDO_PASSWORD=`` command-line variable once
+:func:`private_sudo` has run: a fixed word, not the password."""
+
+_ASKPASS_SETUP = r"""umask 077
+d="${XDG_RUNTIME_DIR:-}"
+if [ -z "$d" ] || [ ! -d "$d" ] || [ ! -O "$d" ]; then d="${TMPDIR:-/tmp}"; fi
+f="$(mktemp "$d/selfhost-askpass-XXXXXXXXXXXX")" && chmod 700 "$f" && echo "$f"
+"""
+
+
+def private_sudo() -> None:
+    """Keep the sudo password of the current host out of every command line.
+
+    pyinfra hands a sudo password to its askpass helper as ``env PYINFRA_SUDO_PASSWORD=...
+    sudo -A ...``: the password is in the command line of the login shell on the target, which
+    any local user can read in /proc while the command runs (selfhost's ``ssh`` scenario saw it
+    there). Here the password goes into the askpass program itself: an empty 0700 file of the
+    login user, made by ``mktemp`` in its runtime directory (tmpfs, emptied at logout; else its
+    ``$TMPDIR``), then filled over SFTP (which keeps the mode of an existing file). pyinfra
+    uses that program as its (cached) askpass helper, is given :data:`ASKPASS_TOKEN` instead of
+    the password, and removes the helper when it disconnects.
+
+    Called first by :func:`home_server`; in your own deploy file, call it before your own
+    operations, and outside any ``@deploy`` function (a deploy copies the sudo arguments it
+    starts with). It does nothing without sudo, without a sudo password (from host data
+    ``_sudo_password`` or ``--same-sudo-password``), or over a connector that is not SSH."""
+    if not host.data.get("_sudo") or type(host.connector).__name__ != "SSHConnector":
+        return
+    from pyinfra.context import config
+
+    password = host.data.get("_sudo_password") or getattr(config, "SUDO_PASSWORD", None)
+    if not password or password == ASKPASS_TOKEN:
+        return
+    ok, out = host.run_shell_command(StringCommand(_ASKPASS_SETUP))
+    path = out.stdout_lines[-1].strip() if ok and out.stdout_lines else ""
+    if not path.startswith("/"):
+        raise DeployError("cannot create a private askpass file for sudo on the target "
+                          f"(mktemp in the runtime or temporary directory): {out.stderr}")
+    program = f"#!/bin/sh\nprintf '%s\\n' {q(str(password))}\n".encode()
+    if not host.put_file(BytesIO(program), path):
+        host.run_shell_command(StringCommand("rm", "-f", path))
+        raise DeployError(f"cannot upload the sudo askpass program to {path}")
+    # pyinfra caches its askpass helper per temporary directory ("sudo_askpass_path__DIR",
+    # "sudo_askpass_path" in older releases); with neither key matching, it would make its own helper,
+    # which prints the token: sudo then fails, the password is still never in a command line.
+    host.connector_data["sudo_askpass_path"] = path
+    temp_dir = host.get_temp_dir_config()  # type: ignore[no-untyped-call]
+    host.connector_data[f"sudo_askpass_path__{temp_dir}"] = path
+    host.data._sudo_password = ASKPASS_TOKEN
+    outer = dict(cast(dict[str, Any], host.current_deploy_kwargs or {})).get("_sudo_password")
+    if outer and outer != ASKPASS_TOKEN:
+        logging.getLogger("pyinfra").warning(
+            "selfhost: called inside a @deploy that started with the sudo password: its "
+            "operations still pass it in a command line; call private_sudo() or home_server() "
+            "outside any @deploy")
+
+
 def target_for_host() -> Target:
     """Read what the compiler needs to know about the current host."""
     # Without sudo: sudo drops SSH_CONNECTION, which tells the server-side port in use (a
@@ -793,7 +851,6 @@ def fleet_host(fleet: Fleet, name: str | None = None) -> str:
                       f"{', '.join(sorted(fleet.hosts))}); set host data selfhost_host")
 
 
-@deploy("selfhost home server")
 def home_server(config: str | None = None, model: Fleet | Server | None = None,
                 name: str | None = None) -> None:
     """Deploy this host's part of a model: from the file ``config`` (default: host data
@@ -809,6 +866,13 @@ def home_server(config: str | None = None, model: Fleet | Server | None = None,
         fleet, prepared = _load_prepared(path)
     else:
         fleet = model if isinstance(model, Fleet) else Fleet.of(model)
+    # Before the deploy context: pyinfra's @deploy copies the sudo arguments it starts with.
+    private_sudo()
+    cast(Any, _deploy_server)(fleet, prepared, name)
+
+
+@deploy("selfhost home server")
+def _deploy_server(fleet: Fleet, prepared: Any, name: str | None) -> None:
     me = fleet_host(fleet, name)
     keys = DirKeyStore()
     try:
