@@ -232,6 +232,41 @@ def cmd_check(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_dns(args: argparse.Namespace) -> int:
+    """Print the DNS records the model asks to publish, as zone-file lines per zone."""
+    from selfhost.audit import runner
+    from selfhost.dns import fleet_records, read_values, render
+
+    fleet = _load(args.file, args.debug)
+    if isinstance(fleet, int):
+        return fleet
+    runners = {}
+    for kind, values in (("podman", args.podman or []), ("ssh", args.ssh or [])):
+        for value in values:
+            name, sep, where = value.partition("=")
+            if not sep:
+                one = _host(fleet, args.file, args.host)
+                if isinstance(one, int):
+                    return one
+                name, where = one, value
+            found = fleet.find(name)
+            if found is None:
+                _err(f"{args.file}: no host {name!r} (hosts: {', '.join(fleet.hosts)})")
+                return EXIT_INVALID
+            runners[found] = runner(podman=where if kind == "podman" else None,
+                                    ssh=where if kind == "ssh" else None, ssh_port=args.port)
+    records = fleet_records(fleet)
+    try:
+        values = read_values(records, runners)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        if args.debug:
+            raise
+        _err(f"selfhost dns: cannot read the values made on the hosts: {exc}")
+        return EXIT_INTERNAL
+    sys.stdout.write(render(fleet, args.file, records, values, zone_file=args.zone_file))
+    return EXIT_OK
+
+
 def cmd_vpn_peer(args: argparse.Namespace) -> int:
     """Print a VPN peer's WireGuard configuration (and a QR code for the app)."""
     import shutil
@@ -361,6 +396,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the host's address as the probing container reaches it")
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("dns", help="print the DNS records to publish, as zone-file lines",
+                       description="Print the DNS records the model's services ask for (the "
+                       "hosts' A/AAAA, web names and CAA, mail's MX, SPF, DKIM, DMARC...), as "
+                       "zone-file lines grouped by zone, to paste at a DNS provider. Values made "
+                       "on a host (a DKIM public key) are read there with --podman or --ssh; "
+                       "without, they are printed commented out with a note.")
+    p.add_argument("file", metavar="FILE", help="YAML server or fleet description")
+    p.add_argument("--podman", metavar="[HOST=]NAME", action="append",
+                   help="read values made on this host from a local podman container")
+    p.add_argument("--ssh", metavar="[HOST=]USER@ADDR", action="append",
+                   help="read values made on this host over ssh (and sudo)")
+    p.add_argument("--port", type=int, help="SSH port")
+    p.add_argument("--host", metavar="NAME", help="which host of a fleet --podman/--ssh is")
+    p.add_argument("--zone-file", action="store_true",
+                   help="whole zones (with $TTL, a placeholder SOA and NS): for named-checkzone "
+                   "or an authoritative server")
+    p.set_defaults(func=cmd_dns)
 
     p = sub.add_parser("vpn-peer", help="print a VPN peer's WireGuard configuration",
                        description="Print the WireGuard configuration of a peer (a laptop, a "

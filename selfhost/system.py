@@ -24,6 +24,17 @@ class System(Module):
 
     provides: ClassVar[tuple[type[Request], ...]] = (SystemUser,)
 
+    def requests(self, env: Env) -> list[Request]:
+        """The host's own name: A/AAAA for its public addresses (its LAN addresses under a
+        private domain such as home.arpa, for the LAN resolver)."""
+        from selfhost.services.web import is_public_domain
+
+        server = env.server
+        kind = "public" if is_public_domain(server.domain) else "lan"
+        return [DnsRecord(server.fqdn, "A" if a.version == 4 else "AAAA", str(a),
+                          origin=env.path.removesuffix("system") + f"addresses.{kind}.{i}")
+                for i, a in enumerate(getattr(server.addresses, kind))]
+
     def contribute(self, env: Env) -> Contribution:
         c = base_contribution(env.server)
         for u in sorted(env.incoming(SystemUser), key=lambda u: u.name):

@@ -31,7 +31,7 @@ PREFIX = "h16-validators"
 # Every validator's package, whatever the fixtures' plans hold (a plan without a web site has
 # no caddy, but the checks of broken files below still need it).
 VALIDATOR_PACKAGES = ("caddy", "fail2ban", "nftables", "openssh-server", "sudo", "apt",
-                      "perl-base", "systemd")
+                      "perl-base", "systemd", "bind9-utils")
 
 
 class ValidatorError(Exception):

@@ -248,17 +248,32 @@ class BackupSource(Request):
 
 @dataclass(frozen=True)
 class DnsRecord(Request):
-    """A DNS record to publish (``selfhost plan`` lists them; a DNS module may serve them)."""
+    """A DNS record to publish: ``selfhost dns`` prints them as zone-file lines, ``selfhost
+    plan`` lists them (a DNS module may serve them). ``name`` is absolute (no final dot);
+    ``value`` is the record data in zone-file syntax (names in it end with a dot).
+
+    ``from_host``, when given, is a shell command whose output on the host is the real value
+    (a key generated there, e.g. DKIM); ``value`` is then what is printed when the host cannot
+    be read, and ``note`` says why (both shown as a comment)."""
 
     name: str
-    type: Literal["A", "AAAA", "CNAME", "MX", "TXT", "SRV", "CAA"]
+    type: Literal["A", "AAAA", "CNAME", "MX", "TXT", "SRV", "CAA", "TLSA"]
     value: str
+    note: str = ""
+    from_host: str | None = None
 
     def key(self) -> object:
         return ("dns-cname", self.name) if self.type == "CNAME" else None
 
     def describe(self) -> str:
         return f"DNS {self.name} {self.type}"
+
+
+def txt_data(value: str) -> str:
+    """TXT record data for :class:`DnsRecord`: ``value`` quoted, as strings of at most 255
+    characters each (RFC 1035), quotes and backslashes escaped."""
+    chunks = [value[i:i + 255] for i in range(0, len(value), 255)] or [""]
+    return " ".join('"' + c.replace("\\", "\\\\").replace('"', '\\"') + '"' for c in chunks)
 
 
 @dataclass(frozen=True)

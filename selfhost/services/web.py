@@ -153,6 +153,15 @@ class WebService(Service):
             seen.add(site.host)
         return self
 
+    def caa_records(self, domain: str, names: list[str]) -> list[Request]:
+        """CAA: only the CAs Caddy asks (Let's Encrypt, then ZeroSSL, whose CA is Sectigo) may
+        issue for the public names; one set at the server's domain covers the names under it."""
+        owners = sorted({domain if n == domain or n.endswith("." + domain) else n
+                         for n in names if self.tls_mode(n) == "acme"})
+        return [DnsRecord(o, "CAA", f'0 issue "{ca}"', note="Caddy's ACME CAs" if ca ==
+                          "letsencrypt.org" else "") for o in owners
+                for ca in ("letsencrypt.org", "sectigo.com")]
+
     def tls_mode(self, name: str) -> Literal["internal", "acme"]:
         if self.tls == "auto":
             return "acme" if is_public_domain(name) else "internal"
@@ -205,9 +214,13 @@ class WebService(Service):
             if v.host in names:
                 continue  # a conflict, reported once (as a virtual host)
             names.add(v.host)
-            if v.host != server.domain:  # the apex cannot be a CNAME (it has SOA/NS)
+            if v.host != server.domain:
                 out.append(DnsRecord(v.host, "CNAME", server.fqdn + ".", origin=v.origin))
+            else:  # the apex cannot be a CNAME (it has SOA/NS): the server's addresses
+                out += [DnsRecord(v.host, "A" if a.version == 4 else "AAAA", str(a),
+                                  origin=v.origin) for a in server.addresses.public]
             out.append(HealthCheck("https", f"https://{v.host}/", origin=v.origin))
+        out += self.caa_records(server.domain, sorted(names | {c for r in certs for c in r.names}))
         logins = [v for v in vhosts if v.auth]
         if logins:
             out.append(Jail("caddy-auth", port="80,443", filter="selfhost-caddy-auth",
