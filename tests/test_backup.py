@@ -234,3 +234,35 @@ def test_status_parsing_and_restore_argv() -> None:
     assert cli.restore_argv(args, []) == [cli.GLUE, "restore", "usb", "abc",
                                           "/var/tmp/selfhost-restore/abc", "/srv/extra"]
     assert cli.remote_argv("podman:x", ["a"]) == ["podman", "exec", "x", "a"]
+
+
+def test_radicale_dump_waits_for_radicale_writers_and_never_creates_its_lock(
+        tmp_path: Path) -> None:
+    """Radicale's consistency hook, run for real with /bin/sh on a scratch storage: without a
+    lock file (Radicale never wrote) it copies and creates none; with a writer holding the
+    lock exclusively, it waits for it and copies the writer's finished state."""
+    import time
+
+    from selfhost.services import radicale
+
+    coll, dump = tmp_path / "collections", tmp_path / "dump"
+    cmd = radicale.dump_command().replace(radicale.COLLECTIONS, str(coll)).replace(
+        radicale.DUMP, str(dump))
+    (coll / "collection-root" / "alice").mkdir(parents=True)
+    (coll / "collection-root" / "alice" / "a.ics").write_text("one")
+    subprocess.run(["/bin/sh", "-eu", "-c", cmd], check=True)
+    assert (dump / "collections" / "collection-root" / "alice" / "a.ics").read_text() == "one"
+    assert not (coll / ".Radicale.lock").exists()
+    assert oct(dump.stat().st_mode & 0o777) == "0o700"
+
+    (coll / ".Radicale.lock").touch()
+    writer = subprocess.Popen(["flock", "-x", str(coll / ".Radicale.lock"), "sh", "-c",
+                               f"sleep 1; echo two > {coll}/collection-root/alice/a.ics"])
+    time.sleep(0.3)  # the writer holds the lock
+    t0 = time.monotonic()
+    subprocess.run(["/bin/sh", "-eu", "-c", cmd], check=True)
+    waited = time.monotonic() - t0
+    writer.wait(timeout=10)
+    assert waited > 0.4
+    assert (dump / "collections" / "collection-root" / "alice" / "a.ics").read_text() == "two\n"
+    assert not (dump / "collections.new").exists()

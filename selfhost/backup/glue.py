@@ -9,7 +9,7 @@ on a command line: restic reads RESTIC_PASSWORD_FILE.
 GLUE = r"""#!/bin/bash
 # Managed by selfhost: changes here are overwritten on the next deploy.
 # Glue between systemd and restic (selfhost/backup). Usage:
-#   selfhost-backup run REPO | check REPO | late | alert UNIT | status
+#   selfhost-backup run REPO | forget REPO | check REPO | late | alert UNIT | status
 #   selfhost-backup restore REPO SNAPSHOT TARGET_DIR [PATH...]
 #   selfhost-backup paths SERVICE          (data paths of a service)
 #   selfhost-backup restic REPO ARGS...    (restic with the repository's settings)
@@ -103,9 +103,21 @@ cmd_run() {
   restart_units
   rm -f "$list"
   date +%s > "$STATE/$repo.last-success"
-  log info "backup to $repo done; forgetting by retention: $SELFHOST_FORGET"
+  log info "backup to $repo done"
+  forget
+}
+
+forget() {  # the repository's retention policy, on this host's snapshots (after each backup)
+  log info "forgetting snapshots of $repo by retention: $SELFHOST_FORGET"
   # shellcheck disable=SC2086 # the retention flags are words
   r forget --tag selfhost --host "$(hostname)" --group-by host,tags --prune $SELFHOST_FORGET
+}
+
+cmd_forget() {
+  load "$1"
+  exec 9>/run/selfhost-backup.lock
+  flock 9
+  forget
 }
 
 cmd_check() {
@@ -174,6 +186,7 @@ sub=${1:-}; shift || true
 case "$sub" in
   run) cmd_run "$@" ;;
   check) cmd_check "$@" ;;
+  forget) cmd_forget "$@" ;;
   late) cmd_late ;;
   alert) cmd_alert "$@" ;;
   status) cmd_status ;;

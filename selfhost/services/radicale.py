@@ -7,9 +7,17 @@ deploying machine; failed logins feed a fail2ban jail) and passes the authentica
 Radicale in ``X-Remote-User`` (Radicale's ``http_x_remote_user`` auth). Since Radicale then
 trusts whoever connects to it, it also asks that only the web server may open connections
 to its port (an nftables rule on the loopback). Each user sees only their own collections
-(``owner_only`` rights). The collections are backed up: Radicale writes every item to a new
-file and renames it into place, so a file-level backup of a running server is consistent
-item by item.
+(``owner_only`` rights).
+
+Backups: Radicale writes every item to a new file and renames it into place, so each file is
+whole, but a client's sync touches several items (and Radicale's cache and properties) under
+Radicale's storage lock. Before each backup a consistency hook copies the collections while
+holding that lock shared (``flock -s`` on ``.Radicale.lock``, the lock Radicale itself takes
+with flock(2) around every write), so Radicale keeps answering and the copy is one
+consistent state of the whole storage. Both the live collections and that copy are backed
+up (restic stores the identical files once). ``selfhost restore ... --service radicale``
+gives both back; after a crash during a sync, copy the dump's ``collections`` back into
+``/var/lib/radicale/collections`` with Radicale stopped.
 """
 
 from __future__ import annotations
@@ -34,6 +42,19 @@ from selfhost.services.base import Service
 CONFIG = "/etc/radicale/config"
 CONTAINER_DROPIN = "/etc/systemd/system/radicale.service.d/selfhost-container.conf"
 COLLECTIONS = "/var/lib/radicale/collections"
+DUMP = "/var/backups/selfhost/radicale"
+"""Where the consistency hook copies the collections before each backup (root-only)."""
+
+
+def dump_command() -> str:
+    """Copy the collections under Radicale's own storage lock, held shared: writers wait,
+    readers do not. Before Radicale's first write there is no lock file, and none is created
+    here (a root-owned one would keep Radicale from opening it)."""
+    lock, new = f"{COLLECTIONS}/.Radicale.lock", f"{DUMP}/collections.new"
+    return (f"install -d -m 0700 {DUMP} && rm -rf {new} && "
+            f"if [ -e {lock} ]; then flock -s -w 600 {lock} cp -a {COLLECTIONS} {new}; "
+            f"else cp -a {COLLECTIONS} {new}; fi && "
+            f"rm -rf {DUMP}/collections && mv {new} {DUMP}/collections")
 PORT = 5232
 _USER = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
@@ -103,6 +124,7 @@ class RadicaleService(Service):
                         zone=self.zone, max_body_mb=self.max_upload_mb,
                         origin=f"{env.path}.host"),
             BackupSource(COLLECTIONS),
+            BackupSource(DUMP, before=dump_command()),
             HealthCheck("unit", "radicale.service"),
             HealthCheck("tcp", f"127.0.0.1:{PORT}"),
         ]

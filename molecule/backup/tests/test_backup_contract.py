@@ -131,21 +131,79 @@ def test_cli_restore_by_service(host: Any) -> None:
     assert host.file(f"/var/tmp/cli-restore{WEB}/index.html").content_string == "<h1>v2</h1>\n"
 
 
+DAV_CA = "/var/lib/caddy/.local/share/caddy/pki/authorities/local/root.crt"
+EVENT = ("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//selfhost//backup//EN\r\nBEGIN:VEVENT\r\n"
+         "UID:backup-dump-1\r\nDTSTAMP:20260101T090000Z\r\nDTSTART:20260102T090000Z\r\n"
+         "SUMMARY:Dump hook\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n")
+
+
+def dav(host: Any, method: str, path: str, body: str = "") -> str:
+    """A CalDAV request as alice through Caddy on the server (curl reads the password from
+    its standard input config, never from a command line); returns the HTTP status."""
+    password = os.environ.get("DAV_ALICE_PASSWORD", "molecule: Alice's calendar password, 2026!")
+    name = host.backend.name if hasattr(host.backend, "name") else "bk-nas-bookworm"
+    sh(host, f"cat > /var/tmp/dav-body <<'EOF'\n{body}EOF")
+    res = subprocess.run(
+        ["podman", "exec", "-i", name, "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+         "-K", "-", "--cacert", DAV_CA, "--resolve", "dav.home.arpa:443:127.0.0.1",
+         "-X", method, "--data-binary", "@/var/tmp/dav-body",
+         f"https://dav.home.arpa{path}"],
+        input=f'user = "alice:{password}"\n', capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_radicale_collections_are_dumped_under_its_lock_and_restored(host: Any) -> None:
+    """Radicale's consistency hook (a real service module's `before`): the backup copies the
+    collections under Radicale's storage lock into a root-only dump, which is what the
+    snapshot holds and what `restore --service radicale` gives back."""
+    deadline = time.monotonic() + 60
+    while host.run(f"test -s {DAV_CA}").rc != 0 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert dav(host, "MKCALENDAR", "/alice/dumped/") in ("201", "405", "409")
+    assert dav(host, "PUT", "/alice/dumped/e.ics", EVENT) in ("201", "204")
+    lock = host.file("/var/lib/radicale/collections/.Radicale.lock")
+    assert lock.exists and lock.user == "radicale"
+    backup(host, "usb")
+    dump = "/var/backups/selfhost/radicale"
+    assert host.file(dump).mode == 0o700 and host.file(dump).user == "root"
+    item = "collections/collection-root/alice/dumped/e.ics"
+    assert "UID:backup-dump-1" in host.file(f"{dump}/{item}").content_string
+    assert host.file("/var/lib/radicale/collections/.Radicale.lock").user == "radicale"
+    name = host.backend.name if hasattr(host.backend, "name") else "bk-nas-bookworm"
+    res = subprocess.run([sys.executable, "-m", "selfhost.backup.cli", "restore",
+                          f"podman:{name}", "usb", "latest", "--service", "radicale",
+                          "--to", "/var/tmp/dav-restore"], capture_output=True, text=True,
+                         cwd=REPO_ROOT, check=False)
+    assert res.returncode == 0, res.stderr
+    assert "SUMMARY:Dump hook" in host.file(f"/var/tmp/dav-restore{dump}/{item}").content_string
+    sh(host, "rm -rf /var/tmp/dav-restore /var/tmp/dav-body")
+
+
 def test_retention_forgets_simulated_history(host: Any) -> None:
-    """60 daily snapshots (2024-05-02 .. 2024-06-30, 12:00), forgotten with the usb repository's
-    configured retention (keep_within 2d, daily 7, weekly 4, monthly 6) by the same forget call
-    as the glue. Expected: 06-24..06-30 (daily), Sundays 06-23, 06-16, 06-09 (weekly), 05-31
-    (monthly); keep_within 2d adds nothing new."""
-    script = (
-        "set -e; set -a; . /etc/selfhost/backup/usb.env; set +a; "
-        "export RESTIC_REPOSITORY=/var/tmp/retention-repo; rm -rf $RESTIC_REPOSITORY; "
+    """60 daily snapshots (2024-05-02 .. 2024-06-30, 12:00) in a scratch repository that has
+    the usb repository's settings and retention (keep_within 2d, daily 7, weekly 4, monthly 6),
+    then the glue the backup timer runs forgets them (`selfhost-backup forget`, the step every
+    `selfhost-backup run` ends with). Expected: 06-24..06-30 (daily), Sundays 06-23, 06-16,
+    06-09 (weekly), 05-31 (monthly); keep_within 2d adds nothing new."""
+    conf = "/etc/selfhost/backup"
+    setup = (
+        f"set -e; sed 's|^RESTIC_REPOSITORY=.*|RESTIC_REPOSITORY=/var/tmp/retention-repo|' "
+        f"{conf}/usb.env > {conf}/retention.env; cp {conf}/repositories /var/tmp/repos.keep; "
+        f"echo retention >> {conf}/repositories; "
+        "set -a; . /etc/selfhost/backup/retention.env; set +a; rm -rf $RESTIC_REPOSITORY; "
         "restic init -q; "
         "for i in $(seq 59 -1 0); do d=$(date -u -d \"2024-06-30 12:00 UTC $i days ago\" \"+%F %T\"); "
-        "restic backup -q --tag selfhost --time \"$d\" /etc/hostname; done; "
-        "restic forget -q --tag selfhost --host $(hostname) --group-by host,tags --prune "
-        "$SELFHOST_FORGET >/dev/null; restic snapshots --json"
+        "restic backup -q --tag selfhost --time \"$d\" /etc/hostname; done"
     )
-    snaps = json.loads(sh(host, f"bash -c {shlex.quote(script)}"))
+    try:
+        sh(host, f"bash -c {shlex.quote(setup)}")
+        assert len(json.loads(sh(host, "selfhost-backup restic retention snapshots --json"))) == 60
+        sh(host, "selfhost-backup forget retention")
+        snaps = json.loads(sh(host, "selfhost-backup restic retention snapshots --json"))
+    finally:
+        sh(host, f"mv /var/tmp/repos.keep {conf}/repositories; rm -f {conf}/retention.env; "
+                 "rm -rf /var/tmp/retention-repo")
     days = sorted(s["time"][:10] for s in snaps)
     expected = ["2024-05-31", "2024-06-09", "2024-06-16", "2024-06-23", "2024-06-24",
                 "2024-06-25", "2024-06-26", "2024-06-27", "2024-06-28", "2024-06-29",
@@ -284,14 +342,24 @@ def test_the_daily_check_mails_the_admin_what_got_worse(host: Any, smtp_sink: An
         sh(host, "systemctl start selfhost-check.service")
 
 
-def test_late_backup_alerts_and_status_shows_age(host: Any) -> None:
+def test_late_backup_alerts_and_status_shows_age(host: Any, smtp_sink: Any) -> None:
     since = sh(host, "date '+%F %T'")
     stamp = "/var/lib/selfhost-backup/friend.last-success"
+    before = len(smtp_sink())
     sh(host, f"cp {stamp} {stamp}.keep && echo $(( $(date +%s) - 50 * 3600 )) > {stamp}")
     try:
         assert host.run("systemctl start selfhost-backup-late.service").rc != 0
         log = sh(host, f"journalctl -t selfhost-backup -p err --since '{since}' --no-pager")
         assert "backup to repository friend is late: last success 50 hours ago" in log
+        # ...and the admin got it by mail.
+        deadline = time.monotonic() + 20
+        while len(smtp_sink()) == before and time.monotonic() < deadline:
+            time.sleep(0.5)
+        mails = smtp_sink()
+        assert len(mails) == before + 1, mails
+        assert mails[-1].startswith("<alice@example.org>")
+        assert "Subject: [nas] backup late: friend" in mails[-1]
+        assert "last success 50 hours ago (limit 48 h)" in mails[-1]
     finally:
         sh(host, f"mv {stamp}.keep {stamp}; systemctl reset-failed")
     assert host.run("systemctl start selfhost-backup-late.service").rc == 0
@@ -309,3 +377,29 @@ def test_check_runs(host: Any) -> None:
     for repo in REPOS:
         res = host.run(f"systemctl start selfhost-backup-check-{repo}.service")
         assert res.rc == 0, host.run(f"journalctl -u selfhost-backup-check-{repo} -n 20").stdout
+
+
+def test_a_damaged_repository_is_detected_and_alerted(host: Any, smtp_sink: Any) -> None:
+    """A data pack of the usb repository disappears (a failing disk): the integrity check's
+    timer unit fails, and its failure reaches the admin by mail. The pack is put back after."""
+    repo = "/var/backups/restic-usb"
+    assert host.run("systemctl start selfhost-backup-check-usb.service").rc == 0
+    pack = sh(host, f"find {repo}/data -type f -printf '%s %p\\n' | sort -n | tail -n1 "
+                    "| cut -d' ' -f2")
+    assert pack.startswith(f"{repo}/data/"), pack
+    before = len(smtp_sink())
+    sh(host, f"mv {pack} /var/tmp/selfhost-pack.away")
+    try:
+        res = host.run("systemctl start selfhost-backup-check-usb.service")
+        assert res.rc != 0
+        log = sh(host, "journalctl -u selfhost-backup-check-usb.service -n 40 --no-pager")
+        assert "does not exist" in log or "not found" in log or "missing" in log, log
+        deadline = time.monotonic() + 20
+        while len(smtp_sink()) == before and time.monotonic() < deadline:
+            time.sleep(0.5)
+        mails = smtp_sink()
+        assert len(mails) == before + 1, mails
+        assert "Subject: [nas] backup failed: selfhost-backup-check-usb.service" in mails[-1]
+    finally:
+        sh(host, f"mv /var/tmp/selfhost-pack.away {pack}; systemctl reset-failed")
+    assert host.run("systemctl start selfhost-backup-check-usb.service").rc == 0
