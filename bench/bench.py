@@ -444,6 +444,7 @@ def noop_redeploys(model: Path, key: Path, runs: int, deploy: str, tag: str) -> 
             out["ssh"].append(d)
             log(f"  no-op SSH {r}: {d['wall_s']:.2f} s, changed {d.get('changed')}, "
                 f"{d.get('commands')} commands")
+        out["check"] = check_over_ssh(model, key, port, runs, tag)
     finally:
         remove_containers([name])
     for k in ("podman", "ssh"):
@@ -457,6 +458,50 @@ def noop_redeploys(model: Path, key: Path, runs: int, deploy: str, tag: str) -> 
             out[f"{k}_median_fact_time_s"] = median([d["fact_time_s"] for d in ok])
             out[f"{k}_commands"] = sorted({d["commands"] for d in ok})
             out[f"{k}_changed"] = sorted({d.get("changed", -1) for d in ok})
+    return out
+
+
+def check_over_ssh(model: Path, key: Path, port: int, runs: int, tag: str) -> dict[str, Any]:
+    """`selfhost check MODEL --ssh alice@127.0.0.1` on the converged host: wall time and the
+    number of SSH sessions it opens (an ``ssh`` earlier in PATH logs each one and adds the
+    bench's key and known-hosts file)."""
+    bindir = TMP / "bin-ssh"
+    bindir.mkdir(exist_ok=True)
+    log_file = TMP / f"ssh-{tag}.log"
+    real = shutil.which("ssh") or "/usr/bin/ssh"
+    w = bindir / "ssh"
+    w.write_text("#!/bin/sh\n"
+                 f'echo "$*" >> {log_file}\n'
+                 f'exec {real} -i {key} -o UserKnownHostsFile={TMP / f"known_hosts-{tag}"} '
+                 "-o StrictHostKeyChecking=accept-new -o BatchMode=yes "
+                 '-o IdentitiesOnly=yes "$@"\n')
+    w.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    out: dict[str, Any] = {"runs": []}
+    for r in range(runs + 1):  # the first one warms the caches (Python imports, sshd)
+        log_file.unlink(missing_ok=True)
+        t0 = time.monotonic()
+        done = subprocess.run([PY, "-c", "import sys; from selfhost.cli import main; "
+                               "sys.exit(main())", "check", str(model),
+                               "--ssh", "alice@127.0.0.1", "--port", str(port), "--json"],
+                              capture_output=True, text=True, env=env, timeout=300,
+                              cwd=SRC, check=False)
+        wall = time.monotonic() - t0
+        sessions = len(log_file.read_text().splitlines()) if log_file.exists() else 0
+        try:
+            findings = json.loads(done.stdout)["findings"]
+        except (ValueError, KeyError):
+            findings = [{"severity": "error", "what": done.stderr.strip()[-300:]}]
+        d = {"rc": done.returncode, "wall_s": round(wall, 3), "ssh_sessions": sessions,
+             "errors": [f["what"] for f in findings if f["severity"] == "error"]}
+        if r:
+            out["runs"].append(d)
+        log(f"  selfhost check over SSH {r}: {wall:.2f} s, exit {done.returncode}, "
+            f"{sessions} ssh session(s)" + (" (warm-up)" if not r else ""))
+    ok = [d for d in out["runs"] if d["rc"] in (0, 1)]
+    out["median_s"] = median([d["wall_s"] for d in ok]) if ok else None
+    out["sessions"] = sorted({d["ssh_sessions"] for d in out["runs"]})
+    out["exit_codes"] = sorted({d["rc"] for d in out["runs"]})
     return out
 
 
@@ -596,6 +641,15 @@ def noop_rows(model: str, r: dict[str, Any], ssh_goal: float,
             ok = ok and max(r[f"{k}_commands"]) <= max_commands
         rows.append((f"2. no-op re-deploy, {model}{label}", measured, goal_text,
                      verdict(ok if goal else idem)))
+    c = r.get("check")
+    if c:
+        ok = (c["median_s"] is not None and c["median_s"] <= 2.0 and c["sessions"] == [1]
+              and set(c["exit_codes"]) <= {0, 1})
+        rows.append((f"2. {model}`selfhost check` over SSH (alice, sudo), converged host",
+                     (fmt_s(c["median_s"]) if c["median_s"] is not None else "failed")
+                     + f" (runs {' / '.join(fmt_s(d['wall_s']) for d in c['runs'])}); "
+                     f"{c['sessions']} SSH session(s) per check; exit {c['exit_codes']}",
+                     "<= 2 s, 1 session, exit 0/1", verdict(ok)))
     if "ssh_first" in r:
         s = r["ssh_first"]
         rows.append((f"2. {model}first SSH run after @podman converge",
