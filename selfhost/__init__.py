@@ -35,6 +35,7 @@ _EXPORTS = {
     "WebService": "selfhost.services.web",
     "Site": "selfhost.services.web",
     "RadicaleService": "selfhost.services.radicale",
+    "MonitoringService": "selfhost.services.monitoring",
     "CalendarUser": "selfhost.services.radicale",
     "Notify": "selfhost.notify",
     "SmtpRelay": "selfhost.notify",

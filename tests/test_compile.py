@@ -553,6 +553,9 @@ def test_example_files_pass_their_own_validate_commands(example: Path, release: 
             # Written before jail.local in the same deploy: its check reads them.
             if f.file.path.startswith("/etc/fail2ban/filter.d/"):
                 validators.install(release, f.file.path, updater.rendered(f.file))
+            # Monit's configuration names programs that must exist (written before it).
+            if f.file.path.startswith("/usr/local/sbin/selfhost-monitor"):
+                validators.install(release, f.file.path, updater.rendered(f.file), f.file.mode)
         for jail in plan.jails:  # the logs a jail reads exist before it (the web module's
             for log in (jail.logpath or "").split():  # guarded command makes them)
                 validators.install(release, log, "")

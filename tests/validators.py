@@ -166,12 +166,13 @@ class Validators:
                 "VALIDATOR_PACKAGES in tests/validators.py\n" + res.stderr.decode())
         return res
 
-    def install(self, release: str, path: str, content: str | bytes) -> None:
+    def install(self, release: str, path: str, content: str | bytes,
+                mode: str = "0644") -> None:
         """Put a file that passed its check in place, as the deploy does before it checks the
         next files of the plan (fail2ban's jail.local reads the filters written before it)."""
         q = shlex.quote
-        res = self.run(release, f"mkdir -p {q(str(Path(path).parent))} && cat > {q(path)}",
-                       content)
+        res = self.run(release, f"mkdir -p {q(str(Path(path).parent))} && cat > {q(path)} && "
+                       f"chmod {mode} {q(path)}", content)
         assert res.returncode == 0, res.stderr
 
     def close(self) -> None:

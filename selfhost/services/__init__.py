@@ -11,11 +11,13 @@ from pydantic import Field
 
 from selfhost.models.base import StrictModel
 from selfhost.services.base import Service
+from selfhost.services.monitoring import MonitoringService
 from selfhost.services.radicale import RadicaleService
 from selfhost.services.web import WebService
 from selfhost.services.wireguard import WireGuardService
 
-__all__ = ["RadicaleService", "Service", "Services", "WebService", "WireGuardService"]
+__all__ = ["MonitoringService", "RadicaleService", "Service", "Services", "WebService",
+           "WireGuardService"]
 
 
 class Services(StrictModel):
@@ -32,6 +34,10 @@ class Services(StrictModel):
     )
     wireguard: WireGuardService | None = Field(
         default=None, description="A WireGuard VPN to reach home from your devices."
+    )
+    monitoring: MonitoringService | None = Field(
+        default=None, description="Monit: disks, memory, failed units, every service's health "
+        "checks and outbound traffic, watched every minute; the admin is mailed on each change."
     )
 
     def enabled(self) -> list[Service]:

@@ -1,0 +1,129 @@
+"""The monitoring module (Monit): what it watches comes from the other modules' health-check
+requests; its scripts are run for real with /bin/sh (Monit's configuration itself is checked
+by Debian's `monit -t` in the example-file validator tests)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from selfhost.compile import Target, compile_fleet
+from selfhost.compile.plan import File
+from selfhost.config import ConfigError, load_fleet_text
+from selfhost.services import monitoring
+
+KEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIO15aKF3qdwTP7p24+Rliy7SMGYyMZqFPJES7fSwQd7P "
+       "alice@laptop")
+MODEL = f"""
+hostname: nas
+domain: home.arpa
+admins: [{{name: alice, ssh_keys: ["{KEY}"]}}]
+services:
+  radicale:
+    users: [{{name: alice, password: {{env: DAV_ALICE_PASSWORD}}}}]
+  monitoring: {{interval_s: 30, paths: [/srv], outbound_mb_per_minute: 20}}
+"""
+NOTIFY = """
+notify:
+  email: alice@example.org
+  smtp: {host: smtp.example.org, port: 587, user: nas, password: {env: SMTP_PASSWORD}}
+"""
+
+
+def files(text: str) -> dict[str, str]:
+    fleet = load_fleet_text(text, "m.yaml")
+    plan = compile_fleet(fleet, {"nas": Target(release="trixie")})["nas"]
+    out = {}
+    for s in plan.steps:
+        if isinstance(s, File) and s.file.path.startswith(("/etc/monit", "/usr/local/sbin/selfhost-monitor")):
+            c = s.file.content
+            out[s.file.path] = c if isinstance(c, str) else c.decode()
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DAV_ALICE_PASSWORD", "correct horse battery staple, 2026 edition!")
+    monkeypatch.setenv("SMTP_PASSWORD", "an smtp relay password that is long enough 42")
+
+
+def test_every_health_check_of_the_other_modules_is_watched() -> None:
+    f = files(MODEL)
+    conf = f[monitoring.CONF]
+    assert conf.startswith("# Managed by selfhost") and "set daemon 30\n" in conf
+    names = [line.split()[2] for line in conf.splitlines() if line.startswith("check program")]
+    assert names == ["outbound", "failed-units", "https-dav.home.arpa",
+                     "tcp-127.0.0.1-5232", "unit-radicale.service"]
+    assert "check filesystem fs-0 with path /\n" in conf
+    assert "check filesystem fs-1 with path /srv\n" in conf
+    assert f'check program outbound with path "{monitoring.TRAFFIC} 20"' in conf
+    # Each check alerts on failure and on recovery (a change of state, not every cycle).
+    alert = (f'then exec "{monitoring.ALERT}" else if succeeded then exec '
+             f'"{monitoring.ALERT}"')
+    rules = [line for line in conf.splitlines() if line.startswith("  if ")]
+    assert len(rules) == 10 and all(r.endswith(alert) for r in rules)
+    probe = f[monitoring.PROBE]
+    assert "systemctl is-active --quiet radicale.service ;;" in probe
+    assert "--resolve dav.home.arpa:443:127.0.0.1 https://dav.home.arpa/" in probe
+
+
+def test_alerts_are_mailed_only_with_the_sendmail_role() -> None:
+    assert "if [ 0 = 1 ]" in files(MODEL)[monitoring.ALERT]
+    assert "if [ 1 = 1 ]" in files(MODEL + NOTIFY)[monitoring.ALERT]
+
+
+def test_no_monitoring_without_the_service() -> None:
+    assert files(MODEL.replace("  monitoring: {interval_s: 30, paths: [/srv], "
+                               "outbound_mb_per_minute: 20}\n", "")) == {}
+
+
+def test_paths_are_validated_at_their_place() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_fleet_text(MODEL.replace("paths: [/srv]", "paths: [srv, '/a b']"), "m.yaml")
+    where = [(i.line, i.path) for i in exc.value.issues]
+    assert len(where) == 1 and where[0][1] == "services.monitoring.paths"
+
+
+def sh(script: Path, *args: str, env: dict[str, str] | None = None) -> Any:
+    return subprocess.run(["/bin/sh", str(script), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=30)
+
+
+def test_the_probe_script_runs_each_probe_by_name(tmp_path: Path) -> None:
+    script = tmp_path / "probe"
+    script.write_text(files(MODEL)[monitoring.PROBE])
+    assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "systemctl"  # the failed units systemd would list
+    fake.write_text("#!/bin/sh\necho 'cron.service loaded failed failed Regular jobs'\n"
+                    "echo 'x.service loaded failed failed X'\n")
+    fake.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    res = sh(script, "failed-units", env=env)
+    assert res.returncode == 1 and res.stdout.strip() == "failed: cron.service x.service"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    assert sh(script, "failed-units", env=env).returncode == 0
+    assert sh(script, "nothing-like-this").returncode == 2
+
+
+def test_the_outbound_probe_measures_bytes_sent_per_minute(tmp_path: Path) -> None:
+    script = tmp_path / "outbound"
+    script.write_text(monitoring.TRAFFIC_SCRIPT)
+    state = tmp_path / "state"
+    env = {"SELFHOST_MONITOR_STATE": str(state)}
+    first = sh(script, "1", env=env)
+    assert first.returncode == 0 and first.stdout.startswith("first sample on "), first
+    sent = int(state.read_text().split()[1])
+    if sent < 2_000_000:
+        pytest.skip("this machine has sent less than 2 MB on its default route")
+    # As if nothing had been sent a minute ago: everything sent since boot, in one minute.
+    state.write_text(f"{int(state.read_text().split()[0]) - 60} 0\n")
+    over = sh(script, "1", env=env)
+    assert over.returncode == 1 and "MB/min sent on" in over.stdout
+    state.write_text(f"{int(state.read_text().split()[0]) - 60} 0\n")
+    assert sh(script, str(sent), env=env).returncode == 0
