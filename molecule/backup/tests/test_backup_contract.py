@@ -272,9 +272,12 @@ def smtp_sink(host: Any) -> Any:
             break
         time.sleep(0.1)
 
-    def mails() -> list[str]:
+    def mails(monitor: bool = False) -> list[str]:
+        """The mails received, in order: Monit's alerts (which arrive whenever a unit fails,
+        e.g. in the tests that break a backup on purpose) apart from the others."""
         out = sh(host, f"cat {MAILS}/*.eml 2>/dev/null; true")
-        return [m for m in out.split("X-Rcpt: ") if m]
+        return [m for m in out.split("X-Rcpt: ")
+                if m and ("] monitor: " in m.split("\n\n", 1)[0]) == monitor]
     yield mails
     host.run("pkill -f selfhost-smtp-sink.py")
 
@@ -377,6 +380,36 @@ def test_check_runs(host: Any) -> None:
     for repo in REPOS:
         res = host.run(f"systemctl start selfhost-backup-check-{repo}.service")
         assert res.rc == 0, host.run(f"journalctl -u selfhost-backup-check-{repo} -n 20").stdout
+
+
+def test_monit_mails_a_failed_unit_and_its_recovery(host: Any, smtp_sink: Any) -> None:
+    """The monitoring module: a unit fails, Monit (10 s cycle in this model) mails the admin
+    through the sendmail role once, and once more when the failure is gone."""
+    assert host.service("monit").is_running
+    unit = "selfhost-test-fails.service"
+    host.run(f"systemctl reset-failed {unit}")
+
+    def wait_for(what: str) -> list[str]:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            got = [m for m in smtp_sink(monitor=True) if what in m]
+            if got:
+                return got
+            time.sleep(1)
+        raise AssertionError(f"no monitor mail with {what!r}: {smtp_sink(monitor=True)}")
+
+    before = len(smtp_sink(monitor=True))
+    host.run(f"systemd-run --unit={unit} --property=Type=oneshot /bin/false")
+    assert host.run(f"systemctl is-failed {unit}").rc == 0
+    failed = wait_for(unit)
+    assert failed[-1].startswith("<alice@example.org>")
+    assert "Subject: [nas] monitor: failed-units: Status failed" in failed[-1]
+    sh(host, f"systemctl reset-failed {unit}")
+    wait_for("monitor: failed-units: Status succeeded")
+    mails = smtp_sink(monitor=True)[before:]
+    assert len([m for m in mails if "failed-units: Status failed" in m]) == 1, mails
+    log = sh(host, "journalctl -t selfhost-monitor --no-pager -n 20")
+    assert "failed-units: Status failed" in log and unit in log, log
 
 
 def test_a_damaged_repository_is_detected_and_alerted(host: Any, smtp_sink: Any) -> None:
