@@ -65,7 +65,14 @@ RICH: dict[str, Any] = {
                          "Content-Security-Policy": "default-src 'self'"}},
             {"host": "@", "source": "site"},
         ],
-    }},
+    },
+        "radicale": {"host": "dav", "users": [{"name": "alice",
+                                                "password": {"env": "H15_DAV"}}]},
+        "wireguard": {"endpoint": "home.example.org", "network": "10.8.0.0/24", "port": 51821,
+                      "peers": [{"name": "laptop", "address": "10.8.0.2",
+                                 "public_key": "8joRWeW8o0h8ONm9TZWXsY28C0wIAwzD6o2cZfhP4mg="}]},
+        "monitoring": {"paths": ["/srv"]},
+    },
     "notify": {"email": "alice@example.org", "sender": "nas@example.org",
                "smtp": {"host": "smtp.example.org", "user": "nas@example.org",
                         "password": {"env": "H15_SMTP"}}},
@@ -173,6 +180,10 @@ def line_count(text: str) -> int:
 def test_the_rich_model_uses_every_module() -> None:
     server = load_server_text(to_yaml(RICH), "rich.yaml")
     assert server.notify is not None and server.services.web is not None
+    # Every service of the catalog is in it: a new module gets attacked too.
+    from selfhost.services import Services
+
+    assert all(getattr(server.services, name) is not None for name in Services.model_fields)
     assert {r.type for r in server.backup.repositories} == {"local", "sftp", "rest", "rclone"}
     assert len(STRING_PATHS) > 80
     assert "/etc/caddy/Caddyfile" in BASELINE and "/etc/msmtprc" in BASELINE
