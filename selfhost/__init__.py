@@ -36,6 +36,7 @@ _EXPORTS = {
     "Site": "selfhost.services.web",
     "RadicaleService": "selfhost.services.radicale",
     "MonitoringService": "selfhost.services.monitoring",
+    "AuthoritativeDnsService": "selfhost.services.knot",
     "CalendarUser": "selfhost.services.radicale",
     "Notify": "selfhost.notify",
     "SmtpRelay": "selfhost.notify",

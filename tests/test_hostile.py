@@ -72,6 +72,7 @@ RICH: dict[str, Any] = {
                       "peers": [{"name": "laptop", "address": "10.8.0.2",
                                  "public_key": "8joRWeW8o0h8ONm9TZWXsY28C0wIAwzD6o2cZfhP4mg="}]},
         "monitoring": {"paths": ["/srv"]},
+        "dns": {"zones": ["example.org", "example.net"]},
     },
     "notify": {"email": "alice@example.org", "sender": "nas@example.org",
                "smtp": {"host": "smtp.example.org", "user": "nas@example.org",

@@ -327,5 +327,40 @@ class PeerBackupAccount(Request):
         return f"backup account for {self.client} on {self.on_host}"
 
 
-CROSS_HOST: tuple[type[Request], ...] = (PeerBackupAccount,)
+@dataclass(frozen=True)
+class DnsZone(Request):
+    """Serve ``zone`` as its primary on this host, NOTIFYing and allowing transfers to the
+    ``secondaries`` (name -> addresses), signed with DNSSEC when ``dnssec``."""
+
+    zone: str
+    secondaries: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    dnssec: bool = True
+    ns: tuple[str, ...] = ()
+    """The zone's name servers (this host first)."""
+
+    def key(self) -> object:
+        return ("dns-zone", self.zone)
+
+    def describe(self) -> str:
+        return f"DNS zone {self.zone}"
+
+
+@dataclass(frozen=True)
+class DnsSecondary(Request):
+    """Addressed to another host of the fleet (``on_host``): transfer ``zone`` from
+    ``primary`` (its addresses) and serve it."""
+
+    on_host: str
+    zone: str
+    primary: str
+    addresses: tuple[str, ...]
+
+    def key(self) -> object:
+        return ("dns-zone", self.zone, self.on_host)
+
+    def describe(self) -> str:
+        return f"secondary DNS for {self.zone} on {self.on_host}"
+
+
+CROSS_HOST: tuple[type[Request], ...] = (PeerBackupAccount, DnsSecondary)
 """Kinds addressed to another host of the fleet (their ``on_host``)."""

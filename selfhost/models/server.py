@@ -240,6 +240,7 @@ class Server(StrictModel):
         """Every module of this host with its model path, in a fixed order (the router then
         orders providers after their users)."""
         from selfhost.backup.fleet import BackupPeers
+        from selfhost.services.knot import KnotServer
         from selfhost.services.web import WebService
         from selfhost.system import Records, System
 
@@ -255,8 +256,8 @@ class Server(StrictModel):
                 svc = WebService(sites=[])  # the provider of virtual hosts, with no sites
             if svc is not None and svc.enabled:
                 out.append((f"services.{name}", svc))
-        out += [("backup", self.backup), ("backup-peers", BackupPeers()), ("check", self.check),
-                ("records", Records())]
+        out += [("backup", self.backup), ("backup-peers", BackupPeers()),
+                ("dns-server", KnotServer()), ("check", self.check), ("records", Records())]
         return out
 
     def weak_passwords(self) -> list[tuple[tuple[str | int, ...], str]]:

@@ -11,13 +11,14 @@ from pydantic import Field
 
 from selfhost.models.base import StrictModel
 from selfhost.services.base import Service
+from selfhost.services.knot import AuthoritativeDnsService
 from selfhost.services.monitoring import MonitoringService
 from selfhost.services.radicale import RadicaleService
 from selfhost.services.web import WebService
 from selfhost.services.wireguard import WireGuardService
 
-__all__ = ["MonitoringService", "RadicaleService", "Service", "Services", "WebService",
-           "WireGuardService"]
+__all__ = ["AuthoritativeDnsService", "MonitoringService", "RadicaleService", "Service",
+           "Services", "WebService", "WireGuardService"]
 
 
 class Services(StrictModel):
@@ -34,6 +35,10 @@ class Services(StrictModel):
     )
     wireguard: WireGuardService | None = Field(
         default=None, description="A WireGuard VPN to reach home from your devices."
+    )
+    dns: AuthoritativeDnsService | None = Field(
+        default=None, description="Authoritative DNS: the model's zones served by Knot with "
+        "DNSSEC, and secondaries on other hosts of the fleet."
     )
     monitoring: MonitoringService | None = Field(
         default=None, description="Monit: disks, memory, failed units, every service's health "

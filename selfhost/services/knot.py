@@ -1,0 +1,212 @@
+"""Authoritative DNS: Knot DNS (Debian's ``knot``) serves the model's zones, signs them with
+DNSSEC, and a friend's host of the fleet serves them as a secondary.
+
+Why Knot: automatic DNSSEC signing and key rollovers are built in (no cron of ``dnssec-*``
+tools as with BIND, no separate signer as with NSD + OpenDNSSEC), its configuration checks
+itself (``knotc conf-check``, ``kzonecheck``), and Debian ships it on both releases.
+
+The zone holds the records the model's modules request (``selfhost dns`` prints the same):
+the hosts' A/AAAA, the web names, CAA, mail's MX, SPF, DMARC... Nobody writes a zone file.
+The rendered file has a fixed serial: Knot loads it as a difference against what it serves
+(``zonefile-load: difference-no-serial``), numbers each change itself (``serial-policy:
+unixtime``) and keeps the signed zone in its journal, never writing back into the file; so a
+second deploy changes nothing and a change reaches the secondaries by NOTIFY and IXFR.
+Records whose value is made on a host (a DKIM key) are not in it yet: publish them from
+``selfhost dns --ssh``.
+
+Secondaries: ``secondaries: [friend]`` asks the friend's host (a host of the same fleet) to
+transfer the zone from this one. Knot on both sides only accepts NOTIFY and transfers from
+the other's addresses (``automatic-acl``). Knot on a host is configured by one provider
+(:class:`KnotServer`): a host can be the primary of its zones and the secondary of others'.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar
+
+from pydantic import Field, field_validator
+
+from selfhost.compose.module import Contribution, Env, Module, Problem
+from selfhost.compose.requests import (
+    BackupSource,
+    DnsRecord,
+    DnsSecondary,
+    DnsZone,
+    HealthCheck,
+    Port,
+    Request,
+)
+from selfhost.compose.resources import ManagedDir, ManagedFile, Unit
+from selfhost.models.base import Domain
+from selfhost.services.base import Service
+
+CONF = "/etc/knot/knot.conf"
+ZONES = "/etc/knot/zones"
+TTL = 3600
+_HOST = re.compile(r"^[a-z0-9][a-z0-9.-]{0,62}$")
+
+
+def _addresses(env: Env, host: str) -> tuple[str, ...]:
+    a = env.fleet.hosts[host].addresses
+    return tuple(str(x) for x in (a.public or a.lan))
+
+
+class AuthoritativeDnsService(Service):
+    """The model's DNS zones, served by Knot with DNSSEC, and secondaries on fleet hosts."""
+
+    kind: ClassVar[str] = "dns"
+    uses: ClassVar[tuple[type[Request], ...]] = (DnsZone, DnsSecondary)
+
+    zones: list[Domain] = Field(
+        default_factory=list, description="Zones this host serves as their primary (default: "
+        "the server's domain). Their records are the ones the model's services ask for.")
+    secondaries: list[str] = Field(
+        default_factory=list, description="Hosts of the fleet that serve the zones too, as "
+        "secondaries (a friend's host): they transfer each change from this one.")
+    dnssec: bool = Field(default=True, description="Sign the zones (Knot's automatic DNSSEC: "
+                         "ECDSA P-256 keys, rolled over by Knot). Publish the DS record at "
+                         "your registrar: `knotc zone-ksk-submitted` after that.")
+
+    @field_validator("secondaries")
+    @classmethod
+    def _secondaries(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not _HOST.match(name):
+                raise ValueError(f"{name!r}: a host name of the fleet")
+        if len(set(v)) != len(v):
+            raise ValueError("a secondary is listed twice")
+        return v
+
+    def zone_names(self, env: Env) -> list[str]:
+        return list(self.zones) or [env.server.domain]
+
+    def assertions(self, env: Env) -> list[Problem]:
+        out = []
+        if not _addresses(env, env.host) and self.secondaries:
+            out.append(Problem(("addresses",), "this host serves DNS zones to secondaries, "
+                               "which need its address: give addresses.public (or lan)"))
+        for i, name in enumerate(self.secondaries):
+            found = env.fleet.find(name)
+            if found is None:
+                out.append(Problem(("services", "dns", "secondaries", i),
+                                   f"no host {name!r} in this fleet (hosts: "
+                                   f"{', '.join(sorted(env.fleet.hosts))})"))
+            elif found == env.host:
+                out.append(Problem(("services", "dns", "secondaries", i),
+                                   "a host cannot be its own secondary"))
+            elif not _addresses(env, found):
+                out.append(Problem(("services", "dns", "secondaries", i),
+                                   f"{name} has no address in the model (addresses.public "
+                                   "or lan): the primary could not NOTIFY it"))
+        return out
+
+    def requests(self, env: Env) -> list[Request]:
+        found = [h for h in (env.fleet.find(n) for n in self.secondaries) if h and h != env.host]
+        secondaries = tuple((h, _addresses(env, h)) for h in found)
+        ns = (env.server.fqdn, *(env.fleet.hosts[h].fqdn for h in found))
+        out: list[Request] = []
+        for i, zone in enumerate(self.zone_names(env)):
+            origin = f"{env.path}.zones.{i}" if self.zones else env.path
+            out.append(DnsZone(zone, secondaries, self.dnssec, ns, origin=origin))
+            out += [DnsSecondary(h, zone, env.host, _addresses(env, env.host), origin=origin)
+                    for h in found]
+        return out
+
+
+class KnotServer(Module):
+    """Provider of :class:`DnsZone` and :class:`DnsSecondary`: Knot's whole configuration on
+    this host (nothing when no zone is asked for)."""
+
+    provides: ClassVar[tuple[type[Request], ...]] = (DnsZone, DnsSecondary)
+
+    def requests(self, env: Env) -> list[Request]:
+        if not env.incoming(DnsZone) and not env.incoming(DnsSecondary):
+            return []
+        return [Port(53, "udp", "internet", comment="DNS"),
+                Port(53, "tcp", "internet", comment="DNS (transfers, large answers)"),
+                BackupSource("/var/lib/knot"),  # the DNSSEC keys
+                HealthCheck("unit", "knot.service"),
+                HealthCheck("tcp", "127.0.0.1:53")]
+
+    def config(self, zones: list[DnsZone], secondaries: list[DnsSecondary]) -> str:
+        lines = ["# Managed by selfhost: changes here are overwritten on the next deploy.",
+                 "server:", '    rundir: "/run/knot"', "    user: knot:knot",
+                 "    automatic-acl: on", "    listen: [ 0.0.0.0@53, ::@53 ]", "",
+                 "log:", "  - target: syslog", "    any: info", "",
+                 "database:", '    storage: "/var/lib/knot"', ""]
+        remotes: dict[str, tuple[str, ...]] = {}
+        for z in zones:
+            for name, addrs in z.secondaries:
+                remotes[f"secondary-{name}"] = addrs
+        for s in secondaries:
+            remotes[f"primary-{s.primary}"] = s.addresses
+        if remotes:
+            lines.append("remote:")
+            for rid, addrs in sorted(remotes.items()):
+                lines += [f"  - id: {rid}",
+                          f"    address: [ {', '.join(f'{a}@53' for a in addrs)} ]"]
+            lines.append("")
+        lines += ["template:", "  - id: default", '    storage: "/var/lib/knot"',
+                  "    semantic-checks: on", "    zonefile-sync: -1",
+                  "    zonefile-load: difference-no-serial", "    journal-content: all",
+                  "    serial-policy: unixtime", "", "zone:"]
+        for z in sorted(zones, key=lambda z: z.zone):
+            lines += [f"  - domain: {z.zone}", f'    file: "{ZONES}/{z.zone}.zone"']
+            if z.secondaries:
+                ids = ", ".join(f"secondary-{n}" for n, _a in z.secondaries)
+                lines.append(f"    notify: [ {ids} ]")
+            if z.dnssec:
+                lines.append("    dnssec-signing: on")
+        for s in sorted(secondaries, key=lambda s: s.zone):
+            lines += [f"  - domain: {s.zone}", f"    master: [ primary-{s.primary} ]"]
+        return "\n".join(lines) + "\n"
+
+    def zone_file(self, z: DnsZone, env: Env) -> str:
+        """The zone's records: the ones requested on this host, the fleet's hosts' own
+        addresses when their names are in the zone, the name servers."""
+        def rel(name: str) -> str:
+            name = name.lower().rstrip(".")
+            if name == z.zone:
+                return "@"
+            return name[: -len(z.zone) - 1] if name.endswith("." + z.zone) else name + "."
+
+        def inside(name: str) -> bool:
+            name = name.lower().rstrip(".")
+            return name == z.zone or name.endswith("." + z.zone)
+
+        records: list[tuple[str, str, str]] = []
+        for r in env.incoming(DnsRecord):
+            if inside(r.name) and not r.from_host:
+                records.append((r.name.lower().rstrip("."), r.type, r.value))
+        for h in env.fleet.hosts.values():
+            if inside(h.fqdn):
+                for a in h.addresses.public:
+                    records.append((h.fqdn, "A" if a.version == 4 else "AAAA", str(a)))
+        records += [(z.zone, "NS", n + ".") for n in z.ns]
+        out = [f"; Managed by selfhost: the records of zone {z.zone}. Knot numbers and signs it.",
+               f"$ORIGIN {z.zone}.", f"$TTL {TTL}",
+               f"@ IN SOA {z.ns[0]}. hostmaster.{z.zone}. 1 7200 3600 1209600 3600"]
+        order = {"NS": 0, "A": 1, "AAAA": 2, "CNAME": 3, "MX": 4, "TXT": 5, "CAA": 6,
+                 "SRV": 7, "TLSA": 8}
+        for name, kind, value in sorted(set(records), key=lambda r: (
+                rel(r[0]) != "@", rel(r[0]), order.get(r[1], 9), r[2])):
+            out.append(f"{rel(name)} IN {kind} {value}")
+        return "\n".join(out) + "\n"
+
+    def contribute(self, env: Env) -> Contribution:
+        zones = env.incoming(DnsZone)
+        secondaries = env.incoming(DnsSecondary)
+        c = Contribution()
+        if not zones and not secondaries:
+            return c
+        c.packages += ["knot", "knot-dnsutils", "knot-dnssecutils"]  # kdig; kzonecheck, keymgr
+        c.directories.append(ManagedDir(ZONES, "0755"))
+        for z in zones:
+            c.files.append(ManagedFile(f"{ZONES}/{z.zone}.zone", self.zone_file(z, env),
+                                       validate=f"kzonecheck -o {z.zone} {{path}}"))
+        c.files.append(ManagedFile(CONF, self.config(zones, secondaries), mode="0640",
+                                   group="knot", validate="knotc -c {path} conf-check"))
+        c.units.append(Unit("knot.service", reload_on=(CONF, *(
+            f"{ZONES}/{z.zone}.zone" for z in zones))))
+        return c

@@ -1,0 +1,82 @@
+"""Authoritative DNS (Knot): the zone holds what the modules request, the primary and its
+fleet secondary are configured from one model, and mistakes are located in the model.
+(Debian's kzonecheck and knotc conf-check read these files in the example validator tests.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from selfhost.compile import Target, compile_fleet
+from selfhost.compile.plan import File
+from selfhost.config import ConfigError, load_fleet, load_fleet_text
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "dns.yaml"
+
+
+def knot_files(text: str | None = None) -> dict[str, dict[str, str]]:
+    fleet = load_fleet(EXAMPLE) if text is None else load_fleet_text(text, "dns.yaml")
+    plans = compile_fleet(fleet, {h: Target(release="trixie") for h in fleet.hosts})
+    return {h: {s.file.path: str(s.file.content) for s in p.steps
+                if isinstance(s, File) and "/knot" in s.file.path} for h, p in plans.items()}
+
+
+def test_the_zone_holds_what_the_modules_request() -> None:
+    zone = knot_files()["ns1"]["/etc/knot/zones/example.org.zone"]
+    assert zone.splitlines()[1:] == [
+        "$ORIGIN example.org.",
+        "$TTL 3600",
+        "@ IN SOA ns1.example.org. hostmaster.example.org. 1 7200 3600 1209600 3600",
+        "@ IN NS friend.example.net.",
+        "@ IN NS ns1.example.org.",
+        '@ IN CAA 0 issue "letsencrypt.org"',
+        '@ IN CAA 0 issue "sectigo.com"',
+        "ns1 IN A 198.51.100.10",
+        "ns1 IN AAAA 2001:db8:10::10",
+        "www IN CNAME ns1.example.org.",
+    ]
+
+
+def test_primary_and_secondary_from_one_model() -> None:
+    files = knot_files()
+    primary = files["ns1"]["/etc/knot/knot.conf"]
+    assert "  - id: secondary-friend\n    address: [ 203.0.113.20@53 ]" in primary
+    assert "notify: [ secondary-friend ]\n    dnssec-signing: on" in primary
+    assert "zonefile-sync: -1" in primary and "zonefile-load: difference-no-serial" in primary
+    secondary = files["friend"]["/etc/knot/knot.conf"]
+    assert "address: [ 198.51.100.10@53, 2001:db8:10::10@53 ]" in secondary
+    assert "  - domain: example.org\n    master: [ primary-ns1 ]" in secondary
+    assert list(files["friend"]) == ["/etc/knot/knot.conf"]  # no zone file: transferred
+
+
+def test_port_53_is_opened_on_both_hosts_only_with_dns() -> None:
+    fleet = load_fleet(EXAMPLE)
+    plans = compile_fleet(fleet, {h: Target(release="trixie") for h in fleet.hosts})
+    for plan in plans.values():
+        assert {(p.port, p.proto) for p in plan.ports} >= {(53, "udp"), (53, "tcp")}
+    text = EXAMPLE.read_text().replace("      dns:\n        secondaries: [friend]     # the "
+                                       "friend's host transfers the zone and serves it too\n",
+                                       "")
+    assert text != EXAMPLE.read_text()
+    assert knot_files(text) == {"ns1": {}, "friend": {}}
+
+
+@pytest.mark.parametrize(("change", "path", "message"), [
+    ("secondaries: [nobody]", "hosts.ns1.services.dns.secondaries.0", "no host 'nobody'"),
+    ("secondaries: [ns1]", "hosts.ns1.services.dns.secondaries.0", "its own secondary"),
+])
+def test_secondary_mistakes_are_located(change: str, path: str, message: str) -> None:
+    text = EXAMPLE.read_text().replace("secondaries: [friend]", change)
+    with pytest.raises(ConfigError) as exc:
+        load_fleet_text(text, "dns.yaml")
+    issues = [(i.path, i.message) for i in exc.value.issues]
+    assert any(p == path and message in m for p, m in issues), issues
+
+
+def test_a_secondary_without_address_is_refused() -> None:
+    text = EXAMPLE.read_text().replace("    addresses: {public: [203.0.113.20]}\n", "")
+    with pytest.raises(ConfigError) as exc:
+        load_fleet_text(text, "dns.yaml")
+    assert any("friend has no address" in i.message for i in exc.value.issues)
