@@ -109,9 +109,11 @@ def test_vpn_only_service_answers_through_the_tunnel_only(tunnel: str,
 def scan(client: str, address: str) -> tuple[set[int], str]:
     """Every TCP port (1-65535) of ``address`` that nmap (Debian's, in the peer container)
     finds open with full connections, and nmap's grepable report."""
-    out = podman("exec", client, "nmap", "-Pn", "-n", "-sT", "-p-", "--max-retries", "1",
-                 "--min-rate", "3000", "-oG", "-", *(["-6"] if ":" in address else []),
-                 address, timeout=600).stdout
+    # Timing for a test network (sub-millisecond round trips, the firewall dropping): about
+    # 7 s per scan instead of 45 s with nmap's defaults.
+    out = podman("exec", client, "nmap", "-Pn", "-n", "-sT", "-p-", "-T5", "--max-retries",
+                 "1", "--min-rate", "20000", "--max-rtt-timeout", "100ms", "-oG", "-",
+                 *(["-6"] if ":" in address else []), address, timeout=600).stdout
     ports = set()
     for line in out.splitlines():
         if "Ports:" in line:
