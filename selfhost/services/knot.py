@@ -207,6 +207,8 @@ class KnotServer(Module):
                                        validate=f"kzonecheck -o {z.zone} {{path}}"))
         c.files.append(ManagedFile(CONF, self.config(zones, secondaries), mode="0640",
                                    group="knot", validate="knotc -c {path} conf-check"))
-        c.units.append(Unit("knot.service", reload_on=(CONF, *(
+        # Restarted, not reloaded: a reload does not apply `listen` (seen: after the package's
+        # own start, a reload left Knot bound to nothing). The secondaries answer meanwhile.
+        c.units.append(Unit("knot.service", reload=False, reload_on=(CONF, *(
             f"{ZONES}/{z.zone}.zone" for z in zones))))
         return c
