@@ -12,10 +12,12 @@ from pydantic import Field
 from selfhost.models.base import StrictModel
 from selfhost.services.base import Service
 from selfhost.services.radicale import RadicaleService
+from selfhost.services.unbound import UnboundService
 from selfhost.services.web import WebService
 from selfhost.services.wireguard import WireGuardService
 
-__all__ = ["RadicaleService", "Service", "Services", "WebService", "WireGuardService"]
+__all__ = ["RadicaleService", "Service", "Services", "UnboundService", "WebService",
+           "WireGuardService"]
 
 
 class Services(StrictModel):
@@ -32,6 +34,11 @@ class Services(StrictModel):
     )
     wireguard: WireGuardService | None = Field(
         default=None, description="A WireGuard VPN to reach home from your devices."
+    )
+    resolver: UnboundService | None = Field(
+        default=None,
+        description="Unbound: a DNSSEC-validating DNS resolver for the LAN and the VPN, with "
+        "the server's names answered with its home address, and optional blocklists.",
     )
 
     def enabled(self) -> list[Service]:
