@@ -46,7 +46,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from ipaddress import IPv4Address, IPv6Address, IPv4Network, IPv6Network, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
@@ -323,7 +323,8 @@ class UnboundService(Service):
         allowed: list[str] = []
         for zone in self.zones:
             nets = list(self.networks(env, zone))
-            views[zone] = nets
+            if nets or zone in listen:
+                views[zone] = nets
             for n in nets:
                 if str(n) not in allowed:
                     allowed.append(str(n))
