@@ -60,7 +60,8 @@ from selfhost.services.base import Service
 CONF_DIR = "/etc/unbound/unbound.conf.d"
 CONFIG = f"{CONF_DIR}/selfhost.conf"
 DEFAULTS = "/etc/default/unbound"
-ZONES: tuple[Literal["lan", "vpn"], ...] = ("lan", "vpn")
+ZoneName = Literal["lan", "vpn"]
+ZONES: tuple[ZoneName, ...] = ("lan", "vpn")
 
 _LABEL = r"(?!-)[a-z0-9_-]{1,63}(?<!-)"
 _NAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
@@ -179,7 +180,7 @@ class UnboundService(Service):
     uses: ClassVar[tuple[type[Request], ...]] = (Port, HealthCheck)
 
     zones: list[Literal["lan", "vpn"]] = Field(
-        default_factory=lambda: ["lan", "vpn"], min_length=1,
+        default_factory=lambda: list(ZONES), min_length=1,
         description="Where it answers: the 'lan', the 'vpn', or both (on this host's "
         "addresses of those zones, `addresses.lan`/`addresses.vpn`). Never the internet.")
     names: list[LocalName] = Field(
@@ -215,7 +216,7 @@ class UnboundService(Service):
 
     # ------------------------------------------------------------------ what it answers
 
-    def listen(self, env: Env) -> dict[str, list[IPv4Address | IPv6Address]]:
+    def listen(self, env: Env) -> dict[ZoneName, list[IPv4Address | IPv6Address]]:
         """This host's addresses by zone, for the zones it answers in."""
         a = env.server.addresses
         return {z: list(a.lan if z == "lan" else a.vpn) for z in self.zones
@@ -319,7 +320,7 @@ class UnboundService(Service):
             "    access-control: 127.0.0.0/8 refuse",
             "    access-control: ::1/128 refuse",
         ]
-        views: dict[str, list[IPv4Network | IPv6Network]] = {}
+        views: dict[ZoneName, list[IPv4Network | IPv6Network]] = {}
         allowed: list[str] = []
         for zone in self.zones:
             nets = list(self.networks(env, zone))
