@@ -1,7 +1,8 @@
 """The LAN resolver with a real DNS client.
 
-`dig` runs in the client container on the scenario's internal network (10.212.121.10, in the
-LAN; 10.212.121.200, outside it), which also runs NSD with two zones signed in advance
+`dig` runs in the client container on the scenario's internal networks (10.212.121.10, in the
+LAN; 10.212.122.10, in the network standing for the VPN; 10.212.121.200, in neither), which
+also runs NSD with two zones signed in advance
 (zones/make-zones). Nothing here can reach the internet, so DNSSEC is proven on those zones:
 `signed.test`'s trust anchor is in the model (AD flag expected), `bogus.test` was changed
 after signing (SERVFAIL expected, while the same query with checking disabled gets the data:
@@ -51,7 +52,8 @@ def server(host: Any) -> dict[str, str]:
     """This server's platform: its name in the model and its LAN address."""
     name = str(host.backend.name)
     p = next(p for p in PLATFORMS if p["name"] == name)
-    return {"name": name, "host": p["host"], "address": p["address"]}
+    return {"name": name, "host": p["host"], "address": p["address"],
+            "vpn_address": p["vpn_address"]}
 
 
 def test_unbound_runs_on_the_lan_address_only(host: Any, server: dict[str, str]) -> None:
@@ -59,18 +61,30 @@ def test_unbound_runs_on_the_lan_address_only(host: Any, server: dict[str, str])
     assert unbound.is_running and unbound.is_enabled
     sockets = host.check_output("ss -Hlnup 'sport = :53'; ss -Hlntp 'sport = :53'")
     local = {line.split()[3] for line in sockets.splitlines() if line.strip()}
-    assert local == {f"{server['address']}:53"}, sockets  # no wildcard, no loopback
+    # No wildcard, no loopback.
+    assert local == {f"{server['address']}:53", f"{server['vpn_address']}:53"}, sockets
 
 
 def test_the_servers_own_resolver_is_left_alone(host: Any, server: dict[str, str]) -> None:
     # Debian's resolvconf hook is off: /etc/resolv.conf does not point at Unbound.
     resolv = host.file("/etc/resolv.conf").content_string
-    assert server["address"] not in resolv and "127.0.0.1" not in resolv
+    assert server["address"] not in resolv and server["vpn_address"] not in resolv
+    assert "127.0.0.1" not in resolv
     assert "RESOLVCONF=false" in host.file("/etc/default/unbound").content_string
 
 
 def test_the_config_passes_unbound_checkconf(host: Any) -> None:
     assert host.run("unbound-checkconf").rc == 0
+
+
+def test_the_root_trust_anchor_is_debians(host: Any) -> None:
+    # dns-root-data's anchor, copied by Debian's unit for auto-trust-anchor-file (the root's
+    # KSK-2017, key tag 20326); the internet is out of reach here, so no root-chained answer
+    # can be checked.
+    assert "20326" in host.file("/usr/share/dns/root.key").content_string
+    assert "20326" in host.file("/var/lib/unbound/root.key").content_string
+    assert host.check_output("unbound-checkconf -o auto-trust-anchor-file") == \
+        "/var/lib/unbound/root.key"
 
 
 def test_split_horizon_names_get_the_lan_address(server: dict[str, str]) -> None:
@@ -86,6 +100,12 @@ def test_split_horizon_names_get_the_lan_address(server: dict[str, str]) -> None
     assert status(aaaa) == "NOERROR" and "ANSWER: 0" in aaaa, aaaa
     ptr = dig("+short", f"@{server['address']}", "-x", server["address"]).split()
     assert ptr == [f"{server['host']}.home.arpa."]
+
+
+def test_vpn_clients_get_the_vpn_address(server: dict[str, str]) -> None:
+    for name in ("www.home.arpa", f"{server['host']}.home.arpa"):
+        short = dig("+short", f"@{server['vpn_address']}", name, source="10.212.122.10")
+        assert short.split() == [server["vpn_address"]], (name, short)
 
 
 def test_dnssec_validated_answer_has_the_ad_flag(server: dict[str, str]) -> None:
