@@ -118,6 +118,9 @@ def test_a_zone_with_a_broken_signature_is_refused(server: dict[str, str]) -> No
     answer = dig(f"@{server['address']}", "www.bogus.test", "A")
     assert status(answer) == "SERVFAIL", answer
     assert "192.0.2.66" not in answer
+    # The reason, in the answer (Extended DNS Error 6): the signature, not a missing chain
+    # of trust (which would be EDE 9, DNSKEY Missing, without the zone's trust anchor).
+    assert "EDE: 6 (DNSSEC Bogus)" in answer and "signature crypto failed" in answer, answer
     # With checking disabled the data comes through: the server was reached, the validator
     # said no.
     unchecked = dig("+cd", f"@{server['address']}", "www.bogus.test", "A")
@@ -128,8 +131,10 @@ def test_blocklisted_names_get_nxdomain(server: dict[str, str]) -> None:
     for name in ("ads.example.com", "pixel.ads.example.com", "tracker.example.net"):
         answer = dig(f"@{server['address']}", name, "A")
         assert status(answer) == "NXDOMAIN", (name, answer)
-    # Not the default for unknown names: without the internet, another name fails to resolve.
-    assert status(dig(f"@{server['address']}", "www.example.com", "A")) == "SERVFAIL"
+    # Not what any other name gets: the internet is out of reach (the scenario drops the
+    # server's DNS packets to anything outside the test networks), so it fails to resolve.
+    other = dig(f"@{server['address']}", "www.example.com", "A")
+    assert status(other) in ("SERVFAIL", "no answer"), other
 
 
 def test_a_query_from_outside_the_lan_gets_nothing(server: dict[str, str]) -> None:
