@@ -225,3 +225,11 @@ def test_unbound_checkconf_accepts_the_rendered_file_and_rejects_broken_ones(
                    f.content + 'server:\n    auto-trust-anchor-file: "/nonexistent/root.key"\n'):
         res = validators.check(release, f.path, broken, f.validate)
         assert res.returncode != 0, broken
+
+
+def test_port_53_is_the_resolvers() -> None:
+    data = model()
+    data["hardening"]["firewall"]["extra_ports"] = [
+        {"port": 53, "proto": "udp", "reason": "another DNS server"}]
+    with pytest.raises(ModelError, match=r"port 53/udp is requested by both"):
+        validated(data)

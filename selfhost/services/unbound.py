@@ -17,7 +17,9 @@ switched off (``RESOLVCONF=false`` in ``/etc/default/unbound``), so installing U
 rewrites ``/etc/resolv.conf``: the server keeps resolving through what it used before (the
 router, systemd-resolved, the container runtime), and a broken or stopped resolver cannot
 cut the server off from Debian's mirrors or from the next deploy that would repair it. Point
-the server at itself by hand if you want to (its LAN address is allowed).
+the server at itself by hand if you want to (its LAN address is allowed). Port 53 is this
+module's in the firewall model: another DNS server on the same host (an authoritative one)
+is reported as a port conflict, and it would have to bind other addresses than these.
 
 DNSSEC. Unbound validates with Debian's root trust anchor: the ``dns-root-data`` package's
 ``/usr/share/dns/root.key``, which Debian's unit copies to ``/var/lib/unbound/root.key``
@@ -25,7 +27,10 @@ DNSSEC. Unbound validates with Debian's root trust anchor: the ``dns-root-data``
 package only recommends ``dns-root-data``; without it Unbound does not start, so it is
 installed explicitly. Nothing is downloaded at deploy time. ``trust_anchors`` adds anchors
 for zones that are not signed from the root (a home zone signed by its own key), served by
-the authoritative servers named in ``stub_zones``.
+the authoritative servers named in ``stub_zones`` (made ``transparent`` local zones, since
+Unbound otherwise answers names under ``test.``, ``home.arpa.``... itself and never asks
+them). A validation failure is logged with its reason and returned in the SERVFAIL answer
+as an Extended DNS Error (RFC 8914).
 
 Split horizon. At home, the server's own names resolve to its LAN address (and, for VPN
 clients, to its VPN address): its FQDN, every virtual host other modules asked of the web
@@ -223,8 +228,8 @@ class UnboundService(Service):
                 if (a.lan if z == "lan" else a.vpn)}
 
     def fqdn(self, name: str, domain: str) -> str:
-        return name if name == domain or name.endswith("." + domain) or "." in name \
-            else f"{name}.{domain}"
+        """A name of ``names``: a single label is under the server's domain."""
+        return name if "." in name else f"{name}.{domain}"
 
     def own_names(self, env: Env) -> list[str]:
         """The server's own names: its FQDN, the virtual hosts of its web server, the CNAMEs
