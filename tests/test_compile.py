@@ -591,6 +591,8 @@ def _break(path: str, text: str) -> str:
         return text + 'APT::Broken "unterminated;\n'
     if path.endswith(".timer"):
         return re.sub(r"(?m)^OnCalendar=.*$", "OnCalendar=every full moon", text)
+    if path.startswith("/etc/unbound/"):
+        return text + 'server:\n    local-zone: "broken.example." no_such_type\n'
     if path.startswith(("/usr/local/sbin/", "/usr/local/lib/")):
         return text + "\nif then fi\n"
     raise AssertionError(f"no broken version of {path} to check its validator with: add one")

@@ -14,11 +14,12 @@ from selfhost.services.base import Service
 from selfhost.services.knot import AuthoritativeDnsService
 from selfhost.services.monitoring import MonitoringService
 from selfhost.services.radicale import RadicaleService
+from selfhost.services.unbound import UnboundService
 from selfhost.services.web import WebService
 from selfhost.services.wireguard import WireGuardService
 
 __all__ = ["AuthoritativeDnsService", "MonitoringService", "RadicaleService", "Service",
-           "Services", "WebService", "WireGuardService"]
+           "Services", "UnboundService", "WebService", "WireGuardService"]
 
 
 class Services(StrictModel):
@@ -43,6 +44,11 @@ class Services(StrictModel):
     monitoring: MonitoringService | None = Field(
         default=None, description="Monit: disks, memory, failed units, every service's health "
         "checks and outbound traffic, watched every minute; the admin is mailed on each change."
+    )
+    resolver: UnboundService | None = Field(
+        default=None,
+        description="Unbound: a DNSSEC-validating DNS resolver for the LAN and the VPN, with "
+        "the server's names answered with its home address, and optional blocklists.",
     )
 
     def enabled(self) -> list[Service]:
