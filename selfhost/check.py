@@ -140,7 +140,8 @@ def health_script(plans: list[Plan], expected: dict[str, bytes]) -> str:
                 name = h.target
                 slow.append(f"printf 'K\\tcertificate\\t%s\\t%s\\n' {q(name)} \"$(echo | "
                              f"timeout 5 openssl s_client -connect 127.0.0.1:443 -servername "
-                             f"{q(name)} 2>/dev/null | openssl x509 -noout -checkend 1209600 "
+                             f"{q(name)} 2>/dev/null | openssl x509 -noout -checkend "
+                             f"{int(h.expect or 1209600)} "
                              ">/dev/null 2>&1 && echo ok || echo expiring)\"")
     background = [f"( {p} ) > \"$w/{i:03d}\" 2>/dev/null &" for i, p in enumerate(slow)]
     return "\n".join(['w=$(mktemp -d)', *background, *(p + " || true" for p in parts),

@@ -231,7 +231,11 @@ class WebService(Service):
                 out.append(LoopbackGuard(int(v.upstream.rsplit(":", 1)[1]), ("caddy", "root"),
                                          origin=v.origin))
         for c in certs:
-            out.append(HealthCheck("certificate", c.names[0], origin=c.origin))
+            # Seconds of validity left below which it is a problem: Caddy's internal CA issues
+            # 12-hour certificates (renewed after about 8), ACME ones last 90 days.
+            left = 14 * 86400 if self.tls_mode(c.names[0]) == "acme" else 3600
+            out.append(HealthCheck("certificate", c.names[0], expect=str(left),
+                                   origin=c.origin))
         return out
 
     def caddyfile(self, env: Env) -> tuple[str, tuple[SecretPiece, ...]]:
