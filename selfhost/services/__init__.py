@@ -11,11 +11,13 @@ from pydantic import Field
 
 from selfhost.models.base import StrictModel
 from selfhost.services.base import Service
+from selfhost.services.prosody import XmppService
 from selfhost.services.radicale import RadicaleService
 from selfhost.services.web import WebService
 from selfhost.services.wireguard import WireGuardService
 
-__all__ = ["RadicaleService", "Service", "Services", "WebService", "WireGuardService"]
+__all__ = ["RadicaleService", "Service", "Services", "WebService", "WireGuardService",
+           "XmppService"]
 
 
 class Services(StrictModel):
@@ -32,6 +34,10 @@ class Services(StrictModel):
     )
     wireguard: WireGuardService | None = Field(
         default=None, description="A WireGuard VPN to reach home from your devices."
+    )
+    xmpp: XmppService | None = Field(
+        default=None, description="Instant messaging (XMPP) with Prosody: accounts, group "
+        "chats, file sharing."
     )
 
     def enabled(self) -> list[Service]:
