@@ -67,18 +67,20 @@ def server(host: Any, tmp_path_factory: pytest.TempPathFactory) -> Server:
     ca = tmp_path_factory.mktemp(name) / "ca.crt"
     ca.write_text(podman("exec", name, "cat", CA))
     srv = Server(name, ca)
-    # Prosody reloads the certificate right after the export: wait until TLS works.
+    # Prosody reloads the certificate right after the export: wait until STARTTLS works.
+    error = ""
     while True:
         try:
             with socket.create_connection(("127.0.0.1", srv.c2s), timeout=5) as s:
-                features = _stream_start(s)
+                _stream_start(s)
                 s.sendall(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
                 assert b"<proceed" in _read_until(s, b"proceed")
                 ctx = ssl.create_default_context(cafile=str(ca))
                 ctx.wrap_socket(s, server_hostname=DOMAIN).close()
                 break
-        except (OSError, ssl.SSLError, AssertionError):
-            assert time.monotonic() < deadline, features if "features" in dir() else "no TLS"
+        except (OSError, ssl.SSLError, AssertionError) as exc:
+            error = repr(exc)
+            assert time.monotonic() < deadline, f"no STARTTLS with a valid certificate: {error}"
             time.sleep(1)
     return srv
 
