@@ -362,3 +362,31 @@ def test_no_password_on_the_server(host: Any) -> None:
     assert account.user == "prosody" and account.mode == 0o640
     assert re.search(r'\["stored_key"\] = "[0-9a-f]{40}"', account.content_string)
     assert "password" not in account.content_string
+
+
+def test_backup_stops_prosody_and_holds_its_data(host: Any, server: Server) -> None:
+    """Runs last. The nightly backup's service (the real timer's) stops Prosody for the copy
+    (its archives are appended in place), starts it again, and the snapshot holds the
+    accounts; a client logs in again afterwards."""
+    def started() -> str:
+        return str(host.check_output("systemctl show prosody -p ActiveEnterTimestampMonotonic"))
+
+    before = started()
+    res = host.run("systemctl start selfhost-backup-usb.service")
+    assert res.rc == 0, res.stderr + host.run(
+        "journalctl -u selfhost-backup-usb.service -n 30 --no-pager").stdout
+    assert host.service("prosody").is_running and started() != before
+    listing = host.check_output("/usr/local/sbin/selfhost-backup restic usb ls latest")
+    assert f"/var/lib/prosody/{DOMAIN.replace('.', '%2e')}/accounts/alice.dat" in listing
+
+    async def again() -> None:
+        await logout(await login(server, f"alice@{DOMAIN}", ALICE))
+
+    deadline = time.monotonic() + 30
+    while True:  # Prosody takes a moment to listen again
+        try:
+            asyncio.run(again())
+            break
+        except LoginFailed:
+            assert time.monotonic() < deadline
+            time.sleep(1)
