@@ -74,6 +74,7 @@ RICH: dict[str, Any] = {
                                  "public_key": "8joRWeW8o0h8ONm9TZWXsY28C0wIAwzD6o2cZfhP4mg="}]},
         "monitoring": {"paths": ["/srv"]},
         "resolver": {"blocklist": ["ads.example.com"]},
+        "xmpp": {"accounts": [{"jid": "alice@example.org", "password": {"env": "H15_XMPP"}}]},
     },
     "notify": {"email": "alice@example.org", "sender": "nas@example.org",
                "smtp": {"host": "smtp.example.org", "user": "nas@example.org",

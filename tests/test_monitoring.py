@@ -127,3 +127,21 @@ def test_the_outbound_probe_measures_bytes_sent_per_minute(tmp_path: Path) -> No
     assert over.returncode == 1 and "MB/min sent on" in over.stdout
     state.write_text(f"{int(state.read_text().split()[0]) - 60} 0\n")
     assert sh(script, str(sent), env=env).returncode == 0
+
+
+def test_a_private_ca_certificate_is_judged_by_its_own_lifetime(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Caddy's internal CA issues 12-hour certificates: the web module's certificate health
+    check says 1 hour is the limit there (14 days for ACME), and both Monit and `selfhost
+    check` use it; a 14-day limit would call every healthy LAN certificate expiring."""
+    from selfhost.check import health_script
+
+    monkeypatch.setenv("H_XMPP", "a long xmpp password for alice, 2026 edition!")
+    text = MODEL.replace("  radicale:\n", "  xmpp:\n    accounts: [{jid: alice@home.arpa, "
+                         "password: {env: H_XMPP}}]\n  radicale:\n")
+    probe = files(text)[monitoring.PROBE]
+    assert "-servername home.arpa 2>/dev/null | openssl x509 -noout -checkend 3600" in probe
+    fleet = load_fleet_text(text, "m.yaml")
+    plan = compile_fleet(fleet, {"nas": Target(release="trixie")})["nas"]
+    assert [h.expect for h in plan.health if h.kind == "certificate"] == ["3600"]
+    assert "-checkend 3600 " in health_script([plan], {})

@@ -417,6 +417,14 @@ def _secret_value(piece: SecretPiece, keys: KeyStore) -> str:
     if piece.transform == "plain":
         return value
     salt = hmac.new(keys.salt_key(), f"{piece.context}\0{value}".encode(), "sha256").digest()
+    if piece.transform == "scram-sha-1":
+        from selfhost.models.passwords import SCRAM_ITERATIONS, scram_sha1
+
+        try:
+            stored, server = scram_sha1(value, salt.hex()[:32])
+        except ValueError as exc:
+            raise DeployError(f"the secret from {piece.ref.describe()}: {exc}") from None
+        return f"{SCRAM_ITERATIONS}\t{salt.hex()[:32]}\t{stored}\t{server}"
     try:
         crypted = bcrypt_hash(value, salt[:16])
     except (CryptUnavailable, ValueError) as exc:

@@ -23,10 +23,12 @@ class SecretPiece:
     ``bcrypt`` hashes get a salt derived from the secret and ``context`` (HMAC), so the same
     password gives the same hash on every deploy (a re-deploy changes nothing) while two
     users or two hosts never share a hash. ``bcrypt-base64`` is the same hash, base64-encoded
-    (what Caddy 2.6's ``basicauth`` reads)."""
+    (what Caddy 2.6's ``basicauth`` reads). ``scram-sha-1`` gives SCRAM-SHA-1 keys (RFC 5802)
+    as ``ITERATIONS<TAB>SALT<TAB>STORED_KEY<TAB>SERVER_KEY`` (keys in hex), the salt (32 hex
+    characters) derived the same way: what an XMPP server stores instead of a password."""
 
     ref: SecretRef
-    transform: Literal["plain", "bcrypt", "bcrypt-base64"] = "plain"
+    transform: Literal["plain", "bcrypt", "bcrypt-base64", "scram-sha-1"] = "plain"
     context: str = ""
 
 

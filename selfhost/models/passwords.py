@@ -24,6 +24,7 @@ from typing import Any
 
 __all__ = [
     "MIN_LENGTH",
+    "SCRAM_ITERATIONS",
     "YESCRYPT_COST",
     "CryptUnavailable",
     "WeakPassword",
@@ -34,6 +35,8 @@ __all__ = [
     "hash_for",
     "hash_password",
     "password_problems",
+    "saslprep",
+    "scram_sha1",
     "shadow_sha1",
 ]
 
@@ -218,6 +221,51 @@ def bcrypt_hash(password: str, salt16: bytes, cost: int = BCRYPT_COST) -> str:
     if not result.startswith("$2b$"):
         raise _unavailable("its libcrypt failed to compute a bcrypt hash")
     return result
+
+
+SCRAM_ITERATIONS = 10000
+"""PBKDF2 iterations of SCRAM keys: Prosody's ``default_iteration_count`` (12 and 13)."""
+
+
+def saslprep(value: str) -> str:
+    """SASLprep (RFC 4013) of a password: what SCRAM servers hash (Prosody's
+    ``stringprep.saslprep``). Raises ``ValueError`` for a string it forbids."""
+    import stringprep
+    import unicodedata
+
+    mapped = "".join(" " if stringprep.in_table_c12(c) else c for c in value
+                     if not stringprep.in_table_b1(c))
+    out = unicodedata.normalize("NFKC", mapped)
+    prohibited = (stringprep.in_table_c12, stringprep.in_table_c21_c22, stringprep.in_table_c3,
+                  stringprep.in_table_c4, stringprep.in_table_c5, stringprep.in_table_c6,
+                  stringprep.in_table_c7, stringprep.in_table_c8, stringprep.in_table_c9,
+                  stringprep.in_table_a1)
+    if any(check(c) for c in out for check in prohibited):
+        raise ValueError("the password has a character SASLprep forbids (a control or "
+                         "unassigned character)")
+    if any(stringprep.in_table_d1(c) for c in out) and (
+            any(stringprep.in_table_d2(c) for c in out)
+            or not (stringprep.in_table_d1(out[0]) and stringprep.in_table_d1(out[-1]))):
+        raise ValueError("the password mixes right-to-left and left-to-right text in a way "
+                         "SASLprep forbids")
+    if not out:
+        raise ValueError("the password is empty after SASLprep")
+    return out
+
+
+def scram_sha1(password: str, salt: str,
+               iterations: int = SCRAM_ITERATIONS) -> tuple[str, str]:
+    """SCRAM-SHA-1 (RFC 5802) ``(StoredKey, ServerKey)``, hex-encoded, of ``password`` with
+    ``salt`` (used as its UTF-8 bytes, as Prosody does): what a SCRAM server stores instead of
+    the password. Neither key lets anyone log in; guessing the password from them costs
+    ``iterations`` PBKDF2 rounds per guess."""
+    import hmac
+
+    salted = hashlib.pbkdf2_hmac("sha1", saslprep(password).encode("utf-8"),
+                                 salt.encode("utf-8"), iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha1").digest()
+    server_key = hmac.new(salted, b"Server Key", "sha1").hexdigest()
+    return hashlib.sha1(client_key).hexdigest(), server_key
 
 
 def hash_password(password: str) -> str:

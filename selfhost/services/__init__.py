@@ -13,13 +13,14 @@ from selfhost.models.base import StrictModel
 from selfhost.services.base import Service
 from selfhost.services.knot import AuthoritativeDnsService
 from selfhost.services.monitoring import MonitoringService
+from selfhost.services.prosody import XmppService
 from selfhost.services.radicale import RadicaleService
 from selfhost.services.unbound import UnboundService
 from selfhost.services.web import WebService
 from selfhost.services.wireguard import WireGuardService
 
 __all__ = ["AuthoritativeDnsService", "MonitoringService", "RadicaleService", "Service",
-           "Services", "UnboundService", "WebService", "WireGuardService"]
+           "Services", "UnboundService", "WebService", "WireGuardService", "XmppService"]
 
 
 class Services(StrictModel):
@@ -49,6 +50,10 @@ class Services(StrictModel):
         default=None,
         description="Unbound: a DNSSEC-validating DNS resolver for the LAN and the VPN, with "
         "the server's names answered with its home address, and optional blocklists.",
+    )
+    xmpp: XmppService | None = Field(
+        default=None, description="Instant messaging (XMPP) with Prosody: accounts, group "
+        "chats, file sharing."
     )
 
     def enabled(self) -> list[Service]:
