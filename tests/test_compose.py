@@ -24,6 +24,8 @@ from selfhost.compose.requests import (
     BackupSource,
     Certificate,
     DnsRecord,
+    DnsSecondary,
+    DnsZone,
     Forward,
     HealthCheck,
     Jail,
@@ -145,7 +147,7 @@ def test_every_request_kind_has_exactly_one_provider() -> None:
     kinds = {k for _, m in s.modules() for k in m.provides}
     expected = {Port, Forward, Masquerade, LoopbackGuard, Sysctl, SystemUser, Sendmail,
                 VirtualHost, Certificate, BackupSource, DnsRecord, Jail, HealthCheck,
-                PeerBackupAccount, ZoneNetwork}
+                PeerBackupAccount, ZoneNetwork, DnsZone, DnsSecondary}
     assert kinds == expected
     providers = [k for _, m in s.modules() for k in m.provides]
     assert len(providers) == len(set(providers))
