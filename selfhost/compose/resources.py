@@ -23,10 +23,11 @@ class SecretPiece:
     ``bcrypt`` hashes get a salt derived from the secret and ``context`` (HMAC), so the same
     password gives the same hash on every deploy (a re-deploy changes nothing) while two
     users or two hosts never share a hash. ``bcrypt-base64`` is the same hash, base64-encoded
-    (what Caddy 2.6's ``basicauth`` reads)."""
+    (what Caddy 2.6's ``basicauth`` reads). ``nt-hash`` is the password's NT hash (MD4 of its
+    UTF-16LE form, 32 upper-case hex digits: what Samba's password database holds)."""
 
     ref: SecretRef
-    transform: Literal["plain", "bcrypt", "bcrypt-base64"] = "plain"
+    transform: Literal["plain", "bcrypt", "bcrypt-base64", "nt-hash"] = "plain"
     context: str = ""
 
 

@@ -12,10 +12,11 @@ from pydantic import Field
 from selfhost.models.base import StrictModel
 from selfhost.services.base import Service
 from selfhost.services.radicale import RadicaleService
+from selfhost.services.samba import SambaService
 from selfhost.services.web import WebService
 from selfhost.services.wireguard import WireGuardService
 
-__all__ = ["RadicaleService", "Service", "Services", "WebService", "WireGuardService"]
+__all__ = ["RadicaleService", "SambaService", "Service", "Services", "WebService", "WireGuardService"]
 
 
 class Services(StrictModel):
@@ -32,6 +33,9 @@ class Services(StrictModel):
     )
     wireguard: WireGuardService | None = Field(
         default=None, description="A WireGuard VPN to reach home from your devices."
+    )
+    samba: SambaService | None = Field(
+        default=None, description="NAS: file shares for the home network (SMB3) with Samba."
     )
 
     def enabled(self) -> list[Service]:
