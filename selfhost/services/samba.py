@@ -243,8 +243,8 @@ class SambaService(Service):
         return out
 
     def _groups_of(self, user: str) -> tuple[str, ...]:
-        return tuple(s.group for s in self.shares
-                     if user in s.valid_users or user in s.write_list)
+        return tuple(sorted(s.group for s in self.shares
+                            if user in s.valid_users or user in s.write_list))
 
     def requests(self, env: Env) -> list[Request]:
         admins = {a.name for a in env.server.admins}
@@ -365,7 +365,10 @@ class SambaService(Service):
         c.commands.append(Command(
             "samba: nmbd off (no NetBIOS: SMB3 on port 445 only)",
             "systemctl disable --now nmbd.service >/dev/null 2>&1",
-            unless="! systemctl is-enabled --quiet nmbd.service 2>/dev/null && "
+            # Holds only once samba is installed: read before the packages phase of a first
+            # deploy, the guard is then tested again after it (nmbd starts with the package).
+            unless="dpkg-query -W -f='${Status}' samba 2>/dev/null | grep -q 'ok installed' && "
+            "! systemctl is-enabled --quiet nmbd.service 2>/dev/null && "
             "! systemctl is-active --quiet nmbd.service"))
         c.units.append(Unit("smbd.service", reload_on=(CONFIG,), reload=False))
         return c
