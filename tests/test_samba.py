@@ -210,6 +210,8 @@ def test_model_errors_point_at_their_model_path(samba: dict[str, Any], loc: str,
     ({"shares": [{"name": "x", "comment": "a] [global", "valid_users": ["carol"]}]},
      "one line without brackets"),
     ({"users": [{"name": "Carol!", "password": {"env": "A"}}]}, "a login name"),
+    ({"users": [{"name": "root", "password": {"env": "A"}}]}, "'root' is a system account"),
+    ({"users": [{"name": "radicale", "password": {"env": "A"}}]}, "'radicale' is a system"),
     ({"users": [{"name": "carol", "password": "in clear"}]}, "a secret is never written in the model"),
     ({"shares": []}, "at least 1 item"),
 ])

@@ -77,6 +77,10 @@ SHARE_ROOT = "/srv/nas"
 _USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _SHARE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,23}$")
 RESERVED_SHARES = ("global", "homes", "printers", "print$", "ipc$")
+DAEMON_USERS = {"radicale", "syncthing", "prosody", "unbound", "knot", "nsd", "bind", "tss",
+                "polkitd", "statd", "_rpc", "fail2ban", "debian-tor", "systemd-network"}
+"""Accounts of Debian's daemons: a share user may not take one over (besides
+:data:`selfhost.models.server.RESERVED_USERS`)."""
 
 VALIDATE = (
     # testparm exits 0 even when it ignores an unknown parameter: refuse that too.
@@ -118,6 +122,10 @@ class SambaUser(StrictModel):
     def _name(cls, v: str) -> str:
         if not _USER.match(v):
             raise ValueError("a login name is 1-32 of a-z 0-9 _ -, starting with a letter or _")
+        from selfhost.models.server import RESERVED_USERS  # (it imports the services)
+
+        if v in RESERVED_USERS or v in DAEMON_USERS or v.startswith(("systemd-", "smb-")):
+            raise ValueError(f"{v!r} is a system account: a share user needs a personal name")
         return v
 
 
