@@ -101,8 +101,8 @@ def test_wrong_password_and_anonymous_are_refused(host: Any) -> None:
 @pytest.mark.parametrize("options", [
     # SMB1: the client's own floor (SMB2_02) lowered too, so that the server is the one asked.
     ("-m", "NT1", "--option=client min protocol=NT1"),
-    ("--option=client max protocol=SMB2",),  # SMB 2.0.2 and 2.1
-    ("--option=client max protocol=SMB2_10",),
+    ("--option=client max protocol=SMB2_02",),  # SMB 2.0.2
+    ("--option=client max protocol=SMB2_10",),  # SMB 2.1
 ])
 def test_old_dialects_are_refused(host: Any, options: tuple[str, ...]) -> None:
     res = smb(host, "family", "carol", CAROL, "ls", *options)
