@@ -97,7 +97,8 @@ def rendered(f: Any) -> str:
     dummy = "$2b$10$" + "a" * 53
     for i, piece in enumerate(f.secrets):
         value = base64.b64encode(dummy.encode()).decode() if piece.transform == "bcrypt-base64" \
-            else dummy if piece.transform == "bcrypt" else "stand-in-secret"
+            else dummy if piece.transform == "bcrypt" \
+            else "0123456789ABCDEF" * 2 if piece.transform == "nt-hash" else "stand-in-secret"
         text = text.replace(SECRET_MARK.format(i), value)
     return str(text)
 

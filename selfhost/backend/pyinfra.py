@@ -416,6 +416,10 @@ def _secret_value(piece: SecretPiece, keys: KeyStore) -> str:
                           "was changed") from None
     if piece.transform == "plain":
         return value
+    if piece.transform == "nt-hash":
+        from selfhost.models.ntlm import nt_hash
+
+        return nt_hash(value)
     salt = hmac.new(keys.salt_key(), f"{piece.context}\0{value}".encode(), "sha256").digest()
     if piece.transform == "scram-sha-1":
         from selfhost.models.passwords import SCRAM_ITERATIONS, scram_sha1

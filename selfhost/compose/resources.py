@@ -25,10 +25,12 @@ class SecretPiece:
     users or two hosts never share a hash. ``bcrypt-base64`` is the same hash, base64-encoded
     (what Caddy 2.6's ``basicauth`` reads). ``scram-sha-1`` gives SCRAM-SHA-1 keys (RFC 5802)
     as ``ITERATIONS<TAB>SALT<TAB>STORED_KEY<TAB>SERVER_KEY`` (keys in hex), the salt (32 hex
-    characters) derived the same way: what an XMPP server stores instead of a password."""
+    characters) derived the same way: what an XMPP server stores instead of a password.
+    ``nt-hash`` is the password's NT hash (MD4 of its UTF-16LE form, 32 upper-case hex
+    digits: what Samba's password database holds)."""
 
     ref: SecretRef
-    transform: Literal["plain", "bcrypt", "bcrypt-base64", "scram-sha-1"] = "plain"
+    transform: Literal["plain", "bcrypt", "bcrypt-base64", "scram-sha-1", "nt-hash"] = "plain"
     context: str = ""
 
 

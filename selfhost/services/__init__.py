@@ -15,12 +15,14 @@ from selfhost.services.knot import AuthoritativeDnsService
 from selfhost.services.monitoring import MonitoringService
 from selfhost.services.prosody import XmppService
 from selfhost.services.radicale import RadicaleService
+from selfhost.services.samba import SambaService
 from selfhost.services.unbound import UnboundService
 from selfhost.services.web import WebService
 from selfhost.services.wireguard import WireGuardService
 
-__all__ = ["AuthoritativeDnsService", "MonitoringService", "RadicaleService", "Service",
-           "Services", "UnboundService", "WebService", "WireGuardService", "XmppService"]
+__all__ = ["AuthoritativeDnsService", "MonitoringService", "RadicaleService", "SambaService",
+           "Service", "Services", "UnboundService", "WebService", "WireGuardService",
+           "XmppService"]
 
 
 class Services(StrictModel):
@@ -54,6 +56,9 @@ class Services(StrictModel):
     xmpp: XmppService | None = Field(
         default=None, description="Instant messaging (XMPP) with Prosody: accounts, group "
         "chats, file sharing."
+    )
+    samba: SambaService | None = Field(
+        default=None, description="NAS: file shares for the home network (SMB3) with Samba."
     )
 
     def enabled(self) -> list[Service]:
