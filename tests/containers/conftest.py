@@ -16,6 +16,10 @@ from collections.abc import Iterator
 import pytest
 from faultlib import Start, podman
 
+PREFIX = os.environ.get("SELFHOST_CONTAINER_PREFIX", "h15")
+"""Prefix of the containers' names (container names are global on a machine: two runs side
+by side use two prefixes)."""
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.environ.get("SELFHOST_CONTAINER_TESTS") == "1":
@@ -38,7 +42,7 @@ def container() -> Iterator[Start]:
         image = f"localhost/selfhost-debian:{release}"
         if podman("image", "exists", image, check=False).returncode != 0:
             pytest.skip(f"{image} is not built (images/build {release})")
-        name = f"h15-{release}-{uuid.uuid4().hex[:6]}"
+        name = f"{PREFIX}-{release}-{uuid.uuid4().hex[:6]}"
         podman("run", "--detach", f"--name={name}", "--hostname=nas", "--systemd=always",
                *extra, image, "/sbin/init")
         started.append(name)
