@@ -14,7 +14,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from selfhost.compose.module import Contribution, Env, Module
-from selfhost.compose.requests import BackupSource, PeerBackupAccount, Request
+from selfhost.compose.requests import BackupSource, HealthCheck, PeerBackupAccount, Request
 from selfhost.models.base import Port, SecretRef, StrictModel
 
 # Strings rendered into env files, unit files and shell glue: no quoting hazards.
@@ -256,14 +256,20 @@ class BackupPolicy(StrictModel, Module):
 
     # ---- module: the provider of backup sources (see selfhost.backup.restic)
     provides: ClassVar[tuple[type[Request], ...]] = (BackupSource,)
-    uses: ClassVar[tuple[type[Request], ...]] = (PeerBackupAccount,)
+    uses: ClassVar[tuple[type[Request], ...]] = (PeerBackupAccount, HealthCheck)
 
     def requests(self, env: Env) -> list[Request]:
         from selfhost.backup.fleet import key_path
 
         if not self.active:
             return []
-        return [PeerBackupAccount(on_host=repo.peer, client=env.server.hostname, repo=repo.name,
+        # Each repository's last success must be younger than its max_age_hours
+        # (`selfhost check` and the daily on-host check report it otherwise).
+        ages: list[Request] = [
+            HealthCheck("backup", repo.name, expect=str(repo.max_age_hours),
+                        origin=f"{env.path}.repositories.{i}.max_age_hours")
+            for i, repo in enumerate(self.repositories)]
+        return ages + [PeerBackupAccount(on_host=repo.peer, client=env.server.hostname, repo=repo.name,
                                   key_name=str(key_path(env.server, repo)),
                                   origin=f"{env.path}.repositories.{i}.peer")
                 for i, repo in enumerate(self.repositories)
