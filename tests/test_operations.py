@@ -518,6 +518,8 @@ def test_apply_plan_rechecks_guards_only_when_it_installs_packages(
     (("disabled", "failed"),
      ["systemctl enable ssh.service >/dev/null 2>&1 && systemctl start ssh.service"]),
     (("", ""), ["systemctl enable ssh.service >/dev/null 2>&1 && systemctl start ssh.service"]),
+    (("masked", "inactive"), ["systemctl unmask ssh.service >/dev/null && systemctl enable "
+                              "ssh.service >/dev/null 2>&1 && systemctl start ssh.service"]),
 ])
 def test_unit_state(pyinfra_host: Any, current: tuple[str, str], expected: list[str]) -> None:
     assert commands(backend.unit_state, unit="ssh.service", enabled=True, running=True,

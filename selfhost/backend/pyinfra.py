@@ -263,6 +263,9 @@ def unit_state(unit: str, enabled: bool, running: bool,
     if not cmds:
         host.noop(f"{name} is {'enabled and ' if enabled else ''}active")
         return
+    if state.units.get(name, ("", ""))[0] == "masked":
+        # Masked by hand (a unit masked cannot be enabled nor started): the model wins.
+        cmds.insert(0, f"systemctl unmask {q(name)} >/dev/null")
     yield " && ".join(cmds)
 
 
