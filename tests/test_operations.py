@@ -1556,3 +1556,14 @@ def test_sshd_is_never_restarted_even_to_bring_it_back(box: Box) -> None:
     assert box.conf.read_text() == "Port 22 BAD\n"
     assert not [c for c in box.calls() if c.startswith("restart")], box.calls()
     assert "ssh.service reloaded again (now reloading)" in res.stderr
+
+
+def test_a_unit_file_put_back_is_read_again_before_the_unit(box: Box) -> None:
+    unit_file = "/etc/systemd/system/x.timer"
+    script = backend.reload_with_rollback("x.timer", "restart", (unit_file,), "reload-x.timer",
+                                          (unit_file,))
+    assert "case \"$back\" in *' /etc/systemd/'*) systemctl daemon-reload;; esac" in script
+    assert script.index("daemon-reload") > script.index(f"mv -f {unit_file}.selfhost-new")
+    assert script.index("daemon-reload") < script.rindex("selfhost_job x.timer restart")
+    assert "daemon-reload" not in backend.reload_with_rollback(
+        "web.service", "reload", (str(box.conf),), "reload-web.service", ())

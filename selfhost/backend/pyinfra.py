@@ -355,6 +355,9 @@ def reload_with_rollback(unit: str, action: str, files: tuple[str, ...], marker:
         f"if selfhost_job {u} {verb}{window} && selfhost_settled {u} >/dev/null; then {ok}; else",
         "back=''",
         *restore,
+        # A unit file put back is read again before the unit is.
+        *(["case \"$back\" in *' /etc/systemd/'*) systemctl daemon-reload;; esac"]
+          if any(p.startswith("/etc/systemd/") for p in files) else []),
         f"{again}{window}; if [ \"$wedged\" = 1 ]; then now=$(systemctl is-active {u}); "
         f"else now=$(selfhost_settled {u}); fi",
         f"if [ -n \"$back\" ]; then did=\"the previous version of$back was put back and "

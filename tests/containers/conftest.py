@@ -1,8 +1,9 @@
 """Fault tests on real Debian 12/13 systemd containers (podman, local images).
 
 They take minutes, so ``pytest tests`` skips them unless ``SELFHOST_CONTAINER_TESTS=1``
-(``scripts/test faults`` sets it). Every container and network is named ``h15-*`` and removed
-afterwards; the containers are reached only with ``podman exec``.
+(``scripts/test faults`` sets it). Every container and network is named ``h15-*`` (or
+``$SELFHOST_CONTAINER_PREFIX-*``) and removed afterwards; the containers are reached only
+with ``podman exec``.
 """
 
 from __future__ import annotations
