@@ -18,6 +18,7 @@ import base64
 import difflib
 import hashlib
 import json
+import re
 import shlex
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -38,6 +39,9 @@ EXIT_OK, EXIT_WARN, EXIT_FAIL, EXIT_UNCHECKED = 0, 1, 2, 3
 DISK_WARN, DISK_FAIL = 85, 95
 """Percent of blocks or inodes used."""
 SEVERITIES = ("error", "warning", "info")
+SYSTEM_MOUNTS = re.compile(r"^/(dev|run|sys|proc)(/|$)")
+"""Mount points whose use is the system's business (tmpfs for runtime state): not checked. A
+tmpfs elsewhere (/tmp, a data directory) is: a full /tmp breaks programs as surely."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,7 @@ def health_script(plans: list[Plan], expected: dict[str, bytes],
         "systemd-detect-virt -c -q 2>/dev/null && printf 'H\\tcontainer\\t1\\n'",
         "systemctl --failed --plain --no-legend --no-pager 2>/dev/null | "
         "awk '{print \"H\\tfailed\\t\" $1}'",
-        "df -P --output=target,pcent,ipcent -x tmpfs -x devtmpfs 2>/dev/null | tail -n +2 | "
+        "df --output=target,pcent,ipcent -x devtmpfs 2>/dev/null | tail -n +2 | "
         "awk '{gsub(\"%\",\"\"); print \"H\\tdisk\\t\" $1 \"\\t\" $2 \"\\t\" $3}'",
         "awk '/^MemTotal:/{t=$2} /^MemAvailable:/{a=$2} END{print \"H\\tmem\\t\" t \"\\t\" a}' "
         "/proc/meminfo",
@@ -198,7 +202,7 @@ def parse_facts(lines: list[str]) -> Facts:
             elif k == "failed":
                 assert f.failed is not None
                 f.failed.append(v[0])
-            elif k == "disk" and len(v) >= 3:
+            elif k == "disk" and len(v) >= 3 and not SYSTEM_MOUNTS.match(v[0]):
                 assert f.disks is not None
                 f.disks.append((v[0], _int(v[1]), _int(v[2])))
             elif k == "mem" and len(v) >= 2:

@@ -122,8 +122,8 @@ mkdir -p "$state"
   done < <(grep -v '^#' "$expected")
   systemctl --failed --plain --no-legend --no-pager 2>/dev/null \
     | awk '{printf "error\thealth\tunit %s has failed\n", $1}'
-  df -P --output=target,pcent,ipcent -x tmpfs -x devtmpfs 2>/dev/null | tail -n +2 \
-    | tr -d % | awk -v max="$disk" '$2 >= max || $3 >= max {
+  df --output=target,pcent,ipcent -x devtmpfs 2>/dev/null | tail -n +2 \
+    | tr -d % | awk -v max="$disk" '$1 !~ /^\/(dev|run|sys|proc)(\/|$)/ && ($2 >= max || $3 >= max) {
         printf "warning\thealth\t%s is %s%% full (%s%% of its inodes)\n", $1, $2, $3}'
   [ -f /run/reboot-required ] && printf 'warning\thealth\ta reboot is pending\n'
 } > "$state/current"
