@@ -234,3 +234,17 @@ def test_status_parsing_and_restore_argv() -> None:
     assert cli.restore_argv(args, []) == [cli.GLUE, "restore", "usb", "abc",
                                           "/var/tmp/selfhost-restore/abc", "/srv/extra"]
     assert cli.remote_argv("podman:x", ["a"]) == ["podman", "exec", "x", "a"]
+
+
+@pytest.mark.parametrize("key", ["", " ", "\u0085", "ssh-ed25519", "AAAAC3Nz", "ssh-ed25519 !!"])
+def test_an_sftp_host_key_must_be_a_key(key: str) -> None:
+    from selfhost.models.backup import Repository
+
+    with pytest.raises(ValueError, match="a public host key"):
+        Repository.model_validate({"name": "far", "type": "sftp", "host": "h", "user": "u",
+                                   "path": "p", "password": {"env": "P"}, "host_key": key})
+    ok = Repository.model_validate({
+        "name": "far", "type": "sftp", "host": "h", "user": "u", "path": "p",
+        "password": {"env": "P"}, "host_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJHFuxSY "
+        "root@far"})
+    assert ok.host_key is not None

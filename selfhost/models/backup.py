@@ -25,6 +25,10 @@ _SUBSET = re.compile(r"^(\d{1,3}(\.\d+)?%|\d+/\d+|\d+[KMGT])$")
 _CALENDAR = re.compile(r"^[A-Za-z0-9*,.:/~ -]+$")
 
 
+_HOST_KEY = re.compile(r"(ssh|ecdsa|sk)-[a-z0-9@.-]+ [A-Za-z0-9+/]+={0,3}( [^\s].*)?")
+"""An OpenSSH public key line: type, base64 blob, optional comment."""
+
+
 def _safe(value: str, what: str) -> str:
     if not _SAFE.match(value):
         raise ValueError(f"{what} may not contain quotes, '$', '`', '\\' or line breaks")
@@ -164,6 +168,17 @@ class Repository(StrictModel):
     @classmethod
     def _strings(cls, v: str | None) -> str | None:
         return None if v is None else _safe(v, "this value")
+
+    @field_validator("host_key")
+    @classmethod
+    def _host_key(cls, v: str | None) -> str | None:
+        # Hypothesis found an empty one (a YAML line break, U+0085, read as nothing) accepted:
+        # no known_hosts file then, and a one-word key made the compiler fail.
+        if v is not None and not _HOST_KEY.fullmatch(v.strip()):
+            raise ValueError("a public host key: its type and base64 blob, such as "
+                             "'ssh-ed25519 AAAAC3Nz...' (the remote's "
+                             "/etc/ssh/ssh_host_ed25519_key.pub, or ssh-keyscan)")
+        return v
 
     @field_validator("schedule", "check_schedule")
     @classmethod
