@@ -18,12 +18,14 @@ import base64
 import difflib
 import hashlib
 import json
+import re
 import shlex
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Literal
 
 from selfhost.audit import is_loopback, parse_ss
+from selfhost.backup.restic import STATE as BACKUP_STATE
 from selfhost.compile.diff import step_changes
 from selfhost.compile.plan import File, Packages, Plan, Run, Sync, UnitState, User
 from selfhost.compile.removal import REMOVED
@@ -37,6 +39,9 @@ EXIT_OK, EXIT_WARN, EXIT_FAIL, EXIT_UNCHECKED = 0, 1, 2, 3
 DISK_WARN, DISK_FAIL = 85, 95
 """Percent of blocks or inodes used."""
 SEVERITIES = ("error", "warning", "info")
+SYSTEM_MOUNTS = re.compile(r"^/(dev|run|sys|proc)(/|$)")
+"""Mount points whose use is the system's business (tmpfs for runtime state): not checked. A
+tmpfs elsewhere (/tmp, a data directory) is: a full /tmp breaks programs as surely."""
 
 
 @dataclass(frozen=True)
@@ -92,16 +97,18 @@ def query_for(plans: list[Plan]) -> Query:
                  packages=tuple(packages), users=tuple(users), manifest=MANIFEST, pending=True)
 
 
-def health_script(plans: list[Plan], expected: dict[str, bytes]) -> str:
+def health_script(plans: list[Plan], expected: dict[str, bytes],
+                  backup_state: str = BACKUP_STATE) -> str:
     """Shell printing the release, the differing managed files' content and the health facts,
-    one ``KIND<TAB>...`` line each."""
+    one ``KIND<TAB>...`` line each (``backup_state``: where the backup glue records each
+    repository's last success)."""
     q = shlex.quote
     parts = [
         ". /etc/os-release; printf 'R\\t%s\\n' \"$VERSION_CODENAME\"",
         "systemd-detect-virt -c -q 2>/dev/null && printf 'H\\tcontainer\\t1\\n'",
         "systemctl --failed --plain --no-legend --no-pager 2>/dev/null | "
         "awk '{print \"H\\tfailed\\t\" $1}'",
-        "df -P --output=target,pcent,ipcent -x tmpfs -x devtmpfs 2>/dev/null | tail -n +2 | "
+        "df --output=target,pcent,ipcent -x devtmpfs 2>/dev/null | tail -n +2 | "
         "awk '{gsub(\"%\",\"\"); print \"H\\tdisk\\t\" $1 \"\\t\" $2 \"\\t\" $3}'",
         "awk '/^MemTotal:/{t=$2} /^MemAvailable:/{a=$2} END{print \"H\\tmem\\t\" t \"\\t\" a}' "
         "/proc/meminfo",
@@ -136,6 +143,16 @@ def health_script(plans: list[Plan], expected: dict[str, bytes]) -> str:
                 slow.append(f"printf 'K\\thttps\\t%s\\t%s\\n' {q(h.target)} \"$(curl -sk -o "
                              f"/dev/null -w '%{{http_code}}' --max-time 5 --resolve "
                              f"{q(name + ':443:127.0.0.1')} {q(h.target)} 2>/dev/null)\"")
+            elif h.kind == "backup":
+                # Seconds since the last success ("ok:N"), else since the backups were set
+                # up ("none:N"), as the glue's hourly late check counts them.
+                st = f"{backup_state}/{h.target}"
+                parts.append(
+                    f"n=$(date +%s); if [ -s {q(st + '.last-success')} ]; then "
+                    f"r=ok:$((n - $(cat {q(st + '.last-success')}))); "
+                    f"elif [ -s {q(st + '.since')} ]; then "
+                    f"r=none:$((n - $(cat {q(st + '.since')}))); else r=unknown; fi; "
+                    f"printf 'K\\tbackup\\t%s\\t%s\\n' {q(h.target)} \"$r\"")
             elif h.kind == "certificate":
                 name = h.target
                 slow.append(f"printf 'K\\tcertificate\\t%s\\t%s\\n' {q(name)} \"$(echo | "
@@ -190,7 +207,7 @@ def parse_facts(lines: list[str]) -> Facts:
             elif k == "failed":
                 assert f.failed is not None
                 f.failed.append(v[0])
-            elif k == "disk" and len(v) >= 3:
+            elif k == "disk" and len(v) >= 3 and not SYSTEM_MOUNTS.match(v[0]):
                 assert f.disks is not None
                 f.disks.append((v[0], _int(v[1]), _int(v[2])))
             elif k == "mem" and len(v) >= 2:
@@ -242,8 +259,8 @@ def findings(plan: Plan, state: State, facts: Facts) -> list[Finding]:
                                "run the deploy to put it back (or change the model)", diff))
     for marker in sorted(state.pending):
         kind, _, what = marker.partition("-")
-        out.append(Finding("error", "drift", f"an interrupted deploy left a {kind} undone "
-                           f"({what if kind == 'reload' else marker})",
+        out.append(Finding("error", "drift", f"an interrupted or rolled-back deploy left a "
+                           f"{kind} undone ({what if kind == 'reload' else marker})",
                            "run the deploy: it does what was left"))
     for unit in facts.failed or []:
         out.append(Finding("error", "health", f"unit {unit} has failed",
@@ -268,7 +285,12 @@ def findings(plan: Plan, state: State, facts: Facts) -> list[Finding]:
     if not facts.in_container and facts.ntp != "yes":
         out.append(Finding("warning", "health", "the clock is not synchronized (NTP)",
                            "timedatectl status; systemctl status systemd-timesyncd"))
+    limits = {h.target: h.expect for h in plan.health if h.kind == "backup"}
     for (kind, target), result in sorted((facts.checks or {}).items()):
+        if kind == "backup":
+            if target in limits:
+                out += _backup_age(target, int(limits[target]), result)
+            continue
         bad = ((kind == "tcp" and result != "1")
                or (kind == "https" and not (result.isdigit() and 100 <= int(result) < 500))
                or (kind == "certificate" and result != "ok"))
@@ -286,6 +308,27 @@ def findings(plan: Plan, state: State, facts: Facts) -> list[Finding]:
                                f"{sock.describe()} listens, and the model does not explain it",
                                "stop that program, or add its service to the model"))
     return sorted(out, key=lambda f: SEVERITIES.index(f.severity))
+
+
+def _backup_age(repo: str, limit_hours: int, result: str) -> list[Finding]:
+    """A backup repository's last success against its ``max_age_hours`` (``result``: "ok:S"
+    seconds since it, "none:S" no success in S seconds since the backups were set up,
+    "unknown")."""
+    kind, _, secs = result.partition(":")
+    unit = f"selfhost-backup-{repo}.service"
+    todo = (f"journalctl -u {unit} says why; back up now: systemctl start {unit} "
+            f"(status: selfhost-backup status)")
+    if kind not in ("ok", "none") or not secs.lstrip("-").isdigit():
+        return [Finding("warning", "health", f"the last backup to repository {repo} is not "
+                        f"known ({result or 'nothing read'})", todo)]
+    hours = int(secs) // 3600
+    if hours < limit_hours:
+        return []
+    what = (f"backup to repository {repo} is late: last success {hours} hours ago "
+            f"(limit {limit_hours} h)" if kind == "ok" else
+            f"backup to repository {repo} is late: no successful backup for {hours} hours "
+            f"(limit {limit_hours} h)")
+    return [Finding("error", "health", what, todo)]
 
 
 def exit_code(found: list[Finding]) -> int:

@@ -4,8 +4,8 @@
 A systemd timer runs ``/usr/local/sbin/selfhost-check`` every day. It compares the managed
 files and units with what the last deploy installed (``/etc/selfhost/check/expected.tsv``,
 written by the compiler from the plan: each non-secret file's sha1, mode and owner; a secret
-file's mode and owner only), and reads the health facts (failed units, disks and inodes,
-pending reboot). Findings go to the journal; when something changed for the worse since the
+file's mode and owner only; each backup repository's largest age), and reads the health facts
+(failed units, disks and inodes, pending reboot, late backups). Findings go to the journal; when something changed for the worse since the
 previous run (a finding that was not there yesterday), the admin gets a mail through the
 ``sendmail`` role if a module provides it -- not every day the same news. The full check,
 with diffs and service health checks, is ``selfhost check`` from the deploying machine.
@@ -70,13 +70,17 @@ class HostCheck(StrictModel, Module):
 
 
 def expected_tsv(rows: list[tuple[str, ...]]) -> str:
-    """``F path sha1 mode owner group`` / ``M path mode owner group`` / ``U unit`` lines."""
+    """``F path sha1 mode owner group`` / ``M path mode owner group`` / ``U unit`` /
+    ``B repository max_age_hours`` lines."""
     head = "# Managed by selfhost: what the last deploy installed (for selfhost-check).\n"
     return head + "".join("\t".join(r) + "\n" for r in rows)
 
 
 def script(disk_percent: int, mail: str) -> str:
-    return SCRIPT_TEXT.replace("@DISK@", str(disk_percent)).replace("@MAIL@", mail)
+    from selfhost.backup.restic import STATE as BACKUPS
+
+    return (SCRIPT_TEXT.replace("@DISK@", str(disk_percent)).replace("@MAIL@", mail)
+            .replace("@BACKUPS@", BACKUPS))
 
 
 SCRIPT_TEXT = r"""#!/bin/bash
@@ -87,6 +91,7 @@ set -uo pipefail
 export LC_ALL=C
 expected=/etc/selfhost/check/expected.tsv
 state=/var/lib/selfhost/check
+backups=@BACKUPS@
 disk=@DISK@
 mail=@MAIL@
 umask 077
@@ -106,12 +111,19 @@ mkdir -p "$state"
         [ "$m" = "$b $c $d" ] || printf 'error\tdrift\t%s is %s, the model says %s\n' "$a" "$m" "$b $c $d" ;;
       U)
         systemctl is-active -q "$a" || printf 'error\tdrift\tunit %s is not running\n' "$a" ;;
+      B)
+        # A backup repository ($a) whose last success (else the start of its backups) is
+        # $b hours old or more. The text stays the same from day to day: mailed once.
+        last=$(cat "$backups/$a.last-success" 2>/dev/null || cat "$backups/$a.since" 2>/dev/null)
+        if [ -n "$last" ] && [ $(( ($(date +%s) - last) / 3600 )) -ge "$b" ]; then
+          printf 'error\thealth\tbackup to repository %s is late (no success for %s hours or more)\n' "$a" "$b"
+        fi ;;
     esac
   done < <(grep -v '^#' "$expected")
   systemctl --failed --plain --no-legend --no-pager 2>/dev/null \
     | awk '{printf "error\thealth\tunit %s has failed\n", $1}'
-  df -P --output=target,pcent,ipcent -x tmpfs -x devtmpfs 2>/dev/null | tail -n +2 \
-    | tr -d % | awk -v max="$disk" '$2 >= max || $3 >= max {
+  df --output=target,pcent,ipcent -x devtmpfs 2>/dev/null | tail -n +2 \
+    | tr -d % | awk -v max="$disk" '$1 !~ /^\/(dev|run|sys|proc)(\/|$)/ && ($2 >= max || $3 >= max) {
         printf "warning\thealth\t%s is %s%% full (%s%% of its inodes)\n", $1, $2, $3}'
   [ -f /run/reboot-required ] && printf 'warning\thealth\ta reboot is pending\n'
 } > "$state/current"

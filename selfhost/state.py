@@ -16,6 +16,10 @@ PENDING_DIR = "/var/lib/selfhost/pending"
 """One empty file per reload or on-change command that a deploy owes the target: made before
 the file that calls for it is replaced, removed once it has run. A deploy killed in between
 leaves it, and the next deploy runs what it names even though its files no longer change."""
+PREV_DIR = "/var/lib/selfhost/prev"
+"""Root-only directory (0700) holding, under their own path, the previous versions of the
+managed files a deploy replaced and whose unit it has not yet reloaded with the new ones:
+put back when that reload fails (see ``selfhost.backend.pyinfra.reload_with_rollback``)."""
 UPLOAD_DIR = ".cache/selfhost-upload"
 """Where, in the home of the user pyinfra logs in as, secrets are uploaded before sudo copies
 them into place: a directory only that user can enter (mode 0700)."""

@@ -266,3 +266,17 @@ def test_radicale_dump_waits_for_radicale_writers_and_never_creates_its_lock(
     assert waited > 0.4
     assert (dump / "collections" / "collection-root" / "alice" / "a.ics").read_text() == "two\n"
     assert not (dump / "collections.new").exists()
+
+
+@pytest.mark.parametrize("key", ["", " ", "\u0085", "ssh-ed25519", "AAAAC3Nz", "ssh-ed25519 !!"])
+def test_an_sftp_host_key_must_be_a_key(key: str) -> None:
+    from selfhost.models.backup import Repository
+
+    with pytest.raises(ValueError, match="a public host key"):
+        Repository.model_validate({"name": "far", "type": "sftp", "host": "h", "user": "u",
+                                   "path": "p", "password": {"env": "P"}, "host_key": key})
+    ok = Repository.model_validate({
+        "name": "far", "type": "sftp", "host": "h", "user": "u", "path": "p",
+        "password": {"env": "P"}, "host_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJHFuxSY "
+        "root@far"})
+    assert ok.host_key is not None

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from pathlib import Path
 
+import pytest
 from test_diff import converged, plan
 
 from selfhost.check import (
@@ -88,7 +91,7 @@ def test_the_script_reads_everything_in_one_go_and_parses_back() -> None:
     q = query_for([p])
     assert "/etc/ssh/sshd_config" in q.files and "caddy.service" in q.units
     text = health_script([p], {"/etc/issue": b"x\n"})
-    for needle in ("VERSION_CODENAME", "systemctl --failed", "df -P", "reboot-required",
+    for needle in ("VERSION_CODENAME", "systemctl --failed", "df --output", "reboot-required",
                    "NTPSynchronized", "ss -H -tulpn", "/etc/issue", "https://www.home.arpa/"):
         assert needle in text
     facts = parse_facts(["R\tbookworm", "H\tcontainer\t1", "H\tfailed\tx.service",
@@ -147,7 +150,8 @@ def test_work_left_by_an_interrupted_deploy_is_drift() -> None:
     st = converged(p)
     st.pending = {"reload-caddy.service"}
     [f] = findings(p, st, healthy())
-    assert (f.severity, f.what) == ("error", "an interrupted deploy left a reload undone "
+    assert (f.severity, f.what) == ("error", "an interrupted or rolled-back deploy left a "
+                                             "reload undone "
                                              "(caddy.service)")
 
 
@@ -159,3 +163,113 @@ def test_the_daily_check_unit_treats_findings_as_a_report() -> None:
             ROOT / "examples" / "home.yaml")).values()
     unit = p.files()["/etc/systemd/system/selfhost-check.service"]
     assert "SuccessExitStatus=1 2\n" in unit and "Type=oneshot\n" in unit
+
+
+# --------------------------------------------------------------------------------------------
+# Backup age: a repository's last success older than its max_age_hours (issues 13 and 16).
+
+def _calendars_plan() -> object:
+    from selfhost.compile import compile_fleet
+    from selfhost.config import load_fleet
+
+    [p] = compile_fleet(load_fleet(ROOT / "examples" / "calendars.yaml")).values()
+    return p
+
+
+def _backup_line(p: object, state: Path) -> str:
+    text = health_script([p], {}, backup_state=str(state))  # type: ignore[list-item]
+    [line] = [ln for ln in text.splitlines() if "K\\tbackup" in ln]
+    return line
+
+
+def _run_backup_check(p: object, state: Path) -> Facts:
+    res = subprocess.run(["/bin/sh", "-c", _backup_line(p, state)], capture_output=True,
+                         text=True, timeout=10)
+    assert res.returncode == 0, res.stderr
+    return parse_facts(res.stdout.splitlines())
+
+
+def test_each_backup_repository_has_an_age_check_from_its_policy() -> None:
+    p = _calendars_plan()
+    [h] = [h for h in p.health if h.kind == "backup"]  # type: ignore[attr-defined]
+    assert (h.target, h.expect, h.origin) == ("usb", "36",
+                                              "backup.repositories.0.max_age_hours")
+    rows = p.files()["/etc/selfhost/check/expected.tsv"].splitlines()  # type: ignore[attr-defined]
+    assert "B\tusb\t36" in rows
+
+
+@pytest.mark.parametrize(("stamps", "expected"), [
+    ({"last-success": 1 * 3600}, set()),
+    ({"last-success": 40 * 3600, "since": 90 * 3600},
+     {("error", "backup to repository usb is late: last success 40 hours ago (limit 36 h)")}),
+    ({"since": 2 * 3600}, set()),  # set up two hours ago, no backup yet: not late yet
+    ({"since": 50 * 3600},
+     {("error", "backup to repository usb is late: no successful backup for 50 hours "
+                "(limit 36 h)")}),
+    ({}, {("warning", "the last backup to repository usb is not known (unknown)")}),
+], ids=["fresh", "late", "new", "never", "unknown"])
+def test_a_late_backup_is_an_error(tmp_path: Path, stamps: dict[str, int],
+                                   expected: set[tuple[str, str]]) -> None:
+    # The stamps the glue writes (seconds since the epoch), read by the real script.
+    now = int(time.time())
+    for kind, age in stamps.items():
+        (tmp_path / f"usb.{kind}").write_text(f"{now - age}\n")
+    p = _calendars_plan()
+    facts = _run_backup_check(p, tmp_path)
+    assert set(facts.checks or {}) == {("backup", "usb")}
+    healthy_facts = Facts(release="bookworm", in_container=True, failed=[], disks=[],
+                          mem=(0, 0), contents={}, checks=facts.checks, sockets="")
+    found = [f for f in findings(p, converged(p), healthy_facts)  # type: ignore[arg-type]
+             if f.area == "health"]
+    assert {(f.severity, f.what) for f in found} == expected
+    for f in found:
+        assert "systemctl start selfhost-backup-usb.service" in f.todo
+    if any(sev == "error" for sev, _ in expected):
+        assert exit_code(found) == EXIT_FAIL
+
+
+@pytest.mark.parametrize(("hours", "late"), [(1, False), (37, True)])
+def test_the_daily_check_reports_a_late_backup(tmp_path: Path, hours: int, late: bool) -> None:
+    from selfhost.hostcheck import script
+
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    (backups / "usb.last-success").write_text(f"{int(time.time()) - hours * 3600}\n")
+    expected = tmp_path / "expected.tsv"
+    expected.write_text("# test\nB\tusb\t36\n")
+    text = (script(85, "").replace("/etc/selfhost/check/expected.tsv", str(expected))
+            .replace("/var/lib/selfhost/check", str(tmp_path / "state"))
+            .replace("/var/lib/selfhost-backup", str(backups)))
+    assert str(backups) in text  # the real script reads the glue's stamps there
+    res = subprocess.run(["bash", "-c", text], capture_output=True, text=True, timeout=30)
+    last = (tmp_path / "state" / "last").read_text()
+    line = ("error\thealth\tbackup to repository usb is late (no success for 36 hours or "
+            "more)")
+    assert (line in last.splitlines()) == late, last
+    if late:
+        assert res.returncode == 2
+
+
+def test_a_full_tmpfs_counts_but_the_system_runtime_mounts_do_not() -> None:
+    """/tmp or a data directory on tmpfs fills up like a disk (podman's --mount type=tmpfs in
+    tests/containers/test_faults.py); /run, /dev/shm and the like are the system's."""
+    facts = parse_facts(["H\tdisk\t/run\t99\t1", "H\tdisk\t/dev/shm\t100\t1",
+                         "H\tdisk\t/run/lock\t100\t3", "H\tdisk\t/tmp\t97\t2",
+                         "H\tdisk\t/srv\t100\t1", "H\tdisk\t/running\t96\t1"])
+    assert facts.disks == [("/tmp", 97, 2), ("/srv", 100, 1), ("/running", 96, 1)]
+    assert "-x tmpfs" not in health_script([plan()], {})
+    # GNU df refuses -P with --output ("mutually exclusive"): with it, and its error hidden,
+    # neither check ever saw a disk. The command of both checks, run for real here:
+    from selfhost.hostcheck import SCRIPT_TEXT
+
+    [cmd] = [ln.strip() for ln in SCRIPT_TEXT.splitlines() if ln.strip().startswith("df ")]
+    [line] = [ln for ln in health_script([plan()], {}).splitlines() if ln.startswith("df ")]
+    assert line.split(" 2>")[0] == cmd.split(" 2>")[0]
+    res = subprocess.run(["sh", "-c", cmd.split(" 2>")[0]], capture_output=True, text=True,
+                         timeout=10)
+    assert res.returncode == 0 and "/" in res.stdout.split(), res.stderr
+    # The daily on-host check filters the same mount points (its awk program, run for real).
+    program = SCRIPT_TEXT.split("awk -v max=\"$disk\" '", 1)[1].split("'\n", 1)[0]
+    res = subprocess.run(["awk", "-v", "max=85", program], capture_output=True, text=True,
+                         input="/run 99 1\n/dev/shm 100 1\n/tmp 97 2\n/ 40 10\n", timeout=10)
+    assert res.stdout == "warning\thealth\t/tmp is 97% full (2% of its inodes)\n", res.stderr

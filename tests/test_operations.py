@@ -518,6 +518,8 @@ def test_apply_plan_rechecks_guards_only_when_it_installs_packages(
     (("disabled", "failed"),
      ["systemctl enable ssh.service >/dev/null 2>&1 && systemctl start ssh.service"]),
     (("", ""), ["systemctl enable ssh.service >/dev/null 2>&1 && systemctl start ssh.service"]),
+    (("masked", "inactive"), ["systemctl unmask ssh.service >/dev/null && systemctl enable "
+                              "ssh.service >/dev/null 2>&1 && systemctl start ssh.service"]),
 ])
 def test_unit_state(pyinfra_host: Any, current: tuple[str, str], expected: list[str]) -> None:
     assert commands(backend.unit_state, unit="ssh.service", enabled=True, running=True,
@@ -792,9 +794,9 @@ def test_apply_plan_wiring(pyinfra_host: Any, monkeypatch: pytest.MonkeyPatch) -
     assert all(cmds[p] for p in backend.PHASES if p != "removals"), cmds
     assert cmds["removals"] == []  # nothing was deployed before: nothing to remove
     reloads = "\n".join(cmds["reloads"])
-    assert all(f"systemctl {'reload-or-restart' if s.action == 'reload' else 'restart'} {s.unit}"
+    assert all(f"selfhost_job {s.unit} {'reload-or-restart' if s.action == 'reload' else 'restart'}"
                in reloads for s in plan.steps if isinstance(s, Reload))
-    assert "systemctl restart fail2ban.service" in reloads  # a reload can drop its actions
+    assert "selfhost_job fail2ban.service restart" in reloads  # a reload can drop its actions
     assert any("apt-get install" in c for c in cmds["packages"])
     files = "\n".join(cmds["files"])
     for path in plan.files():
@@ -802,7 +804,11 @@ def test_apply_plan_wiring(pyinfra_host: Any, monkeypatch: pytest.MonkeyPatch) -
     assert "/srv/www/www.home.arpa/index.html" in files
     admins = "\n".join(cmds["admins"])
     assert "useradd" in admins and "/home/alice/.ssh/authorized_keys" in admins
-    assert "systemctl start ssh.service" in "\n".join(cmds["units"])
+    # A unit whose file changed is started by its reload (where a file that breaks it is put
+    # back), not by the units phase; the others are started there.
+    units = "\n".join(cmds["units"])
+    assert "systemctl start ssh.service" not in units and "systemctl enable ssh.service" in units
+    assert "systemctl start cron.service" in units
     # Every file changed, so every on-change command runs, after the files, all in one script.
     on_change = [s.command.command for s in plan.steps
                  if isinstance(s, Run) and s.command.on_change]
@@ -873,7 +879,15 @@ def test_apply_plan_reloads_only_what_changed(pyinfra_host: Any,
     script = busy["files"][0]
     assert f"touch {marker}" in script
     assert script.index(f"touch {marker}") < script.index("mv -f /etc/nftables.conf.selfhost-new")
-    assert busy["reloads"] == [f"systemctl reload-or-restart nftables.service && rm -f {marker}"]
+    # ... and the version nftables runs with is kept until it has been reloaded with the new one.
+    prev = "/var/lib/selfhost/prev/etc/nftables.conf"
+    assert f"cp -p /etc/nftables.conf {prev}" in script
+    assert script.index(f"cp -p /etc/nftables.conf {prev}") < script.index(
+        "mv -f /etc/nftables.conf.selfhost-new")
+    (reload,) = busy["reloads"]
+    assert "if selfhost_job nftables.service reload-or-restart && selfhost_settled " \
+        f"nftables.service >/dev/null; then rm -f {prev} {prev}.absent && rm -f {marker}; else" \
+        in reload
 
 
 def test_a_reload_owed_by_an_interrupted_deploy_is_done_by_the_next(
@@ -891,8 +905,9 @@ def test_a_reload_owed_by_an_interrupted_deploy_is_done_by_the_next(
     busy = {name.removeprefix("selfhost "): cmds for name, _, cmds in ops if cmds}
     assert set(busy) == {"reloads"} and len(busy["reloads"]) == 1, busy  # one script
     for unit in ("caddy.service", "nftables.service"):
-        assert (f"systemctl reload-or-restart {unit} && rm -f "
-                f"/var/lib/selfhost/pending/reload-{unit}") in busy["reloads"][0]
+        assert (f"if selfhost_job {unit} reload-or-restart && selfhost_settled {unit} >/dev/null; "
+                "then rm -f ") in busy["reloads"][0]
+        assert f"&& rm -f /var/lib/selfhost/pending/reload-{unit}; else" in busy["reloads"][0]
     # On-change commands are owed the same way.
     on_change = [s for s in plan.steps if isinstance(s, Run) and s.command.on_change]
     assert on_change
@@ -1310,3 +1325,245 @@ def test_private_sudo_leaves_other_connectors_and_passwordless_sudo_alone() -> N
             ctx_host.use(target):
         backend.private_sudo()  # would fail: not connected
         assert target.data.get("_sudo_password") is None
+
+
+# --------------------------------------------------------------------------------------------
+# Rollback: a file that passes its validator but makes its unit fail after the reload is put
+# back (issue 15). The commands run for real with /bin/sh; `systemctl` and `journalctl` are
+# stand-ins that "load" the configuration file: one containing BAD fails (like Caddy binding a
+# port already in use), and the unit is then failed.
+
+FAKE_SYSTEMCTL = """#!/bin/sh
+s="$FAKE_STATE"
+case "$1" in
+  reload-or-restart|restart)
+    echo "$1 $2 $(cat "$FAKE_CONF" 2>/dev/null || echo '<none>')" >> "$s/calls"
+    if grep -q BAD "$FAKE_CONF" 2>/dev/null && [ "${FAKE_WEDGE:-0}" = 1 ] \
+        && [ "$1" = reload-or-restart ]; then
+      # Caddy 2.6: the reload fails, the service never says READY=1, systemd waits.
+      echo reloading > "$s/state"
+      echo "caddy.service: Reload operation timed out. Killing reload process." >> "$s/journal"
+      exec sleep 60
+    fi
+    if grep -q BAD "$FAKE_CONF" 2>/dev/null; then
+      echo failed > "$s/state"
+      echo "Error: loading new config: listen tcp :8443: bind: address already in use" \\
+        >> "$s/journal"
+      [ "${FAKE_EXIT_OK:-0}" = 1 ] && exit 0
+      exit 1
+    fi
+    echo active > "$s/state"; exit 0;;
+  is-active) cat "$s/state"; [ "$(cat "$s/state")" = active ];;
+  show) case "$3" in ActiveState) cat "$s/state";; ControlPID) echo 0;; esac;;
+esac
+exit 0
+"""
+FAKE_JOURNALCTL = '#!/bin/sh\necho "journalctl $*" >> "$FAKE_STATE/calls"\ncat "$FAKE_STATE/journal"\n'
+
+
+@dataclasses.dataclass
+class Box:
+    """A target in tmp_path: a managed file ``conf``, the prev and pending directories."""
+
+    root: Path
+    conf: Path
+    prev: Path
+    pending: Path
+    env: dict[str, str]
+
+    def run(self, script: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True,
+                              timeout=30, env=self.env)
+
+    def deploy(self, content: bytes, action: str = "reload", mode: str = "0640",
+               unit: str = "web.service") -> subprocess.CompletedProcess[str]:
+        """What a deploy sends for a changed file that calls for a reload: the pending
+        marker and the kept version, the file (validated, moved into place), the reload."""
+        path = str(self.conf)
+        files = [f"mkdir -p {self.pending} && touch {self.pending}/reload-web.service && "
+                 + backend.keep_prev_cmd(path, str(self.prev)),
+                 backend._install_file_cmd(path, content, mode, ME, MY_GROUP, "true {path}"),
+                 ]
+        res = self.run(backend._join(files))
+        assert res.returncode == 0, res.stderr
+        return self.run(backend._join([backend.reload_with_rollback(
+            unit, action, (path,), f"reload-{unit}", (path,),
+            prev_dir=str(self.prev), pending_dir=str(self.pending))]))
+
+    def calls(self) -> list[str]:
+        f = self.root / "state" / "calls"
+        return f.read_text().splitlines() if f.exists() else []
+
+
+@pytest.fixture
+def box(tmp_path: Path) -> Box:
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for name, text in (("systemctl", FAKE_SYSTEMCTL), ("journalctl", FAKE_JOURNALCTL)):
+        (bin_ / name).write_text(text)
+        (bin_ / name).chmod(0o755)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "state").write_text("active\n")
+    (state / "journal").write_text("")
+    conf = tmp_path / "etc" / "web" / "Caddyfile"
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "FAKE_STATE": str(state),
+           "FAKE_CONF": str(conf)}
+    return Box(tmp_path, conf, tmp_path / "prev", tmp_path / "pending", env)
+
+
+def test_a_reload_that_works_forgets_the_previous_version(box: Box) -> None:
+    box.conf.parent.mkdir(parents=True)
+    box.conf.write_text("site v1\n")
+    res = box.deploy(b"site v2\n")
+    assert res.returncode == 0, res.stderr
+    assert box.conf.read_text() == "site v2\n"
+    assert box.calls() == ["reload-or-restart web.service site v2"]
+    assert not (box.pending / "reload-web.service").exists()
+    assert not [p for p in box.prev.rglob("*") if p.is_file()]  # nothing kept any more
+    assert mode_of(box.prev) == "0700"
+
+
+@pytest.mark.parametrize("action", ["reload", "restart"])
+def test_a_file_that_validates_but_breaks_its_unit_is_put_back(box: Box, action: str) -> None:
+    box.conf.parent.mkdir(parents=True)
+    box.conf.write_text("site v1\n")
+    box.conf.chmod(0o640)
+    res = box.deploy(b"site v2 BAD\n", action=action)
+    assert res.returncode == 1
+    # The previous version is back, same mode, and the unit was reloaded again with it.
+    assert box.conf.read_text() == "site v1\n" and mode_of(box.conf) == "0640"
+    verb = "reload-or-restart" if action == "reload" else "restart"
+    assert box.calls()[0] == f"{verb} web.service site v2 BAD"
+    assert box.calls()[1] == f"{verb} web.service site v1"
+    assert box.calls()[2].startswith("journalctl -u web.service --since @")
+    assert (box.root / "state" / "state").read_text() == "active\n"
+    # One message naming the unit, the file, what was done, then the journal's lines.
+    lines = res.stderr.splitlines()
+    done = "reloaded" if action == "reload" else "restarted"
+    assert lines[0] == (
+        f"selfhost: web.service failed after its {action} with the new {box.conf}: the "
+        f"previous version of {box.conf} was put back and web.service {done} again (now "
+        "active); the deploy stops here. The journal of web.service says:")
+    assert lines[1] == ("selfhost:   Error: loading new config: listen tcp :8443: bind: "
+                        "address already in use")
+    # The reload stays owed: the next deploy replaces the file again and retries.
+    assert (box.pending / "reload-web.service").exists()
+    assert not [p for p in box.prev.rglob("*") if p.is_file()]
+    assert not list(box.conf.parent.glob("*.selfhost-new"))
+
+
+def test_a_unit_that_is_not_active_after_a_successful_restart_is_rolled_back(
+        box: Box) -> None:
+    # `systemctl restart` of a simple service returns 0 before the service reads its
+    # configuration and exits: the unit's state after the window is what counts.
+    box.conf.parent.mkdir(parents=True)
+    box.conf.write_text("site v1\n")
+    box.env["FAKE_EXIT_OK"] = "1"
+    res = box.deploy(b"BAD\n", action="restart")
+    assert res.returncode == 1
+    assert box.conf.read_text() == "site v1\n"
+    assert "web.service failed after its restart" in res.stderr
+
+
+def test_a_new_file_that_breaks_its_unit_is_removed(box: Box) -> None:
+    res = box.deploy(b"BAD\n")
+    assert res.returncode == 1
+    assert not box.conf.exists()
+    assert f"the previous version of {box.conf}(removed) was put back" in res.stderr
+    assert not [p for p in box.prev.rglob("*") if p.is_file()]
+
+
+def test_the_version_kept_by_an_interrupted_deploy_is_the_one_put_back(box: Box) -> None:
+    # A deploy killed after it replaced the file, before the reload: the unit still runs v1,
+    # the kept version is v1 and the reload is owed. The next deploy brings v3, which breaks
+    # the unit: v1 (what the unit ran) is put back, not v2 (never loaded).
+    box.conf.parent.mkdir(parents=True)
+    box.conf.write_text("site v1\n")
+    keep = backend.keep_prev_cmd(str(box.conf), str(box.prev))
+    assert box.run(keep).returncode == 0
+    box.conf.write_text("site v2\n")
+    kept = backend.prev_path(str(box.conf), str(box.prev))
+    assert Path(kept).read_text() == "site v1\n"
+    assert box.run(keep).returncode == 0  # a second deploy keeps what is already kept
+    assert Path(kept).read_text() == "site v1\n"
+    res = box.deploy(b"site v3 BAD\n")
+    assert res.returncode == 1
+    assert box.conf.read_text() == "site v1\n"
+
+
+def test_a_unit_still_failing_with_the_previous_version_is_reported(box: Box) -> None:
+    box.conf.parent.mkdir(parents=True)
+    box.conf.write_text("site v1 BAD\n")
+    res = box.deploy(b"site v2 BAD\n")
+    assert res.returncode == 1
+    assert box.conf.read_text() == "site v1 BAD\n"
+    assert "web.service reloaded again (now failed)" in res.stderr
+    assert (box.pending / "reload-web.service").exists()
+
+
+def test_without_a_kept_version_the_failure_is_still_reported(box: Box) -> None:
+    # A deploy killed after the marker, before the copy; the file is new and broken.
+    box.conf.parent.mkdir(parents=True)
+    box.conf.write_text("BAD\n")
+    res = box.run(backend.reload_with_rollback(
+        "web.service", "reload", (str(box.conf),), "reload-web.service", (str(box.conf),),
+        prev_dir=str(box.prev), pending_dir=str(box.pending)))
+    assert res.returncode == 1
+    assert ("selfhost: web.service failed after its reload with the new "
+            f"{box.conf}: no previous version was kept to put back (web.service is failed)"
+            ) in res.stderr
+
+
+def test_a_file_shared_by_two_units_is_kept_until_the_last_one_is_reloaded(
+        pyinfra_host: Any) -> None:
+    a = Reload("a.service", ("/etc/shared", "/etc/a"))
+    b = Reload("b.service", ("/etc/shared",))
+    steps = [a, b]
+    cmds = list(backend._phase_commands(steps, {}, State(), {"/etc/shared", "/etc/a"},
+                                        backend.owed_by_file(steps)))
+    assert len(cmds) == 2
+    assert isinstance(cmds[0], str) and isinstance(cmds[1], str)
+    ok_a = re.findall(r">/dev/null; then (.*?); else", cmds[0])[0]
+    assert ok_a == ("rm -f /var/lib/selfhost/prev/etc/a /var/lib/selfhost/prev/etc/a.absent "
+                    "&& rm -f /var/lib/selfhost/pending/reload-a.service")
+    assert "rm -f /var/lib/selfhost/prev/etc/shared " in cmds[1]
+
+
+def test_a_unit_stuck_reloading_is_restarted_with_the_previous_version(box: Box) -> None:
+    # Caddy 2.6 (Debian 12 and 13) says RELOADING=1 and never READY=1 when its new
+    # configuration fails to load: `systemctl reload` then waits forever (caddyserver/caddy
+    # #7385). The wait ends after 3 s; a restart with the previous file unwedges the unit.
+    box.conf.parent.mkdir(parents=True)
+    box.conf.write_text("site v1\n")
+    box.env["FAKE_WEDGE"] = "1"
+    res = box.deploy(b"site v2 BAD\n")
+    assert res.returncode == 1
+    assert box.conf.read_text() == "site v1\n"
+    assert [c for c in box.calls() if not c.startswith("journalctl")] == [
+        "reload-or-restart web.service site v2 BAD", "restart web.service site v1"]
+    assert ("web.service restarted (it was stuck reloading) (now active)"
+            in res.stderr), res.stderr
+    assert "selfhost:   caddy.service: Reload operation timed out." in res.stderr
+
+
+def test_sshd_is_never_restarted_even_to_bring_it_back(box: Box) -> None:
+    box.conf.parent.mkdir(parents=True)
+    box.conf.write_text("Port 22 BAD\n")
+    box.env["FAKE_WEDGE"] = "1"
+    res = box.deploy(b"Port 22 BAD too\n", unit="ssh.service")
+    assert res.returncode == 1
+    assert box.conf.read_text() == "Port 22 BAD\n"
+    assert not [c for c in box.calls() if c.startswith("restart")], box.calls()
+    assert "ssh.service reloaded again (now reloading)" in res.stderr
+
+
+def test_a_unit_file_put_back_is_read_again_before_the_unit(box: Box) -> None:
+    unit_file = "/etc/systemd/system/x.timer"
+    script = backend.reload_with_rollback("x.timer", "restart", (unit_file,), "reload-x.timer",
+                                          (unit_file,))
+    assert "case \"$back\" in *' /etc/systemd/'*) systemctl daemon-reload;; esac" in script
+    assert script.index("daemon-reload") > script.index(f"mv -f {unit_file}.selfhost-new")
+    assert script.index("daemon-reload") < script.rindex("selfhost_job x.timer restart")
+    assert "daemon-reload" not in backend.reload_with_rollback(
+        "web.service", "reload", (str(box.conf),), "reload-web.service", ())

@@ -10,6 +10,10 @@ Safety rules implemented here:
   into place; if the check fails the live file is untouched and the deploy stops;
 - units are reloaded (``reload-or-restart``) only when one of their files changed; sshd is
   never restarted by selfhost, so the SSH session in use survives;
+- a file whose change calls for a reload is first copied to :data:`PREV_DIR`; when the reload
+  (or restart) fails, or the unit is not active afterwards, the previous files are put back,
+  the unit is reloaded again and the deploy stops, naming the unit, the files and the
+  journal's lines (see :func:`reload_with_rollback`);
 - the SSH port in use is always open in the firewall (see :class:`~selfhost.compile.Target`).
 
 Use it from your own pyinfra deploy::
@@ -65,7 +69,7 @@ from selfhost.compose.resources import SECRET_MARK, ManagedFile, SecretPiece
 from selfhost.models.fleet import Fleet
 from selfhost.models.passwords import CryptUnavailable, WeakPassword, check_password, hash_for
 from selfhost.models.server import _HASH_RE, Server
-from selfhost.state import PENDING_DIR, UPLOAD_DIR, Query, State, parse, script
+from selfhost.state import PENDING_DIR, PREV_DIR, UPLOAD_DIR, Query, State, parse, script
 
 q = shlex.quote
 INLINE_MAX = 64 * 1024
@@ -259,12 +263,115 @@ def unit_state(unit: str, enabled: bool, running: bool,
     if not cmds:
         host.noop(f"{name} is {'enabled and ' if enabled else ''}active")
         return
+    if state.units.get(name, ("", ""))[0] == "masked":
+        # Masked by hand (a unit masked cannot be enabled nor started): the model wins.
+        cmds.insert(0, f"systemctl unmask {q(name)} >/dev/null")
     yield " && ".join(cmds)
 
 
 @operation()
 def reload_unit(unit: str, action: str) -> Generator[str, None, None]:
     yield f"systemctl {'reload-or-restart' if action == 'reload' else 'restart'} {q(unit)}"
+
+
+RESTART_WINDOW = 1
+"""Seconds a restarted unit must stay active before it counts as started: a simple service
+that reads its configuration after its start (fail2ban, radicale) exits a moment later."""
+JOURNAL_ERRORS = "error|fail|denied|in use|timed out|invalid|cannot|can't|unable"
+"""Which journal lines a failed reload's message quotes (the last ones when none match)."""
+NEVER_RESTARTED = frozenset({"ssh.service", "sshd.service"})
+"""Units that selfhost only ever reloads, even to bring them back (the SSH session in use)."""
+
+_SHELL_FUNCTIONS = r"""selfhost_settled() { for _ in $(seq 40); do
+s=$(systemctl is-active "$1" 2>/dev/null)
+case $s in activating|reloading|deactivating) sleep 0.5;; *) break;; esac
+done; echo "$s"; [ "$s" = active ]; }
+selfhost_job() { wedged=0; systemctl "$2" "$1" & p=$!; n=0
+while kill -0 "$p" 2>/dev/null; do sleep 0.1; n=$((n+1))
+if [ "$n" -ge 30 ] && [ $((n % 5)) = 0 ] \
+&& [ "$(systemctl show -p ActiveState --value "$1")" = reloading ] \
+&& [ "$(systemctl show -p ControlPID --value "$1")" = 0 ]; then
+kill "$p" 2>/dev/null; wait "$p"; wedged=1; return 1; fi
+done; wait "$p"; }"""
+"""``selfhost_settled UNIT``: wait while the unit is (re)starting or reloading, print its state,
+succeed when it is active. ``selfhost_job UNIT VERB``: ``systemctl VERB UNIT``, except that a
+unit left "reloading" with no reload process running (a service that said RELOADING=1 and
+never READY=1 after a failed reload: Caddy 2.6 does, caddyserver/caddy#7385) fails after
+3 s with ``wedged=1`` instead of waiting forever."""
+
+
+def prev_path(path: str, prev_dir: str = PREV_DIR) -> str:
+    """Where the previous version of the managed file ``path`` is kept until the unit it
+    belongs to has been reloaded with the new one (see :func:`keep_prev_cmd`)."""
+    return prev_dir + path
+
+
+def keep_prev_cmd(path: str, prev_dir: str = PREV_DIR) -> str:
+    """Shell: keep the current version of ``path`` (owner and mode too) in :data:`PREV_DIR`, a
+    root-only directory, before the file is replaced; ``PATH.absent`` there says it did not
+    exist. A version already kept stays: it is the one the unit still runs with (its reload
+    is still owed, see :data:`PENDING_DIR`: a previous deploy stopped before it)."""
+    prev, absent = prev_path(path, prev_dir), prev_path(path, prev_dir) + ".absent"
+    return (f"install -d -m 700 {q(prev_dir)} && mkdir -p {q(str(Path(prev).parent))} && "
+            f"if [ -e {q(prev)} ] || [ -e {q(absent)} ]; then :; "
+            f"elif [ -f {q(path)} ]; then cp -p {q(path)} {q(prev)}; "
+            f"else : > {q(absent)}; fi")
+
+
+def reload_with_rollback(unit: str, action: str, files: tuple[str, ...], marker: str,
+                         drop_prev: tuple[str, ...], prev_dir: str = PREV_DIR,
+                         pending_dir: str = PENDING_DIR) -> str:
+    """Shell: reload (or restart) ``unit``; once it is active, forget the previous versions
+    of ``drop_prev`` and the pending ``marker``. When the reload fails or the unit is not
+    active afterwards, put back the previous versions of ``files`` (those kept in
+    :data:`PREV_DIR`), reload the unit again (restart it if it is stuck reloading, except
+    :data:`NEVER_RESTARTED`), say which unit, which files and what the journal says, and fail
+    (the deploy stops). The marker stays: the next deploy reloads the unit again, and replaces
+    the files again if the model still asks for them."""
+    verb = "reload-or-restart" if action == "reload" else "restart"
+    done = "reload" if action == "reload" else "restart"
+    window = f" && sleep {RESTART_WINDOW}" if action != "reload" else ""
+    u = q(unit)
+    restore = []
+    for path in files:
+        prev, absent = q(prev_path(path, prev_dir)), q(prev_path(path, prev_dir) + ".absent")
+        new = q(path + ".selfhost-new")
+        restore.append(
+            f"if [ -e {prev} ]; then cp -p {prev} {new} && mv -f {new} {q(path)} && rm -f {prev} "
+            f"&& back=\"$back {path}\"; elif [ -e {absent} ]; then rm -f {q(path)} {absent} "
+            f"&& back=\"$back {path}(removed)\"; fi")
+    forget = " ".join(q(p) for f in drop_prev
+                      for p in (prev_path(f, prev_dir), prev_path(f, prev_dir) + ".absent"))
+    ok = (f"rm -f {forget} && " if forget else "") + f"rm -f {q(pending_dir + '/' + marker)}"
+    what = ", ".join(files)
+    if unit in NEVER_RESTARTED:
+        again = f"selfhost_job {u} {verb}; how='{done}ed again'"
+    else:
+        again = (f"if [ \"$wedged\" = 1 ]; then systemctl restart {u}; how='restarted (it was "
+                 f"stuck reloading)'; else selfhost_job {u} {verb}; how='{done}ed again'; fi")
+    return "\n".join([
+        _SHELL_FUNCTIONS,
+        "t0=$(date +%s)",
+        f"if selfhost_job {u} {verb}{window} && selfhost_settled {u} >/dev/null; then {ok}; else",
+        "back=''",
+        *restore,
+        # A unit file put back is read again before the unit is.
+        *(["case \"$back\" in *' /etc/systemd/'*) systemctl daemon-reload;; esac"]
+          if any(p.startswith("/etc/systemd/") for p in files) else []),
+        f"{again}{window}; if [ \"$wedged\" = 1 ]; then now=$(systemctl is-active {u}); "
+        f"else now=$(selfhost_settled {u}); fi",
+        f"if [ -n \"$back\" ]; then did=\"the previous version of$back was put back and "
+        f"{unit} $how (now $now)\"; else did=\"no previous version was kept to put "
+        f"back ({unit} is $now)\"; fi",
+        f"echo \"selfhost: {unit} failed after its {done} with the new {what}: $did; "
+        f"the deploy stops here. The journal of {unit} says:\" >&2",
+        # The journal's error lines since the first attempt (else its last lines), cut short.
+        f"j=$(journalctl -u {u} --since \"@$t0\" --no-pager -o cat 2>/dev/null); "
+        f"e=$(printf '%s\\n' \"$j\" | grep -iE {q(JOURNAL_ERRORS)} | tail -n 8); "
+        "printf '%s\\n' \"${e:-$(printf '%s\\n' \"$j\" | tail -n 8)}\" | cut -c1-400 "
+        "| sed 's/^/selfhost:   /' >&2",
+        "exit 1; fi",
+    ])
 
 
 @operation()
@@ -563,14 +670,22 @@ def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State, cha
                 yield from _file(mf.path, files[mf.path], mf.mode, mf.owner, mf.group, None,
                                  False, state, changed)
         elif isinstance(step, UnitState):
+            # A unit whose reload this deploy owes is started by that reload (the reloads
+            # phase), where a new file that makes it fail is put back (reload_with_rollback).
+            marker = f"reload-{step.name}"
+            owed_reload = marker in state.pending or any(
+                marker in owed.get(p, []) for p in changed)
             yield from unit_state._inner(unit=step.name, enabled=step.enabled,
-                                         running=step.running, state=state)
+                                         running=step.running and not owed_reload,
+                                         state=state)
         elif isinstance(step, Reload) and (changed.intersection(step.when)
                                            or _marker(step) in state.pending):
             # Even for a unit that was not running before this deploy: installing its package
             # may have started it with the package's default configuration.
-            for cmd in reload_unit._inner(unit=step.unit, action=step.action):
-                yield f"{cmd} && rm -f {q(PENDING_DIR + '/' + _marker(step))}"
+            later = {p for s in steps[steps.index(step) + 1:] if isinstance(s, Reload)
+                     for p in s.when}
+            yield reload_with_rollback(step.unit, step.action, step.when, _marker(step),
+                                       tuple(p for p in step.when if p not in later))
 
 
 def _file(path: str, content: bytes, mode: str, owner: str, group: str, validate: str | None,
@@ -581,9 +696,12 @@ def _file(path: str, content: bytes, mode: str, owner: str, group: str, validate
     if cmds:
         changed.add(path)
         if owed:
-            # Before the file changes: what its change calls for is owed until it has run.
+            # Before the file changes: what its change calls for is owed until it has run,
+            # and the version a unit runs with is kept until it is reloaded with the new one.
             yield (f"mkdir -p {PENDING_DIR} && touch "
-                   + " ".join(q(f"{PENDING_DIR}/{m}") for m in owed))
+                   + " ".join(q(f"{PENDING_DIR}/{m}") for m in owed)
+                   + (f" && {keep_prev_cmd(path)}"
+                      if any(m.startswith("reload-") for m in owed) else ""))
     yield from cmds
 
 

@@ -105,9 +105,10 @@ def compile_server(server: Server, target: Target | None = None,
     return compile_fleet(fleet, {server.hostname: target or Target()}, keys)[server.hostname]
 
 
-def expected_rows(parts: list[tuple[str, Contribution]], manifest: str) -> list[tuple[str, ...]]:
+def expected_rows(parts: list[tuple[str, Contribution]], manifest: str,
+                  health: list[HealthCheck] | None = None) -> list[tuple[str, ...]]:
     """What the on-host check compares: every managed file (a secret one by mode and owner
-    only) and every unit that must run."""
+    only), every unit that must run, and every backup repository's largest age in hours."""
     import hashlib
 
     rows: list[tuple[str, ...]] = [("F", MANIFEST, hashlib.sha1(manifest.encode()).hexdigest(),
@@ -121,6 +122,7 @@ def expected_rows(parts: list[tuple[str, Contribution]], manifest: str) -> list[
                 rows.append(("F", f.path, hashlib.sha1(f.content.encode()).hexdigest(), mode,
                              f.owner, f.group))
         rows += [("U", u.name) for u in c.units if u.running]
+    rows += [("B", h.target, h.expect) for h in health or [] if h.kind == "backup"]
     return rows
 
 
@@ -191,7 +193,9 @@ def build_plan(server: Server, routed: Routed, parts: list[tuple[str, Contributi
             steps.append(File(f, src))
     steps.append(File(ManagedFile(MANIFEST, manifest, mode="0644"), "removal"))
     if server.check.enabled:
-        steps.append(File(ManagedFile(EXPECTED, expected_tsv(expected_rows(parts, manifest))),
+        steps.append(File(ManagedFile(EXPECTED, expected_tsv(expected_rows(
+            parts, manifest, [h for h in routed.requests.get(HealthCheck, [])
+                              if isinstance(h, HealthCheck)]))),
                           "check"))
     for src, c in parts:
         steps += [Sync(s, d, src) for s, d in c.sync_dirs]

@@ -299,9 +299,12 @@ class Jail(Request):
 @dataclass(frozen=True)
 class HealthCheck(Request):
     """Something ``selfhost check`` verifies on the running host: a unit active, a TCP port
-    answering, an HTTPS URL answering with a status, a certificate valid long enough."""
+    answering, an HTTPS URL answering with a status, a certificate valid long enough, a
+    backup repository's last success younger than its policy allows (``backup``: ``target``
+    the repository's name, ``expect`` the largest age in hours; the daily on-host check
+    verifies it too)."""
 
-    kind: Literal["unit", "tcp", "https", "certificate"]
+    kind: Literal["unit", "tcp", "https", "certificate", "backup"]
     target: str
     expect: str = ""
 

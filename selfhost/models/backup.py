@@ -14,7 +14,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from selfhost.compose.module import Contribution, Env, Module
-from selfhost.compose.requests import BackupSource, PeerBackupAccount, Request
+from selfhost.compose.requests import BackupSource, HealthCheck, PeerBackupAccount, Request
 from selfhost.models.base import Port, SecretRef, StrictModel
 
 # Strings rendered into env files, unit files and shell glue: no quoting hazards.
@@ -23,6 +23,10 @@ _NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,22}[a-z0-9])?$")
 _DURATION = re.compile(r"^(\d+[ymdh])+$")
 _SUBSET = re.compile(r"^(\d{1,3}(\.\d+)?%|\d+/\d+|\d+[KMGT])$")
 _CALENDAR = re.compile(r"^[A-Za-z0-9*,.:/~ -]+$")
+
+
+_HOST_KEY = re.compile(r"(ssh|ecdsa|sk)-[a-z0-9@.-]+ [A-Za-z0-9+/]+={0,3}( [^\s].*)?")
+"""An OpenSSH public key line: type, base64 blob, optional comment."""
 
 
 def _safe(value: str, what: str) -> str:
@@ -165,6 +169,17 @@ class Repository(StrictModel):
     def _strings(cls, v: str | None) -> str | None:
         return None if v is None else _safe(v, "this value")
 
+    @field_validator("host_key")
+    @classmethod
+    def _host_key(cls, v: str | None) -> str | None:
+        # Hypothesis found an empty one (a YAML line break, U+0085, read as nothing) accepted:
+        # no known_hosts file then, and a one-word key made the compiler fail.
+        if v is not None and not _HOST_KEY.fullmatch(v.strip()):
+            raise ValueError("a public host key: its type and base64 blob, such as "
+                             "'ssh-ed25519 AAAAC3Nz...' (the remote's "
+                             "/etc/ssh/ssh_host_ed25519_key.pub, or ssh-keyscan)")
+        return v
+
     @field_validator("schedule", "check_schedule")
     @classmethod
     def _calendar(cls, v: str) -> str:
@@ -256,14 +271,20 @@ class BackupPolicy(StrictModel, Module):
 
     # ---- module: the provider of backup sources (see selfhost.backup.restic)
     provides: ClassVar[tuple[type[Request], ...]] = (BackupSource,)
-    uses: ClassVar[tuple[type[Request], ...]] = (PeerBackupAccount,)
+    uses: ClassVar[tuple[type[Request], ...]] = (PeerBackupAccount, HealthCheck)
 
     def requests(self, env: Env) -> list[Request]:
         from selfhost.backup.fleet import key_path
 
         if not self.active:
             return []
-        return [PeerBackupAccount(on_host=repo.peer, client=env.server.hostname, repo=repo.name,
+        # Each repository's last success must be younger than its max_age_hours
+        # (`selfhost check` and the daily on-host check report it otherwise).
+        ages: list[Request] = [
+            HealthCheck("backup", repo.name, expect=str(repo.max_age_hours),
+                        origin=f"{env.path}.repositories.{i}.max_age_hours")
+            for i, repo in enumerate(self.repositories)]
+        return ages + [PeerBackupAccount(on_host=repo.peer, client=env.server.hostname, repo=repo.name,
                                   key_name=str(key_path(env.server, repo)),
                                   origin=f"{env.path}.repositories.{i}.peer")
                 for i, repo in enumerate(self.repositories)

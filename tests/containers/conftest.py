@@ -1,8 +1,9 @@
 """Fault tests on real Debian 12/13 systemd containers (podman, local images).
 
 They take minutes, so ``pytest tests`` skips them unless ``SELFHOST_CONTAINER_TESTS=1``
-(``scripts/test faults`` sets it). Every container and network is named ``h15-*`` and removed
-afterwards; the containers are reached only with ``podman exec``.
+(``scripts/test faults`` sets it). Every container and network is named ``h15-*`` (or
+``$SELFHOST_CONTAINER_PREFIX-*``) and removed afterwards; the containers are reached only
+with ``podman exec``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from collections.abc import Iterator
 
 import pytest
 from faultlib import Start, podman
+
+PREFIX = os.environ.get("SELFHOST_CONTAINER_PREFIX", "h15")
+"""Prefix of the containers' names (container names are global on a machine: two runs side
+by side use two prefixes)."""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -38,7 +43,7 @@ def container() -> Iterator[Start]:
         image = f"localhost/selfhost-debian:{release}"
         if podman("image", "exists", image, check=False).returncode != 0:
             pytest.skip(f"{image} is not built (images/build {release})")
-        name = f"h15-{release}-{uuid.uuid4().hex[:6]}"
+        name = f"{PREFIX}-{release}-{uuid.uuid4().hex[:6]}"
         podman("run", "--detach", f"--name={name}", "--hostname=nas", "--systemd=always",
                *extra, image, "/sbin/init")
         started.append(name)

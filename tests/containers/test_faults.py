@@ -7,7 +7,9 @@ Run with ``SELFHOST_CONTAINER_TESTS=1 .venv/bin/pytest tests/containers -v`` (or
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
 import time
 
 import pytest
@@ -68,6 +70,14 @@ def test_a_full_file_system_stops_the_deploy_before_any_change(container: Start,
     assert "(mounted on /srv) is full: 0 KiB free" in line and "Nothing was changed" in line
     after = sh(name, UNTOUCHED).stdout
     assert after == before, (before, after)
+    # `selfhost check` sees the full disk too (a tmpfs here, as /tmp often is).
+    check = subprocess.run([str(REPO / ".venv" / "bin" / "selfhost"), "check",
+                            str(REPO / "examples" / "home.yaml"), "--podman", name, "--json"],
+                           capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert check.returncode == 2, check.stderr
+    found = {(f["severity"], f["what"]) for f in json.loads(check.stdout)["findings"]}
+    assert any(sev == "error" and what.startswith("/srv is 100% full (")
+               for sev, what in found), found
     print(f"{release}: {line.strip()}")
 
 

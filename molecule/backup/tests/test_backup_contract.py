@@ -345,10 +345,26 @@ def test_the_daily_check_mails_the_admin_what_got_worse(host: Any, smtp_sink: An
         sh(host, "systemctl start selfhost-check.service")
 
 
+def selfhost_check(host: Any) -> tuple[int, set[str]]:
+    """`selfhost check` of the fleet's nas from the controller: exit status, findings."""
+    res = subprocess.run([str(REPO_ROOT / ".venv" / "bin" / "selfhost"), "check",
+                          str(REPO_ROOT / "molecule" / "backup" / "fleet.yaml"),
+                          "--podman", f"nas={host.backend.name}", "--json"],
+                         capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert res.returncode in (0, 1, 2), res.stderr
+    return res.returncode, {f["what"] for f in json.loads(res.stdout)["findings"]}
+
+
+LATE_CHECK = "backup to repository friend is late: last success 50 hours ago (limit 48 h)"
+LATE_DAILY = "error\thealth\tbackup to repository friend is late (no success for 48 hours or more)"
+
+
 def test_late_backup_alerts_and_status_shows_age(host: Any, smtp_sink: Any) -> None:
     since = sh(host, "date '+%F %T'")
     stamp = "/var/lib/selfhost-backup/friend.last-success"
     before = len(smtp_sink())
+    _, found = selfhost_check(host)
+    assert not [f for f in found if "is late" in f], found
     sh(host, f"cp {stamp} {stamp}.keep && echo $(( $(date +%s) - 50 * 3600 )) > {stamp}")
     try:
         assert host.run("systemctl start selfhost-backup-late.service").rc != 0
@@ -363,9 +379,18 @@ def test_late_backup_alerts_and_status_shows_age(host: Any, smtp_sink: Any) -> N
         assert mails[-1].startswith("<alice@example.org>")
         assert "Subject: [nas] backup late: friend" in mails[-1]
         assert "last success 50 hours ago (limit 48 h)" in mails[-1]
+        # The same age is a health error of `selfhost check` and of the daily on-host check.
+        code, found = selfhost_check(host)
+        assert code == 2 and LATE_CHECK in found, found
+        sh(host, "systemctl start selfhost-check.service")
+        assert LATE_DAILY in sh(host, "cat /var/lib/selfhost/check/last")
     finally:
         sh(host, f"mv {stamp}.keep {stamp}; systemctl reset-failed")
     assert host.run("systemctl start selfhost-backup-late.service").rc == 0
+    _, found = selfhost_check(host)
+    assert not [f for f in found if "is late" in f], found
+    sh(host, "systemctl start selfhost-check.service")
+    assert LATE_DAILY not in sh(host, "cat /var/lib/selfhost/check/last")
     name = host.backend.name if hasattr(host.backend, "name") else "bk-nas-bookworm"
     res = subprocess.run([sys.executable, "-m", "selfhost.backup.cli", "backup-status",
                           f"podman:{name}", "--json"], capture_output=True, text=True,

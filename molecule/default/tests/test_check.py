@@ -41,7 +41,9 @@ def test_tampering_is_found_and_a_redeploy_state_is_clean_again(host: Any) -> No
     original = host.file(JAIL).content_string
     try:
         host.check_output(f"echo '# tampered by hand' >> {JAIL}")
-        host.check_output("systemctl stop cron.service")
+        # Stopped and masked by hand: a masked unit can be neither enabled nor started, so
+        # the deploy unmasks it first (the model wins).
+        host.check_output("systemctl mask --now cron.service")
         host.check_output("chmod 0666 /etc/issue")
         host.check_output("nohup python3 -m http.server 8765 --bind 0.0.0.0 "
                           ">/dev/null 2>&1 & sleep 1")
@@ -52,12 +54,14 @@ def test_tampering_is_found_and_a_redeploy_state_is_clean_again(host: Any) -> No
         assert "+# tampered by hand" not in whats[f"write-file {JAIL}: content differs"]["diff"]
         assert "-# tampered by hand" in whats[f"write-file {JAIL}: content differs"]["diff"]
         assert "start-unit cron.service: inactive" in whats
+        assert "enable-unit cron.service: masked" in whats
         assert "fix-file-meta /etc/issue: root:root 0666 -> root:root 0644" in whats
         assert any(f["area"] == "exposure" and f["what"].startswith("8765/tcp on 0.0.0.0")
                    for f in found), found
     finally:
         host.run(f"printf %s {shlex.quote(original)} > {JAIL}")
-        host.run("chmod 0644 /etc/issue; systemctl start cron.service")
+        host.run("chmod 0644 /etc/issue; systemctl unmask cron.service; "
+                 "systemctl start cron.service")
         host.run("pkill -f 'http.server 8765'")
     code, found = check(name)
     assert errors(found) == [], found
