@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +146,26 @@ def test_a_private_ca_certificate_is_judged_by_its_own_lifetime(
     plan = compile_fleet(fleet, {"nas": Target(release="trixie")})["nas"]
     assert [h.expect for h in plan.health if h.kind == "certificate"] == ["3600"]
     assert "-checkend 3600 " in health_script([plan], {})
+
+
+def test_backup_age_is_watched_from_the_backup_glue_time_stamp(tmp_path: Path) -> None:
+    text = MODEL + """
+backup:
+  repositories:
+    - name: usb
+      type: local
+      path: /var/backups/restic-usb
+      password: {env: DAV_ALICE_PASSWORD}
+      max_age_hours: 36
+"""
+    probe = files(text)[monitoring.PROBE]
+    assert "  backup-usb)\n" in probe
+    script = tmp_path / "probe"
+    script.write_text(probe.replace("/var/lib/selfhost-backup/", f"{tmp_path}/"))
+    stamp = tmp_path / "usb.last-success"
+    assert sh(script, "backup-usb").returncode == 0  # no backup yet: the late timer's job
+    stamp.write_text(f"{int(time.time()) - 3600}\n")
+    assert sh(script, "backup-usb").returncode == 0
+    stamp.write_text(f"{int(time.time()) - 40 * 3600}\n")
+    late = sh(script, "backup-usb")
+    assert late.returncode == 1 and late.stdout.strip() == "last success 40 hours ago (limit 36 h)"

@@ -144,6 +144,13 @@ class MonitoringService(Service):
                 cmd = (f"echo | timeout 10 openssl s_client -connect 127.0.0.1:443 "
                        f"-servername {q(h.target)} 2>/dev/null | openssl x509 -noout "
                        f"-checkend {left}")
+            elif h.kind == "backup" and h.expect.isdigit():
+                # The last successful backup of a repository (the backup glue's time stamp);
+                # none yet: the backup's own late-check timer says so.
+                stamp = f"/var/lib/selfhost-backup/{h.target}.last-success"
+                cmd = (f"[ ! -s {q(stamp)} ] || {{ age=$(( ($(date +%s) - $(cat {q(stamp)})) "
+                       f"/ 3600 )); echo \"last success $age hours ago (limit {h.expect} h)\"; "
+                       f"[ \"$age\" -lt {int(h.expect)} ]; }}")
             else:
                 continue
             out[name] = cmd
