@@ -80,3 +80,14 @@ def test_a_secondary_without_address_is_refused() -> None:
     with pytest.raises(ConfigError) as exc:
         load_fleet_text(text, "dns.yaml")
     assert any("friend has no address" in i.message for i in exc.value.issues)
+
+
+def test_a_name_server_inside_its_zone_needs_an_address() -> None:
+    """kzonecheck refuses a zone whose in-zone NS has no address ("missing glue record",
+    seen in a rehearsal): the model says so first, at its place."""
+    text = EXAMPLE.read_text().replace(
+        '    addresses: {public: [198.51.100.10, "2001:db8:10::10"]}\n', "")
+    with pytest.raises(ConfigError) as exc:
+        load_fleet_text(text, "dns.yaml")
+    assert any(i.path == "hosts.ns1.addresses" and "needs its address" in i.message
+               for i in exc.value.issues), exc.value.issues

@@ -83,6 +83,12 @@ class AuthoritativeDnsService(Service):
 
     def assertions(self, env: Env) -> list[Problem]:
         out = []
+        inside = [z for z in self.zone_names(env)
+                  if env.server.fqdn == z or env.server.fqdn.endswith("." + z)]
+        if inside and not _addresses(env, env.host):
+            out.append(Problem(("addresses",), f"{env.server.fqdn} is a name server of "
+                               f"{inside[0]} and inside it: the zone needs its address "
+                               "(glue), give addresses.public (or lan for a private domain)"))
         if not _addresses(env, env.host) and self.secondaries:
             out.append(Problem(("addresses",), "this host serves DNS zones to secondaries, "
                                "which need its address: give addresses.public (or lan)"))
