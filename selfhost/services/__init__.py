@@ -11,11 +11,12 @@ from pydantic import Field
 
 from selfhost.models.base import StrictModel
 from selfhost.services.base import Service
+from selfhost.services.mail import MailService
 from selfhost.services.radicale import RadicaleService
 from selfhost.services.web import WebService
 from selfhost.services.wireguard import WireGuardService
 
-__all__ = ["RadicaleService", "Service", "Services", "WebService", "WireGuardService"]
+__all__ = ["MailService", "RadicaleService", "Service", "Services", "WebService", "WireGuardService"]
 
 
 class Services(StrictModel):
@@ -32,6 +33,10 @@ class Services(StrictModel):
     )
     wireguard: WireGuardService | None = Field(
         default=None, description="A WireGuard VPN to reach home from your devices."
+    )
+    mail: MailService | None = Field(
+        default=None, description="A mail server: SMTP (Postfix) and IMAP (Dovecot) for your "
+        "domains, with DKIM signing; it also becomes the system's sendmail."
     )
 
     def enabled(self) -> list[Service]:
