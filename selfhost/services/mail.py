@@ -211,39 +211,39 @@ class MailService(Service):
                                "certificate (not a valid host name)"))
         for i, d in enumerate(self.domains):
             if domains.index(d.name) != i:
-                out.append(Problem(base + ("domains", i, "name"), f"domain {d.name} is listed "
+                out.append(Problem((*base, "domains", i, "name"), f"domain {d.name} is listed "
                                    "twice"))
             if d.name == fqdn:
-                out.append(Problem(base + ("domains", i, "name"), f"{d.name} is the server's own "
+                out.append(Problem((*base, "domains", i, "name"), f"{d.name} is the server's own "
                                    "name (its local mail): use the domain above it"))
             if d.catch_all is not None:
                 if not any(b.endswith("@" + d.name) for b in boxes):
-                    out.append(Problem(base + ("domains", i, "catch_all"), f"catch-all on "
+                    out.append(Problem((*base, "domains", i, "catch_all"), f"catch-all on "
                                        f"{d.name}, which has no mailbox"))
                 elif d.catch_all not in boxes:
-                    out.append(Problem(base + ("domains", i, "catch_all"), f"catch-all target "
+                    out.append(Problem((*base, "domains", i, "catch_all"), f"catch-all target "
                                        f"{d.catch_all} is not a mailbox"))
         for i, m in enumerate(self.mailboxes):
             if boxes.index(m.address) != i:
-                out.append(Problem(base + ("mailboxes", i, "address"), f"mailbox {m.address} "
+                out.append(Problem((*base, "mailboxes", i, "address"), f"mailbox {m.address} "
                                    "is listed twice"))
             if m.address.split("@")[1] not in domains:
-                out.append(Problem(base + ("mailboxes", i, "address"), f"{m.address}: "
+                out.append(Problem((*base, "mailboxes", i, "address"), f"{m.address}: "
                                    f"{m.address.split('@')[1]} is not one of the mail domains "
                                    f"({', '.join(domains)})"))
         for i, a in enumerate(self.aliases):
-            where = base + ("aliases", i)
+            where = (*base, "aliases", i)
             if a.address in boxes:
-                out.append(Problem(where + ("address",), f"{a.address} is both a mailbox and an "
+                out.append(Problem((*where, "address"), f"{a.address} is both a mailbox and an "
                                    "alias"))
             elif alias_names.index(a.address) != i:
-                out.append(Problem(where + ("address",), f"alias {a.address} is listed twice"))
+                out.append(Problem((*where, "address"), f"alias {a.address} is listed twice"))
             if a.address.split("@")[1] not in domains:
-                out.append(Problem(where + ("address",), f"{a.address}: not in one of the mail "
+                out.append(Problem((*where, "address"), f"{a.address}: not in one of the mail "
                                    f"domains ({', '.join(domains)})"))
             for j, t in enumerate(a.to):
                 if t.split("@")[1] in domains and t not in boxes and t not in alias_names:
-                    out.append(Problem(where + ("to", j), f"{t} is in a mail domain of this "
+                    out.append(Problem((*where, "to", j), f"{t} is in a mail domain of this "
                                        "server but is no mailbox or alias: mail to "
                                        f"{a.address} would bounce"))
         return out
@@ -424,10 +424,10 @@ class MailService(Service):
             alias_lines.append(f"@{d.name} {d.catch_all}")
         owners: dict[str, list[str]] = {b: [b] for b in boxes}
         for a in self.aliases:
-            local = [t for t in a.to if t in boxes]
-            if local:
+            mine = [t for t in a.to if t in boxes]
+            if mine:
                 owners.setdefault(a.address, [])
-                owners[a.address] += [t for t in local if t not in owners[a.address]]
+                owners[a.address] += [t for t in mine if t not in owners[a.address]]
         senders = "".join(f"{addr} {','.join(owners[addr])}\n" for addr in sorted(owners))
         return {
             MAILBOXES: head + mailboxes,
@@ -685,6 +685,10 @@ class MailService(Service):
         c.files.append(ManagedFile(SIGNING_TABLE, self.signing_table(), mode="0644"))
         c.files.append(ManagedFile(OPENDKIM_CONF, self.opendkim_conf(), mode="0644",
                                    validate="opendkim -n -x {path}"))
+        # Local mail (root, postmaster of the host) goes through Debian's /etc/aliases, whose
+        # table Postfix's package builds only when it is configured at install.
+        c.commands.append(Command("mail: the table of /etc/aliases", "newaliases",
+                                  unless="test -s /etc/aliases.db", after_files=True))
         c.units += [
             Unit("opendkim.service", reload_on=(OPENDKIM_CONF, KEY_TABLE, SIGNING_TABLE),
                  reload=False),
