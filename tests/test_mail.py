@@ -30,7 +30,7 @@ UPDATE = os.environ.get("SELFHOST_UPDATE_FIXTURES") == "1"
 """Set to 1 to rewrite the pinned files from the current rendering (then review the diff)."""
 
 MAIL_FILES = (mail.MAIN_CF, mail.MASTER_CF, mail.MAILBOXES, mail.ALIASES, mail.SENDERS,
-              mail.SUBMISSION_HEADERS, mail.USERS, mail.DOVECOT_CONF, mail.OPENDKIM_CONF,
+              mail.SUBMISSION_HEADERS, mail.LOCAL_SENDERS, mail.USERS, mail.DOVECOT_CONF, mail.OPENDKIM_CONF,
               mail.KEY_TABLE, mail.SIGNING_TABLE)
 
 

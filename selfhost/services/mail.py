@@ -78,6 +78,7 @@ MAILBOXES = "/etc/postfix/selfhost-mailboxes"
 ALIASES = "/etc/postfix/selfhost-aliases"
 SENDERS = "/etc/postfix/selfhost-senders"
 SUBMISSION_HEADERS = "/etc/postfix/selfhost-submission-headers"
+LOCAL_SENDERS = "/etc/postfix/selfhost-local-senders"
 OPENDKIM_CONF = "/etc/opendkim.conf"
 DKIM_DIR = "/etc/opendkim"
 DKIM_KEYS = "/etc/opendkim/keys"
@@ -332,12 +333,12 @@ class MailService(Service):
             "smtp_tls_session_cache_database = btree:${data_directory}/smtp_scache",
             "",
             "# Port 25: no login (submission only); mail for the mail domains, no relaying;",
-            "# a sender address of a mailbox here must have logged in.",
+            "# mail from the mail domains comes through submission, never from outside.",
             "smtpd_sasl_auth_enable = no",
             "smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, "
             "reject_unauth_destination",
-            "smtpd_sender_restrictions = reject_non_fqdn_sender, "
-            "reject_unauthenticated_sender_login_mismatch",
+            "smtpd_sender_restrictions = reject_non_fqdn_sender, permit_mynetworks, "
+            f"check_sender_access texthash:{LOCAL_SENDERS}",
             "",
             "# DKIM signing (OpenDKIM), for submitted mail and the system's own.",
             f"smtpd_milters = inet:127.0.0.1:{DKIM_PORT}",
@@ -433,6 +434,9 @@ class MailService(Service):
             MAILBOXES: head + mailboxes,
             ALIASES: head + "".join(line + "\n" for line in alias_lines),
             SENDERS: head + senders,
+            LOCAL_SENDERS: head + "".join(
+                f"{d.name} REJECT 5.7.1 mail from {d.name} is sent after logging in, on the "
+                "submission port\n" for d in sorted(self.domains, key=lambda d: d.name)),
             SUBMISSION_HEADERS: head + "# Submitted mail: the client's address, name and "
             "program stay private.\n"
             "/^Received:/ IGNORE\n/^X-Originating-IP:/ IGNORE\n/^X-Mailer:/ IGNORE\n"
