@@ -165,6 +165,13 @@ class Repository(StrictModel):
     def _strings(cls, v: str | None) -> str | None:
         return None if v is None else _safe(v, "this value")
 
+    @field_validator("host_key")
+    @classmethod
+    def _host_key(cls, v: str | None) -> str | None:
+        if v is not None and len(v.split()) < 2:
+            raise ValueError("a public host key line, 'TYPE BASE64' (e.g. 'ssh-ed25519 AAAA...')")
+        return v
+
     @field_validator("schedule", "check_schedule")
     @classmethod
     def _calendar(cls, v: str) -> str:
