@@ -74,6 +74,8 @@ def test_dovecot_configuration_follows_the_release() -> None:
     for files in (old, new):
         assert "port = 0" in files[mail.DOVECOT_CONF]  # no plaintext IMAP on 143
         assert "ssl = required" in files[mail.DOVECOT_CONF]
+    assert "quota_grace = 0" in old[mail.DOVECOT_CONF]  # no overrun (2.4: 10 MB by default)
+    assert "quota_storage_grace = 0" in new[mail.DOVECOT_CONF]
 
 
 def test_passwords_reach_the_server_only_as_bcrypt_hashes() -> None:

@@ -12,7 +12,8 @@
 - **Dovecot** serves IMAP over TLS on 993 only (143 is closed), stores Maildirs under
   ``/var/vmail/DOMAIN/USER`` as the ``vmail`` user, receives Postfix's mail over LMTP, runs
   the users' Sieve filters (Pigeonhole) and enforces a quota per mailbox (over it, LMTP
-  refuses the message with a 5xx and Postfix bounces it with Dovecot's message). It also
+  refuses the message with a 5xx and Postfix bounces it with Dovecot's message; no grace:
+  Dovecot 2.4 would otherwise let a message overrun the quota by up to 10 MB, 2.3 by 10 %). It also
   checks the submission logins for Postfix (SASL over a socket in Postfix's spool).
   Passwords are secret references, hashed with bcrypt on the deploying machine (Dovecot's
   ``BLF-CRYPT`` scheme) in a passwd-file readable by root and Dovecot only.
@@ -531,6 +532,7 @@ class MailService(Service):
                 "plugin {",
                 "  quota = count:User quota",
                 "  quota_vsizes = yes",
+                "  quota_grace = 0",
                 "  quota_rule = *:storage=2G",
                 "  quota_exceeded_message = Quota exceeded: the mailbox of this recipient is "
                 "full.",
@@ -579,6 +581,7 @@ class MailService(Service):
                 "  driver = count",
                 "}",
                 "quota_storage_size = 2G",
+                "quota_storage_grace = 0",
                 "quota_exceeded_message = Quota exceeded: the mailbox of this recipient is full.",
                 "lmtp_rcpt_check_quota = yes",
                 *services,
