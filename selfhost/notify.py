@@ -3,7 +3,8 @@
 A home server rarely runs its own outgoing mail server; it relays through the admin's mail
 provider. ``notify`` installs msmtp as the system's ``sendmail`` (msmtp-mta), so every tool
 that reports by mail (unattended-upgrades, the backup alerts, cron) reaches the admin.
-Without ``notify`` those reports go to the journal only.
+Without ``notify`` those reports go to the journal only. When a mail server runs on the host
+(it holds the ``sendmail`` role), msmtp steps back: the mail server delivers the reports.
 
 The relay password is a secret reference, deployed to a root-only file that msmtp reads
 with ``passwordeval``; it never appears in msmtp's configuration or on a command line.
@@ -85,9 +86,13 @@ class Notify(StrictModel, Module):
     uses: ClassVar[tuple[type[Request], ...]] = (Sendmail,)
 
     def requests(self, env: Env) -> list[Request]:
-        return [Sendmail("msmtp-mta")]
+        return [Sendmail("msmtp-mta", fallback=True)]
 
     def contribute(self, env: Env) -> Contribution:
+        if any(s.package != "msmtp-mta" for s in env.incoming(Sendmail)):
+            # A mail server on this host is the system's sendmail: it delivers the reports
+            # to the admin itself (its aliases send root's mail to `email`).
+            return Contribution()
         return contribute(env.server)
 
 

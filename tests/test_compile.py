@@ -549,6 +549,7 @@ def test_example_files_pass_their_own_validate_commands(example: Path, release: 
     friend's host) on each release, checked the same way."""
     failed = []
     for plan in updater.example_plans(example, release):
+        validators.prepare(release, plan)
         for f in _file_steps(plan).values():
             # Written before jail.local in the same deploy: its check reads them.
             if f.file.path.startswith("/etc/fail2ban/filter.d/"):

@@ -210,10 +210,20 @@ def test_two_virtual_hosts_with_one_name_conflict() -> None:
 
 
 def test_two_sendmail_providers_conflict() -> None:
+    _, routed = routed_with(server(), Sendmail("postfix", origin="services.mail"),
+                            Sendmail("exim4-daemon-light", origin="services.other"))
+    assert [p.message for p in routed.problems] == [
+        "the sendmail role (exim4-daemon-light) is requested by both services.mail and "
+        "services.other"]
+
+
+def test_the_relay_client_steps_back_for_a_mail_server() -> None:
+    """notify's msmtp holds the sendmail role only as a fallback: a mail server takes it."""
     s = server(notify={"email": "a@example.org", "smtp": {"host": "smtp.example.org"}})
     _, routed = routed_with(s, Sendmail("postfix", origin="services.mail"))
-    assert [p.message for p in routed.problems] == [
-        "the sendmail role (msmtp-mta) is requested by both services.mail and notify"]
+    assert routed.problems == []
+    assert [(r.package, r.origin) for r in routed.requests[Sendmail]
+            if isinstance(r, Sendmail)] == [("postfix", "services.mail")]
 
 
 def test_sysctl_priorities_settle_overrides_and_equal_priorities_conflict() -> None:

@@ -189,10 +189,11 @@ def test_the_rich_model_uses_every_module() -> None:
     # Every service of the catalog is in it: a new module gets attacked too.
     from selfhost.services import Services
 
-    # (Knot's authoritative `dns` and the LAN resolver both own port 53: one host takes one;
-    # tests/test_knot.py attacks nothing, the resolver's strings are attacked here.)
+    # Two are left out: Knot's authoritative `dns` (the LAN resolver owns port 53 here) and
+    # `mail` (its Postfix takes the sendmail role, and msmtp's file, which notify's strings
+    # reach, would no longer be rendered). Not attacked yet: a second rich model is owed.
     assert [name for name in Services.model_fields
-            if getattr(server.services, name) is None] == ["dns"]
+            if getattr(server.services, name) is None] == ["dns", "mail"]
     assert {r.type for r in server.backup.repositories} == {"local", "sftp", "rest", "rclone"}
     assert len(STRING_PATHS) > 80
     assert "/etc/caddy/Caddyfile" in BASELINE and "/etc/msmtprc" in BASELINE

@@ -167,6 +167,9 @@ class Sendmail(Request):
     :meth:`selfhost.compose.module.Env.has_sendmail`."""
 
     package: str
+    fallback: bool = False
+    """Held only if no other module asks for the role: a relay client (msmtp) steps back
+    for a mail server (postfix)."""
 
     def key(self) -> object:
         return ("sendmail",)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from selfhost.compose.module import Env, Loc, Module, Problem
-from selfhost.compose.requests import CROSS_HOST, Request, Sysctl
+from selfhost.compose.requests import CROSS_HOST, Request, Sendmail, Sysctl
 
 if TYPE_CHECKING:
     from selfhost.compile.target import Target
@@ -125,6 +125,9 @@ def merge(requests: list[Request], problems: list[Problem]) -> list[Request]:
     """Requests of one kind, deduplicated; same-key requests that differ are conflicts."""
     if requests and isinstance(requests[0], Sysctl):
         return _merge_sysctl([r for r in requests if isinstance(r, Sysctl)], problems)
+    if any(isinstance(r, Sendmail) and not r.fallback for r in requests):
+        # A fallback holder of the sendmail role (msmtp) steps back for a real one.
+        requests = [r for r in requests if not (isinstance(r, Sendmail) and r.fallback)]
     out: list[Request] = []
     kept: set[Request] = set()  # `out` as a set: `r in out` made 1000 sites cost 500,000 __eq__
     by_key: dict[object, Request] = {}

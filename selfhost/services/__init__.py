@@ -12,6 +12,7 @@ from pydantic import Field
 from selfhost.models.base import StrictModel
 from selfhost.services.base import Service
 from selfhost.services.knot import AuthoritativeDnsService
+from selfhost.services.mail import MailService
 from selfhost.services.monitoring import MonitoringService
 from selfhost.services.prosody import XmppService
 from selfhost.services.radicale import RadicaleService
@@ -20,9 +21,9 @@ from selfhost.services.unbound import UnboundService
 from selfhost.services.web import WebService
 from selfhost.services.wireguard import WireGuardService
 
-__all__ = ["AuthoritativeDnsService", "MonitoringService", "RadicaleService", "SambaService",
-           "Service", "Services", "UnboundService", "WebService", "WireGuardService",
-           "XmppService"]
+__all__ = ["AuthoritativeDnsService", "MailService", "MonitoringService", "RadicaleService",
+           "SambaService", "Service", "Services", "UnboundService", "WebService",
+           "WireGuardService", "XmppService"]
 
 
 class Services(StrictModel):
@@ -59,6 +60,11 @@ class Services(StrictModel):
     )
     samba: SambaService | None = Field(
         default=None, description="NAS: file shares for the home network (SMB3) with Samba."
+    )
+
+    mail: MailService | None = Field(
+        default=None, description="A mail server: SMTP (Postfix) and IMAP (Dovecot) for your "
+        "domains, with DKIM signing; it also becomes the system's sendmail."
     )
 
     def enabled(self) -> list[Service]:

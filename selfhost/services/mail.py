@@ -1,0 +1,705 @@
+"""Mail: Postfix (SMTP) and Dovecot (IMAP) from Debian, with DKIM signing by OpenDKIM.
+
+- **Postfix** receives mail for the mail domains on port 25 (STARTTLS offered, no login
+  there) and takes the users' mail on submission ports 587 (STARTTLS required before AUTH)
+  and 465 (TLS from the first byte). A logged-in user may only send as an address they own
+  (their mailbox, or an alias that delivers to them: ``smtpd_sender_login_maps`` with
+  ``reject_sender_login_mismatch`` on the envelope sender); the client's address and mail
+  program are removed from the headers of submitted mail (a separate ``cleanup`` service
+  with header checks). The maps are ``texthash:`` tables, read by Postfix itself: no
+  ``postmap`` step that could leave a map out of date. Postfix also becomes the system's
+  ``sendmail`` (the ``Sendmail`` role: with a mail server, msmtp is not installed).
+- **Dovecot** serves IMAP over TLS on 993 only (143 is closed), stores Maildirs under
+  ``/var/vmail/DOMAIN/USER`` as the ``vmail`` user, receives Postfix's mail over LMTP, runs
+  the users' Sieve filters (Pigeonhole) and enforces a quota per mailbox (over it, LMTP
+  refuses the message with a 5xx and Postfix bounces it with Dovecot's message; no grace:
+  Dovecot 2.4 would otherwise let a message overrun the quota by up to 10 MB, 2.3 by 10 %). It also
+  checks the submission logins for Postfix (SASL over a socket in Postfix's spool).
+  Passwords are secret references, hashed with bcrypt on the deploying machine (Dovecot's
+  ``BLF-CRYPT`` scheme) in a passwd-file readable by root and Dovecot only.
+  Debian 12 ships Dovecot 2.3 and Debian 13 Dovecot 2.4, whose settings differ (``mail_path``
+  and ``mail_driver`` for ``mail_location``, named ``passdb``/``userdb``/``quota`` blocks,
+  ``%{user | domain}`` variables): the configuration is rendered for the target's release and
+  checked by that release's ``doveconf`` before it replaces the live one.
+- **DKIM**: OpenDKIM rather than rspamd. OpenDKIM does one thing (sign) with a small, stable
+  configuration and Debian's own tools (``opendkim-genkey``); rspamd would also filter spam,
+  but it brings Redis, a web interface and a much larger configuration whose defaults change
+  between releases — spam filtering can come later as its own module or option. Keys are
+  generated on the server (2048-bit RSA, ``/etc/opendkim/keys/DOMAIN/SELECTOR.private``) and
+  never pass through the plan; each domain lists selectors, the first one signs and the
+  others keep their keys (and DNS records) so a key can be rotated while mail signed with the
+  old one is still in flight.
+
+The module asks for what it needs and names no other module: a certificate for the server's
+name (the files appear under ``/etc/selfhost/tls/NAME/``; until the first export, a
+self-signed placeholder lets the daemons start), the ports, the ``vmail`` system user, the
+DNS records to publish (MX, SPF, DMARC and DKIM, the last with a placeholder value since the
+key exists only on the server), backup sources (the Maildirs: Maildir writes each message to a
+new file and renames it, so a file-level copy is consistent message by message; and the DKIM
+keys), fail2ban jails (Debian's ``postfix-sasl`` and ``dovecot`` filters), health checks and
+the sendmail role.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from selfhost.compose.module import Contribution, Env, Problem
+from selfhost.compose.requests import (
+    BackupSource,
+    Certificate,
+    DnsRecord,
+    HealthCheck,
+    Jail,
+    Port,
+    Request,
+    Sendmail,
+    SystemUser,
+)
+from selfhost.compose.resources import (
+    SECRET_MARK,
+    Command,
+    ManagedDir,
+    ManagedFile,
+    SecretPiece,
+    Unit,
+)
+from selfhost.models.base import SecretRef, StrictModel
+from selfhost.services.base import Service
+
+VMAIL = "/var/vmail"
+USERS = "/etc/dovecot/selfhost-users"
+DOVECOT_CONF = "/etc/dovecot/dovecot.conf"
+MAIN_CF = "/etc/postfix/main.cf"
+MASTER_CF = "/etc/postfix/master.cf"
+MAILBOXES = "/etc/postfix/selfhost-mailboxes"
+ALIASES = "/etc/postfix/selfhost-aliases"
+SENDERS = "/etc/postfix/selfhost-senders"
+SUBMISSION_HEADERS = "/etc/postfix/selfhost-submission-headers"
+LOCAL_SENDERS = "/etc/postfix/selfhost-local-senders"
+OPENDKIM_CONF = "/etc/opendkim.conf"
+DKIM_DIR = "/etc/opendkim"
+DKIM_KEYS = "/etc/opendkim/keys"
+KEY_TABLE = "/etc/opendkim/key.table"
+SIGNING_TABLE = "/etc/opendkim/signing.table"
+DKIM_PORT = 8891
+TLS_DIR = "/etc/selfhost/tls"
+
+_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_DOMAIN = re.compile(rf"^{_LABEL}(\.{_LABEL})+$")
+_LOCAL = re.compile(r"^[a-z0-9][a-z0-9._+-]{0,63}$")
+_SELECTOR = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def _check_domain(v: str) -> str:
+    v = v.lower().rstrip(".")
+    if not _DOMAIN.match(v):
+        raise ValueError(f"{v!r} is not a domain name (labels of a-z 0-9 '-', at least one dot)")
+    return v
+
+
+def _check_address(v: str) -> str:
+    v = v.lower()
+    local, sep, domain = v.partition("@")
+    if not sep or not _LOCAL.match(local):
+        raise ValueError(f"{v!r} is not a mail address (local part: a-z 0-9 . _ + -)")
+    _check_domain(domain)
+    return v
+
+
+class MailDomain(StrictModel):
+    """A domain this server receives and sends mail for."""
+
+    name: str = Field(description="The domain, e.g. 'example.org' (addresses @example.org).")
+    dkim_selectors: list[str] = Field(
+        default_factory=lambda: ["mail"], min_length=1,
+        description="DKIM selectors: the first signs outgoing mail; the others keep their key "
+        "(and DNS record) while a rotation is under way. Each key is generated on the server.",
+    )
+    catch_all: str | None = Field(
+        default=None,
+        description="Deliver mail to unknown addresses of this domain to this mailbox (off by "
+        "default: unknown addresses are refused, which also refuses most spam).",
+    )
+    dmarc_policy: Literal["none", "quarantine", "reject"] = Field(
+        default="quarantine",
+        description="The DMARC policy published for the domain (what receivers do with mail "
+        "that fails SPF and DKIM).",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_domain(v)
+
+    @field_validator("catch_all")
+    @classmethod
+    def _catch_all(cls, v: str | None) -> str | None:
+        return None if v is None else _check_address(v)
+
+    @field_validator("dkim_selectors")
+    @classmethod
+    def _selectors(cls, v: list[str]) -> list[str]:
+        for s in v:
+            if not _SELECTOR.match(s):
+                raise ValueError(f"{s!r} is not a DKIM selector (a-z 0-9 '-')")
+        if len(set(v)) != len(v):
+            raise ValueError("a selector is listed twice")
+        return v
+
+
+class Mailbox(StrictModel):
+    """A mailbox: an address that stores mail and logs in (IMAP, submission)."""
+
+    address: str = Field(description="The address, which is also the login.")
+    password: SecretRef = Field(
+        description="Where the password is kept on the deploying machine ({env: VAR} or "
+        "{file: PATH}); only a bcrypt hash reaches the server.",
+    )
+    quota_mb: int = Field(default=2048, ge=1, le=10_000_000,
+                          description="Largest size of the mailbox (MB); mail beyond it is "
+                          "refused with a clear bounce.")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        return _check_address(v)
+
+
+class MailAlias(StrictModel):
+    """An address that forwards to others (mailboxes here, or addresses elsewhere)."""
+
+    address: str = Field(description="The alias address (in one of the mail domains).")
+    to: list[str] = Field(min_length=1, description="Where its mail goes.")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        return _check_address(v)
+
+    @field_validator("to")
+    @classmethod
+    def _to(cls, v: list[str]) -> list[str]:
+        return [_check_address(a) for a in v]
+
+
+class MailService(Service):
+    """A mail server: SMTP (Postfix), IMAP (Dovecot), DKIM signing (OpenDKIM)."""
+
+    kind: ClassVar[str] = "mail"
+    uses: ClassVar[tuple[type[Request], ...]] = (Certificate, Port, SystemUser, BackupSource,
+                                                 Jail, HealthCheck, DnsRecord, Sendmail)
+
+    domains: list[MailDomain] = Field(min_length=1, description="The mail domains.")
+    mailboxes: list[Mailbox] = Field(default_factory=list, description="The mailboxes.")
+    aliases: list[MailAlias] = Field(default_factory=list, description="The aliases.")
+    max_message_mb: int = Field(default=25, ge=1, le=1024,
+                                description="Largest message accepted (MB).")
+
+    # ------------------------------------------------------------------ model checks
+
+    def assertions(self, env: Env) -> list[Problem]:
+        base: tuple[str | int, ...] = ("services", "mail")
+        out: list[Problem] = []
+        domains = [d.name for d in self.domains]
+        boxes = [m.address for m in self.mailboxes]
+        alias_names = [a.address for a in self.aliases]
+        fqdn = env.server.fqdn.lower()
+        if not _DOMAIN.match(fqdn):
+            out.append(Problem(("hostname",), f"the mail server's name {fqdn!r} cannot have a "
+                               "certificate (not a valid host name)"))
+        for i, d in enumerate(self.domains):
+            if domains.index(d.name) != i:
+                out.append(Problem((*base, "domains", i, "name"), f"domain {d.name} is listed "
+                                   "twice"))
+            if d.name == fqdn:
+                out.append(Problem((*base, "domains", i, "name"), f"{d.name} is the server's own "
+                                   "name (its local mail): use the domain above it"))
+            if d.catch_all is not None:
+                if not any(b.endswith("@" + d.name) for b in boxes):
+                    out.append(Problem((*base, "domains", i, "catch_all"), f"catch-all on "
+                                       f"{d.name}, which has no mailbox"))
+                elif d.catch_all not in boxes:
+                    out.append(Problem((*base, "domains", i, "catch_all"), f"catch-all target "
+                                       f"{d.catch_all} is not a mailbox"))
+        for i, m in enumerate(self.mailboxes):
+            if boxes.index(m.address) != i:
+                out.append(Problem((*base, "mailboxes", i, "address"), f"mailbox {m.address} "
+                                   "is listed twice"))
+            if m.address.split("@")[1] not in domains:
+                out.append(Problem((*base, "mailboxes", i, "address"), f"{m.address}: "
+                                   f"{m.address.split('@')[1]} is not one of the mail domains "
+                                   f"({', '.join(domains)})"))
+        for i, a in enumerate(self.aliases):
+            where = (*base, "aliases", i)
+            if a.address in boxes:
+                out.append(Problem((*where, "address"), f"{a.address} is both a mailbox and an "
+                                   "alias"))
+            elif alias_names.index(a.address) != i:
+                out.append(Problem((*where, "address"), f"alias {a.address} is listed twice"))
+            if a.address.split("@")[1] not in domains:
+                out.append(Problem((*where, "address"), f"{a.address}: not in one of the mail "
+                                   f"domains ({', '.join(domains)})"))
+            for j, t in enumerate(a.to):
+                if t.split("@")[1] in domains and t not in boxes and t not in alias_names:
+                    out.append(Problem((*where, "to", j), f"{t} is in a mail domain of this "
+                                       "server but is no mailbox or alias: mail to "
+                                       f"{a.address} would bounce"))
+        return out
+
+    # ------------------------------------------------------------------ requests
+
+    def requests(self, env: Env) -> list[Request]:
+        name = env.server.fqdn
+        out: list[Request] = [
+            Certificate((name,), reload=("postfix.service", "dovecot.service"),
+                        origin=f"{env.path}"),
+            Port(25, "tcp", "internet", comment="SMTP (mail from other servers)"),
+            Port(465, "tcp", "internet", comment="SMTP submission over TLS"),
+            Port(587, "tcp", "internet", comment="SMTP submission (STARTTLS)"),
+            Port(993, "tcp", "internet", comment="IMAP over TLS"),
+            SystemUser("vmail", home=VMAIL),
+            BackupSource(VMAIL),
+            BackupSource(DKIM_KEYS),
+            Jail("postfix-sasl", port="smtp,465,submission"),
+            Jail("dovecot", port="imaps"),
+            HealthCheck("unit", "postfix.service"),
+            HealthCheck("unit", "dovecot.service"),
+            HealthCheck("unit", "opendkim.service"),
+            HealthCheck("tcp", "127.0.0.1:25"),
+            HealthCheck("tcp", "127.0.0.1:993"),
+            Sendmail("postfix"),
+        ]
+        for i, d in enumerate(self.domains):
+            origin = f"{env.path}.domains.{i}"
+            out += [
+                DnsRecord(d.name, "MX", f"10 {name}.", origin=origin),
+                DnsRecord(d.name, "TXT", '"v=spf1 mx -all"', origin=origin),
+                DnsRecord(f"_dmarc.{d.name}", "TXT",
+                          f'"v=DMARC1; p={d.dmarc_policy}; adkim=s; aspf=s"', origin=origin),
+            ]
+            for s in d.dkim_selectors:
+                out.append(DnsRecord(
+                    f"{s}._domainkey.{d.name}", "TXT",
+                    f"<the key generated on the server: {DKIM_KEYS}/{d.name}/{s}.txt>",
+                    origin=origin))
+        return out
+
+    # ------------------------------------------------------------------ Postfix
+
+    def main_cf(self, env: Env) -> str:
+        name = env.server.fqdn
+        tls = f"{TLS_DIR}/{name}"
+        return "\n".join([
+            "# Managed by selfhost: changes here are overwritten on the next deploy.",
+            "compatibility_level = 3.6",
+            f"myhostname = {name}",
+            "myorigin = $myhostname",
+            "mydestination = $myhostname, localhost",
+            "mynetworks = 127.0.0.0/8 [::1]/128",
+            "inet_interfaces = all",
+            "inet_protocols = all",
+            "alias_maps = hash:/etc/aliases",
+            "alias_database = hash:/etc/aliases",
+            "recipient_delimiter = +",
+            "biff = no",
+            "append_dot_mydomain = no",
+            "smtpd_banner = $myhostname ESMTP",
+            "disable_vrfy_command = yes",
+            "smtpd_helo_required = yes",
+            f"message_size_limit = {self.max_message_mb * 1024 * 1024}",
+            "mailbox_size_limit = 0",
+            "",
+            "# The mail domains: mailboxes delivered to Dovecot over LMTP.",
+            "virtual_mailbox_domains = " + ", ".join(d.name for d in self.domains),
+            f"virtual_mailbox_maps = texthash:{MAILBOXES}",
+            f"virtual_alias_maps = texthash:{ALIASES}",
+            "virtual_transport = lmtp:unix:private/dovecot-lmtp",
+            f"smtpd_sender_login_maps = texthash:{SENDERS}",
+            "",
+            "# TLS: the certificate of the server's name; TLS 1.2 or later.",
+            f"smtpd_tls_chain_files = {tls}/privkey.pem, {tls}/fullchain.pem",
+            "smtpd_tls_security_level = may",
+            "smtpd_tls_auth_only = yes",
+            "smtpd_tls_protocols = >=TLSv1.2",
+            "smtpd_tls_mandatory_protocols = >=TLSv1.2",
+            "smtpd_tls_mandatory_ciphers = high",
+            "smtpd_tls_session_cache_database = btree:${data_directory}/smtpd_scache",
+            "smtp_tls_security_level = may",
+            "smtp_tls_protocols = >=TLSv1.2",
+            "smtp_tls_CAfile = /etc/ssl/certs/ca-certificates.crt",
+            "smtp_tls_session_cache_database = btree:${data_directory}/smtp_scache",
+            "",
+            "# Port 25: no login (submission only); mail for the mail domains, no relaying;",
+            "# mail from the mail domains comes through submission, never from outside.",
+            "smtpd_sasl_auth_enable = no",
+            "smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, "
+            "reject_unauth_destination",
+            "smtpd_sender_restrictions = reject_non_fqdn_sender, permit_mynetworks, "
+            f"check_sender_access texthash:{LOCAL_SENDERS}",
+            "",
+            "# DKIM signing (OpenDKIM), for submitted mail and the system's own.",
+            f"smtpd_milters = inet:127.0.0.1:{DKIM_PORT}",
+            f"non_smtpd_milters = inet:127.0.0.1:{DKIM_PORT}",
+            "milter_default_action = accept",
+            "",
+        ])
+
+    def master_cf(self, release: str) -> str:
+        relay_log = ("${multi_instance_name?{$multi_instance_name}:{postfix}}/$service_name"
+                     if release != "bookworm" else "postfix/$service_name")
+        submission = [
+            "  -o smtpd_tls_security_level=encrypt",
+            "  -o smtpd_sasl_auth_enable=yes",
+            "  -o smtpd_sasl_type=dovecot",
+            "  -o smtpd_sasl_path=private/auth",
+            "  -o smtpd_tls_auth_only=yes",
+            "  -o smtpd_client_restrictions=permit_sasl_authenticated,reject",
+            "  -o smtpd_sender_restrictions=reject_non_fqdn_sender,reject_sender_login_mismatch",
+            "  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject",
+            "  -o smtpd_recipient_restrictions=",
+            "  -o milter_macro_daemon_name=ORIGINATING",
+            "  -o cleanup_service_name=subcleanup",
+        ]
+        return "\n".join([
+            "# Managed by selfhost: Debian's services, submission on 587 (STARTTLS) and 465",
+            "# (TLS), and a cleanup service that strips the submitting client's details.",
+            "# service type  private unpriv  chroot  wakeup  maxproc command + args",
+            "smtp      inet  n       -       y       -       -       smtpd",
+            "submission inet n       -       y       -       -       smtpd",
+            "  -o syslog_name=postfix/submission",
+            *submission,
+            "submissions inet n      -       y       -       -       smtpd",
+            "  -o syslog_name=postfix/submissions",
+            "  -o smtpd_tls_wrappermode=yes",
+            *submission,
+            "pickup    unix  n       -       y       60      1       pickup",
+            "cleanup   unix  n       -       y       -       0       cleanup",
+            "subcleanup unix n       -       y       -       0       cleanup",
+            f"  -o header_checks=regexp:{SUBMISSION_HEADERS}",
+            "qmgr      unix  n       -       n       300     1       qmgr",
+            "tlsmgr    unix  -       -       y       1000?   1       tlsmgr",
+            "rewrite   unix  -       -       y       -       -       trivial-rewrite",
+            "bounce    unix  -       -       y       -       0       bounce",
+            "defer     unix  -       -       y       -       0       bounce",
+            "trace     unix  -       -       y       -       0       bounce",
+            "verify    unix  -       -       y       -       1       verify",
+            "flush     unix  n       -       y       1000?   0       flush",
+            "proxymap  unix  -       -       n       -       -       proxymap",
+            "proxywrite unix -       -       n       -       1       proxymap",
+            "smtp      unix  -       -       y       -       -       smtp",
+            "relay     unix  -       -       y       -       -       smtp",
+            f"        -o syslog_name={relay_log}",
+            "showq     unix  n       -       y       -       -       showq",
+            "error     unix  -       -       y       -       -       error",
+            "retry     unix  -       -       y       -       -       error",
+            "discard   unix  -       -       y       -       -       discard",
+            "local     unix  -       n       n       -       -       local",
+            "virtual   unix  -       n       n       -       -       virtual",
+            "lmtp      unix  -       -       y       -       -       lmtp",
+            "anvil     unix  -       -       y       -       1       anvil",
+            "scache    unix  -       -       y       -       1       scache",
+            "postlog   unix-dgram n  -       n       -       1       postlogd",
+            "",
+        ])
+
+    def maps(self, env: Env) -> dict[str, str]:
+        """The texthash tables: mailboxes, aliases (with catch-alls), sender owners."""
+        head = "# Managed by selfhost: changes here are overwritten on the next deploy.\n"
+        boxes = [m.address for m in self.mailboxes]
+        mailboxes = "".join(f"{b} {b.split('@')[1]}/{b.split('@')[0]}/\n" for b in sorted(boxes))
+        alias_lines: list[str] = []
+        notify = env.server.notify
+        if notify is not None:  # the system's own mail (cron, updates) goes to the admin
+            for local in ("root", "postmaster"):
+                alias_lines.append(f"{local}@{env.server.fqdn} {notify.email}")
+        for a in sorted(self.aliases, key=lambda a: a.address):
+            alias_lines.append(f"{a.address} {', '.join(a.to)}")
+        for d in sorted(self.domains, key=lambda d: d.name):
+            if d.catch_all is None:
+                continue
+            # A catch-all would also take the mailboxes' mail: they map to themselves first.
+            alias_lines += [f"{b} {b}" for b in sorted(boxes) if b.endswith("@" + d.name)]
+            alias_lines.append(f"@{d.name} {d.catch_all}")
+        owners: dict[str, list[str]] = {b: [b] for b in boxes}
+        for a in self.aliases:
+            mine = [t for t in a.to if t in boxes]
+            if mine:
+                owners.setdefault(a.address, [])
+                owners[a.address] += [t for t in mine if t not in owners[a.address]]
+        senders = "".join(f"{addr} {','.join(owners[addr])}\n" for addr in sorted(owners))
+        return {
+            MAILBOXES: head + mailboxes,
+            ALIASES: head + "".join(line + "\n" for line in alias_lines),
+            SENDERS: head + senders,
+            LOCAL_SENDERS: head + "".join(
+                f"{d.name} REJECT 5.7.1 mail from {d.name} is sent after logging in, on the "
+                "submission port\n" for d in sorted(self.domains, key=lambda d: d.name)),
+            SUBMISSION_HEADERS: head + "# Submitted mail: the client's address, name and "
+            "program stay private.\n"
+            "/^Received:/ IGNORE\n/^X-Originating-IP:/ IGNORE\n/^X-Mailer:/ IGNORE\n"
+            "/^User-Agent:/ IGNORE\n",
+        }
+
+    # ------------------------------------------------------------------ Dovecot
+
+    def users_file(self, env: Env) -> tuple[str, tuple[SecretPiece, ...]]:
+        """The passwd-file: one line per mailbox, with a marker for its password hash."""
+        release = env.require_target().release
+        lines = ["# Managed by selfhost: the mailboxes (bcrypt hashes of their passwords)."]
+        secrets: list[SecretPiece] = []
+        for m in sorted(self.mailboxes, key=lambda m: m.address):
+            quota = (f"userdb_quota_rule=*:storage={m.quota_mb}M" if release == "bookworm"
+                     else f"userdb_quota_storage_size={m.quota_mb}M")
+            lines.append(f"{m.address}:{{BLF-CRYPT}}{SECRET_MARK.format(len(secrets))}"
+                         f"::::::{quota}")
+            secrets.append(SecretPiece(m.password, "bcrypt",
+                                       context=f"{env.server.fqdn}/mail/{m.address}"))
+        return "\n".join(lines) + "\n", tuple(secrets)
+
+    def dovecot_conf(self, env: Env) -> str:
+        release = env.require_target().release
+        name = env.server.fqdn
+        tls = f"{TLS_DIR}/{name}"
+        postmaster = f"postmaster@{self.domains[0].name}"
+        services = [
+            "service imap-login {",
+            "  inet_listener imap {",
+            "    port = 0",
+            "  }",
+            "  inet_listener imaps {",
+            "    port = 993",
+            "    ssl = yes",
+            "  }",
+            "}",
+            "service lmtp {",
+            "  unix_listener /var/spool/postfix/private/dovecot-lmtp {",
+            "    mode = 0600",
+            "    user = postfix",
+            "    group = postfix",
+            "  }",
+            "}",
+            "service auth {",
+            "  unix_listener /var/spool/postfix/private/auth {",
+            "    mode = 0660",
+            "    user = postfix",
+            "    group = postfix",
+            "  }",
+            "}",
+        ]
+        mailboxes = [
+            "namespace inbox {",
+            "  inbox = yes",
+            "  separator = /",
+        ]
+        for box, use in (("Drafts", "Drafts"), ("Sent", "Sent"), ("Junk", "Junk"),
+                         ("Trash", "Trash")):
+            mailboxes += [f"  mailbox {box} {{", f"    special_use = \\{use}",
+                          "    auto = subscribe", "  }"]
+        mailboxes.append("}")
+        head = ["# Managed by selfhost: changes here are overwritten on the next deploy.",
+                f"# Dovecot {'2.3 (Debian 12)' if release == 'bookworm' else '2.4 (Debian 13)'}"
+                ": IMAP over TLS (993 only), LMTP from Postfix, Sieve, quota."]
+        if release == "bookworm":
+            body = [
+                "protocols = imap lmtp",
+                "listen = *, ::",
+                "ssl = required",
+                f"ssl_cert = <{tls}/fullchain.pem",
+                f"ssl_key = <{tls}/privkey.pem",
+                "ssl_min_protocol = TLSv1.2",
+                "ssl_prefer_server_ciphers = yes",
+                "disable_plaintext_auth = yes",
+                "auth_mechanisms = plain login",
+                "first_valid_uid = 100",
+                "mail_uid = vmail",
+                "mail_gid = vmail",
+                f"mail_home = {VMAIL}/%d/%n",
+                "mail_location = maildir:~/Maildir",
+                "mail_plugins = $mail_plugins quota",
+                *mailboxes,
+                "passdb {",
+                "  driver = passwd-file",
+                f"  args = scheme=BLF-CRYPT {USERS}",
+                "}",
+                "userdb {",
+                "  driver = passwd-file",
+                f"  args = {USERS}",
+                "}",
+                "plugin {",
+                "  quota = count:User quota",
+                "  quota_vsizes = yes",
+                "  quota_grace = 0",
+                "  quota_rule = *:storage=2G",
+                "  quota_exceeded_message = Quota exceeded: the mailbox of this recipient is "
+                "full.",
+                "  sieve = file:~/sieve;active=~/.dovecot.sieve",
+                "}",
+                "lmtp_rcpt_check_quota = yes",
+                *services,
+                "protocol lmtp {",
+                f"  postmaster_address = {postmaster}",
+                "  mail_plugins = $mail_plugins sieve",
+                "}",
+                "protocol imap {",
+                "  mail_plugins = $mail_plugins imap_quota",
+                "}",
+            ]
+        else:
+            body = [
+                "dovecot_config_version = 2.4.0",
+                "dovecot_storage_version = 2.4.0",
+                "protocols = imap lmtp",
+                "listen = *, ::",
+                "ssl = required",
+                f"ssl_server_cert_file = {tls}/fullchain.pem",
+                f"ssl_server_key_file = {tls}/privkey.pem",
+                "ssl_min_protocol = TLSv1.2",
+                "auth_allow_cleartext = no",
+                "auth_mechanisms = plain login",
+                "first_valid_uid = 100",
+                "mail_uid = vmail",
+                "mail_gid = vmail",
+                "mail_driver = maildir",
+                f"mail_home = {VMAIL}/%{{user | domain}}/%{{user | username}}",
+                "mail_path = ~/Maildir",
+                "mail_plugins {",
+                "  quota = yes",
+                "}",
+                *mailboxes,
+                "passdb passwd-file {",
+                f"  passwd_file_path = {USERS}",
+                "  default_password_scheme = BLF-CRYPT",
+                "}",
+                "userdb passwd-file {",
+                f"  passwd_file_path = {USERS}",
+                "}",
+                "quota \"User quota\" {",
+                "  driver = count",
+                "}",
+                "quota_storage_size = 2G",
+                "quota_storage_grace = 0",
+                "quota_exceeded_message = Quota exceeded: the mailbox of this recipient is full.",
+                "lmtp_rcpt_check_quota = yes",
+                *services,
+                "protocol lmtp {",
+                f"  postmaster_address = {postmaster}",
+                "  mail_plugins {",
+                "    sieve = yes",
+                "  }",
+                "}",
+                "protocol imap {",
+                "  mail_plugins {",
+                "    imap_quota = yes",
+                "  }",
+                "}",
+                "sieve_script personal {",
+                "  driver = file",
+                "  path = ~/sieve",
+                "  active_path = ~/.dovecot.sieve",
+                "}",
+            ]
+        return "\n".join(head + body) + "\n"
+
+    # ------------------------------------------------------------------ OpenDKIM
+
+    def opendkim_conf(self) -> str:
+        return "\n".join([
+            "# Managed by selfhost: DKIM signing of the mail domains' outgoing mail.",
+            "Syslog yes",
+            "UMask 007",
+            "Mode s",
+            f"Socket inet:{DKIM_PORT}@127.0.0.1",
+            "PidFile /run/opendkim/opendkim.pid",
+            "UserID opendkim",
+            "Canonicalization relaxed/simple",
+            "OversignHeaders From",
+            f"KeyTable file:{KEY_TABLE}",
+            f"SigningTable refile:{SIGNING_TABLE}",
+            "InternalHosts 127.0.0.1, ::1",
+            "",
+        ])
+
+    def key_table(self) -> str:
+        lines = ["# Managed by selfhost: selector._domainkey.domain domain:selector:key"]
+        for d in sorted(self.domains, key=lambda d: d.name):
+            for s in d.dkim_selectors:
+                lines.append(f"{s}._domainkey.{d.name} {d.name}:{s}:{DKIM_KEYS}/{d.name}/"
+                             f"{s}.private")
+        return "\n".join(lines) + "\n"
+
+    def signing_table(self) -> str:
+        lines = ["# Managed by selfhost: the first selector of each domain signs."]
+        for d in sorted(self.domains, key=lambda d: d.name):
+            lines.append(f"*@{d.name} {d.dkim_selectors[0]}._domainkey.{d.name}")
+        return "\n".join(lines) + "\n"
+
+    # ------------------------------------------------------------------ contribution
+
+    def contribute(self, env: Env) -> Contribution:
+        target = env.require_target()
+        name = env.server.fqdn
+        c = Contribution(packages=["postfix", "dovecot-imapd", "dovecot-lmtpd", "dovecot-sieve",
+                                   "opendkim", "opendkim-tools", "openssl", "ca-certificates"])
+        tls = f"{TLS_DIR}/{name}"
+        # Until the web server has exported the certificate, a self-signed placeholder lets
+        # Postfix and Dovecot start; the export replaces it and reloads them.
+        c.commands.append(Command(
+            f"mail: placeholder certificate for {name} until the real one is exported",
+            f"install -d -m 0755 {TLS_DIR} && install -d -m 0750 {tls} && "
+            f"openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN={name} "
+            f"-addext subjectAltName=DNS:{name} -keyout {tls}/privkey.pem.new "
+            f"-out {tls}/fullchain.pem.new 2>/dev/null && chmod 0640 {tls}/privkey.pem.new && "
+            f"mv {tls}/privkey.pem.new {tls}/privkey.pem && "
+            f"mv {tls}/fullchain.pem.new {tls}/fullchain.pem",
+            unless=f"test -s {tls}/fullchain.pem && test -s {tls}/privkey.pem"))
+        for d in sorted(self.domains, key=lambda d: d.name):
+            for s in d.dkim_selectors:
+                key = f"{DKIM_KEYS}/{d.name}/{s}.private"
+                c.commands.append(Command(
+                    f"mail: DKIM key {s} of {d.name} (generated here, never printed)",
+                    f"install -d -m 0750 -o opendkim -g opendkim {DKIM_KEYS} "
+                    f"{DKIM_KEYS}/{d.name} && opendkim-genkey -b 2048 -d {d.name} -s {s} "
+                    f"-D {DKIM_KEYS}/{d.name} && chown opendkim:opendkim {key} && "
+                    f"chmod 0600 {key}",
+                    unless=f"test -s {key}"))
+        c.directories += [
+            ManagedDir(VMAIL, "0750", owner="vmail", group="vmail"),
+            ManagedDir(DKIM_DIR, "0755"),
+        ]
+        validate_main = (
+            "d=$(mktemp -d) && cp {path} \"$d/main.cf\" && cp " + MASTER_CF + " \"$d/\" && "
+            "out=$(postconf -c \"$d\" -n 2>&1 >/dev/null); rc=$?; rm -rf \"$d\"; "
+            "[ $rc -eq 0 ] && [ -z \"$out\" ] || { echo \"$out\" >&2; exit 1; }")
+        validate_master = (
+            "d=$(mktemp -d) && cp " + MAIN_CF + " \"$d/main.cf\" && cp {path} \"$d/master.cf\" "
+            "&& out=$(postconf -c \"$d\" -M 2>&1 >/dev/null); rc=$?; rm -rf \"$d\"; "
+            "[ $rc -eq 0 ] && [ -z \"$out\" ] || { echo \"$out\" >&2; exit 1; }")
+        postfix_files = [MAIN_CF, MASTER_CF, *self.maps(env)]
+        for path, text in self.maps(env).items():
+            c.files.append(ManagedFile(path, text, mode="0644"))
+        c.files.append(ManagedFile(MASTER_CF, self.master_cf(target.release),
+                                   validate=validate_master))
+        c.files.append(ManagedFile(MAIN_CF, self.main_cf(env), validate=validate_main))
+        users, secrets = self.users_file(env)
+        c.files.append(ManagedFile(USERS, users, mode="0640", group="dovecot", secrets=secrets))
+        c.files.append(ManagedFile(DOVECOT_CONF, self.dovecot_conf(env), mode="0644",
+                                   validate="doveconf -n -c {path} >/dev/null"))
+        c.files.append(ManagedFile(KEY_TABLE, self.key_table(), mode="0644"))
+        c.files.append(ManagedFile(SIGNING_TABLE, self.signing_table(), mode="0644"))
+        c.files.append(ManagedFile(OPENDKIM_CONF, self.opendkim_conf(), mode="0644",
+                                   validate="opendkim -n -x {path}"))
+        # Local mail (root, postmaster of the host) goes through Debian's /etc/aliases, whose
+        # table Postfix's package builds only when it is configured at install.
+        c.commands.append(Command("mail: the table of /etc/aliases", "newaliases",
+                                  unless="test -s /etc/aliases.db", after_files=True))
+        c.units += [
+            Unit("opendkim.service", reload_on=(OPENDKIM_CONF, KEY_TABLE, SIGNING_TABLE),
+                 reload=False),
+            Unit("dovecot.service", reload_on=(DOVECOT_CONF, USERS)),
+            Unit("postfix.service", reload_on=tuple(postfix_files)),
+        ]
+        return c
