@@ -79,6 +79,37 @@ def _host(fleet: Fleet, file: str, name: str | None) -> str | int:
     return found
 
 
+def _targets(args: argparse.Namespace, fleet: Fleet
+             ) -> dict[str, tuple[str | None, str | None]] | int:
+    """Which container or SSH destination each host is, from ``--podman``/``--ssh``: NAME
+    (the only or ``--host`` host) or HOST=NAME, repeated for a fleet. Host -> (podman, ssh)."""
+    out: dict[str, tuple[str | None, str | None]] = {}
+    for kind, values in (("podman", args.podman or []), ("ssh", args.ssh or [])):
+        for value in values:
+            name, sep, where = value.partition("=")
+            if not sep:
+                one = _host(fleet, args.file, args.host)
+                if isinstance(one, int):
+                    return one
+                name, where = one, value
+            found = fleet.find(name)
+            if found is None:
+                _err(f"{args.file}: no host {name!r} (hosts: {', '.join(fleet.hosts)})")
+                return EXIT_INVALID
+            out[found] = (where, None) if kind == "podman" else (None, where)
+    return out
+
+
+def _target_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("file", metavar="FILE", help="YAML server or fleet description")
+    p.add_argument("--podman", metavar="[HOST=]NAME", action="append",
+                   help=f"{what} a local podman container (HOST=NAME for each host of a fleet)")
+    p.add_argument("--ssh", metavar="[HOST=]USER@ADDR", action="append",
+                   help=f"{what} a host reached with ssh (and sudo)")
+    p.add_argument("--port", type=int, help="SSH port")
+    p.add_argument("--host", metavar="NAME", help="which host of a fleet the target is")
+
+
 def _load_host(args: argparse.Namespace) -> tuple[Fleet, str] | int:
     """The model of ``args.file`` and the host ``args.host`` names (or its only host); an
     exit status when either is wrong (the problems are printed)."""
@@ -185,22 +216,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     fleet = _load(args.file, args.debug)
     if isinstance(fleet, int):
         return fleet
-    # Which container or SSH destination each host is: NAME (the only or --host host) or
-    # HOST=NAME, repeated for a fleet.
-    targets: dict[str, tuple[str | None, str | None]] = {}
-    for kind, values in (("podman", args.podman or []), ("ssh", args.ssh or [])):
-        for value in values:
-            name, sep, where = value.partition("=")
-            if not sep:
-                one = _host(fleet, args.file, args.host)
-                if isinstance(one, int):
-                    return one
-                name, where = one, value
-            found = fleet.find(name)
-            if found is None:
-                _err(f"{args.file}: no host {name!r} (hosts: {', '.join(fleet.hosts)})")
-                return EXIT_INVALID
-            targets[found] = (where, None) if kind == "podman" else (None, where)
+    targets = _targets(args, fleet)
+    if isinstance(targets, int):
+        return targets
     if not targets:
         _err("selfhost check: give --podman or --ssh")
         return EXIT_INVALID
@@ -240,21 +258,11 @@ def cmd_dns(args: argparse.Namespace) -> int:
     fleet = _load(args.file, args.debug)
     if isinstance(fleet, int):
         return fleet
-    runners = {}
-    for kind, values in (("podman", args.podman or []), ("ssh", args.ssh or [])):
-        for value in values:
-            name, sep, where = value.partition("=")
-            if not sep:
-                one = _host(fleet, args.file, args.host)
-                if isinstance(one, int):
-                    return one
-                name, where = one, value
-            found = fleet.find(name)
-            if found is None:
-                _err(f"{args.file}: no host {name!r} (hosts: {', '.join(fleet.hosts)})")
-                return EXIT_INVALID
-            runners[found] = runner(podman=where if kind == "podman" else None,
-                                    ssh=where if kind == "ssh" else None, ssh_port=args.port)
+    targets = _targets(args, fleet)
+    if isinstance(targets, int):
+        return targets
+    runners = {h: runner(podman=podman, ssh=ssh, ssh_port=args.port)
+               for h, (podman, ssh) in targets.items()}
     records = fleet_records(fleet)
     try:
         values = read_values(records, runners)
@@ -382,13 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "reboot, time sync, each service's health checks, listening sockets the "
                        "model does not explain). Exit status: 0 all good, 1 warnings, 2 drift "
                        "or failures, 3 could not check.")
-    p.add_argument("file", metavar="FILE", help="YAML server or fleet description")
-    p.add_argument("--podman", metavar="[HOST=]NAME", action="append",
-                   help="a local podman container (HOST=NAME for each host of a fleet)")
-    p.add_argument("--ssh", metavar="[HOST=]USER@ADDR", action="append",
-                   help="a host reached with ssh (and sudo)")
-    p.add_argument("--port", type=int, help="SSH port")
-    p.add_argument("--host", metavar="NAME", help="which host of a fleet the target is")
+    _target_arguments(p, "check")
     p.add_argument("--probe-from", metavar="CONTAINER",
                    help="exposure: probe the host's TCP ports from this podman container (a "
                    "second fleet host or a client on the same network)")
@@ -403,13 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "zone-file lines grouped by zone, to paste at a DNS provider. Values made "
                        "on a host (a DKIM public key) are read there with --podman or --ssh; "
                        "without, they are printed commented out with a note.")
-    p.add_argument("file", metavar="FILE", help="YAML server or fleet description")
-    p.add_argument("--podman", metavar="[HOST=]NAME", action="append",
-                   help="read values made on this host from a local podman container")
-    p.add_argument("--ssh", metavar="[HOST=]USER@ADDR", action="append",
-                   help="read values made on this host over ssh (and sudo)")
-    p.add_argument("--port", type=int, help="SSH port")
-    p.add_argument("--host", metavar="NAME", help="which host of a fleet --podman/--ssh is")
+    _target_arguments(p, "read values made on the hosts from")
     p.add_argument("--zone-file", action="store_true",
                    help="whole zones (with $TTL, a placeholder SOA and NS): for named-checkzone "
                    "or an authoritative server")
