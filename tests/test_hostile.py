@@ -74,7 +74,11 @@ RICH: dict[str, Any] = {
                                  "public_key": "8joRWeW8o0h8ONm9TZWXsY28C0wIAwzD6o2cZfhP4mg="}]},
         "monitoring": {"paths": ["/srv"]},
         "resolver": {"blocklist": ["ads.example.com"]},
-        "xmpp": {"accounts": [{"jid": "alice@example.org", "password": {"env": "H15_XMPP"}}]},
+        # Its own domain, which no site serves: the web server then always holds its
+        # certificate with a block of its own (a site named like it would drop that block).
+        "xmpp": {"domains": ["chat.example.org"],
+                 "accounts": [{"jid": "alice@chat.example.org",
+                               "password": {"env": "H15_XMPP"}}]},
         "samba": {"users": [{"name": "carol", "password": {"env": "H15_SMB"}}],
                   "shares": [{"name": "family", "comment": "Photos", "valid_users": ["carol"],
                               "write_list": ["carol"]}]},

@@ -306,8 +306,7 @@ class SambaService(Service):
         ]
         for s in sorted(self.shares, key=lambda s: s.name):
             lines += ["", f"[{s.name}]", f"   path = {s.directory}"]
-            if s.comment:
-                lines.append(f"   comment = {s.comment}")
+            lines.append(f"   comment = {s.comment}")  # always a line, empty or not
             lines += [f"   browseable = {'yes' if s.browseable else 'no'}",
                       "   read only = yes"]
             if s.guest is not None:
