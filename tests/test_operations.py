@@ -21,6 +21,7 @@ import pwd
 import re
 import shlex
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -390,8 +391,15 @@ def test_every_apt_get_of_the_deploy_waits_for_the_dpkg_lock() -> None:
         for m in re.finditer(r"apt-get( -o [^ ]+)*", c):
             assert "-o DPkg::Lock::Timeout=600" in m.group(), c
     script_calls = re.findall(r"^.*apt-get.*$", backend.APT_INSTALL, re.MULTILINE)
-    assert [c for c in script_calls if "install -y" in c]
-    assert 'DPkg::Lock::Timeout=$(remaining)' in backend.APT_INSTALL
+    installs = [c for c in script_calls if "install -y" in c]
+    assert installs
+    # The script's apt-get and dpkg calls are retried by its own loop, which checks between
+    # attempts that no newer deploy took over (an apt waiting inside its own lock timeout
+    # could not): each of them goes through retry_locked.
+    assert "Lock::Timeout" not in "".join(c for c in script_calls if not c.startswith("#"))
+    calls_in_script = re.findall(r"^(?:retry_locked )?(?:apt-get|dpkg) .*$", backend.APT_INSTALL,
+                                 re.MULTILINE)
+    assert calls_in_script and all(c.startswith("retry_locked") for c in calls_in_script)
 
 
 APT_LOCKED = ("E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 42 "
@@ -419,7 +427,8 @@ def _fake_tools(tmp_path: Path, busy_runs: int, message: str = APT_LOCKED) -> Pa
 def _apt_install(tmp_path: Path, bin_: Path, timeout: int, *names: str) -> Any:
     return subprocess.run(["sh", "-c", backend.APT_INSTALL, "selfhost-apt", str(timeout), *names],
                           capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}"})
+                          env={**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}",
+                               "SELFHOST_APT_OWNER": str(tmp_path / "owner")})
 
 
 @pytest.mark.parametrize("message", [
@@ -436,7 +445,7 @@ def test_apt_install_waits_for_a_busy_package_manager(tmp_path: Path, message: s
                                    "unattended-upgr (pid 42)): waiting up to 60s for it")
     log = (tmp_path / "log").read_text().splitlines()
     assert log[0].startswith("apt-get update -qq")
-    assert log[1].startswith("apt-get install -y -qq --no-install-recommends -o DPkg::Lock")
+    assert log[1].startswith("apt-get install -y -qq --no-install-recommends -o Acquire")
     assert log[1].endswith(" caddy sudo")
 
 
@@ -446,6 +455,29 @@ def test_apt_install_gives_up_after_its_timeout(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "still busy after 3s" in done.stderr and "Could not get lock" in done.stderr
     assert not (tmp_path / "log").exists()
+
+
+def test_apt_install_gives_way_to_a_newer_run(tmp_path: Path) -> None:
+    # A run left waiting by a killed deploy stops, without installing, once a newer run has
+    # written its own token (it would otherwise install an older model's packages later).
+    bin_ = _fake_tools(tmp_path, busy_runs=1000)
+    owner = tmp_path / "owner"
+    proc = subprocess.Popen(["sh", "-c", backend.APT_INSTALL, "selfhost-apt", "60", "caddy"],
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}",
+                                 "SELFHOST_APT_OWNER": str(owner)})
+    for _ in range(100):
+        if owner.exists() and (tmp_path / "count").exists():
+            break
+        time.sleep(0.05)
+    first = owner.read_text()
+    owner.write_text("12345.1\n")  # what a newer run writes
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75, err
+    assert err.strip().endswith("a newer deploy has taken over the package manager: this run "
+                                "stops here")
+    assert first.split(".")[0] == str(proc.pid)
+    assert not (tmp_path / "log").exists()  # nothing was installed
 
 
 def test_apt_install_stops_at_once_on_another_error(tmp_path: Path) -> None:

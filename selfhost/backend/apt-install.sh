@@ -6,18 +6,34 @@
 # Another apt, dpkg or unattended-upgrades run may hold the package manager's locks (or one
 # left running by an interrupted deploy): wait up to TIMEOUT seconds for them, saying so once,
 # instead of failing at once with "Could not get lock /var/lib/dpkg/lock-frontend". apt-get
-# waits for the dpkg lock itself (DPkg::Lock::Timeout, apt >= 1.9.11); `apt-get update` and
-# `dpkg` fail at once on a held lock, so they are retried until the deadline.
+# and dpkg fail at once on a held lock, so they are retried every 2 s until the deadline
+# (not apt's own DPkg::Lock::Timeout: a run waiting inside apt could not see that it was
+# superseded, below).
 #
 # A dpkg run that was interrupted (a crash, a killed deploy) leaves /var/lib/dpkg/updates
 # not empty, and apt then refuses to work until `dpkg --configure -a` has run: run it first.
 # Without PACKAGE arguments, only that recovery is done, or the wait for a busy dpkg.
+#
+# A killed deploy does not kill this script on the target (neither a cut SSH session nor a
+# killed `podman exec` does): left waiting for a lock, it would later install the packages of
+# an older model, and hold the lock during the next deploys. Each run writes its own token
+# into OWNER; before each attempt it checks that the token is still its own, and stops when a
+# newer run has taken over (the newer run waits for whatever the older one is doing).
 set -u
 timeout=$1
 shift
 export DEBIAN_FRONTEND=noninteractive
 deadline=$(( $(date +%s) + timeout ))
 said=""
+owner=${SELFHOST_APT_OWNER:-/run/selfhost-apt-install.owner}
+me="$$.$(date +%s%N)"
+if ! { printf '%s\n' "$me" > "$owner.$$" && mv -f "$owner.$$" "$owner"; } 2>/dev/null; then
+    owner=""  # not writable (not root?): no take-over, the run goes on
+fi
+
+superseded() {
+    [ -n "$owner" ] && [ "$(cat "$owner" 2>/dev/null)" != "$me" ]
+}
 
 holder() {
     # Which process holds a lock of the package manager, when lslocks can tell.
@@ -28,6 +44,11 @@ holder() {
 # Run "$@" (its output is kept only for a failure), retrying while a lock is held.
 retry_locked() {
     while :; do
+        if superseded; then
+            echo "selfhost: a newer deploy has taken over the package manager: this run" \
+                 "stops here" >&2
+            exit 75
+        fi
         if out=$("$@" 2>&1); then
             return 0
         fi
@@ -54,12 +75,6 @@ retry_locked() {
     done
 }
 
-remaining() {
-    r=$(( deadline - $(date +%s) ))
-    [ "$r" -gt 0 ] || r=1
-    echo "$r"
-}
-
 if [ -n "$(ls -A /var/lib/dpkg/updates 2>/dev/null)" ]; then
     echo "selfhost: dpkg was interrupted (a crash or a killed run): running" \
          "dpkg --configure -a first" >&2
@@ -74,7 +89,6 @@ fi
 
 retry_locked apt-get update -qq -o Acquire::http::Timeout=30 -o Acquire::Retries=3 || exit 1
 retry_locked apt-get install -y -qq --no-install-recommends \
-    -o "DPkg::Lock::Timeout=$(remaining)" \
     -o Acquire::http::Timeout=30 -o Acquire::Retries=3 \
     -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
     "$@"

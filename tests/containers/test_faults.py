@@ -113,6 +113,36 @@ def test_a_busy_package_manager_is_waited_for(container: Start, release: str) ->
 
 
 @pytest.mark.parametrize("release", RELEASES)
+def test_an_orphaned_install_of_a_killed_deploy_gives_way(container: Start,
+                                                          release: str) -> None:
+    # A deploy killed while its installer waited for a busy lock leaves that installer
+    # running on the target (seen in the faults scenario: it installed its packages after the
+    # next deploy had finished, holding the lock during the one after). Here: the lock is
+    # held for 15 s, an installer of `hello` is left waiting for it (as a killed deploy
+    # leaves it), and a new deploy wants `tree`. The old installer must stop without
+    # installing anything; the new one installs once the lock is free.
+    name = container(release)
+    hold = 15
+    sh(name, f"cat > /root/hold.py <<'EOF'\n{HOLD_LOCK}EOF")
+    podman("exec", "--detach", name, "python3", "/root/hold.py", str(hold))
+    sh(name, "for i in $(seq 50); do [ -e /run/h15-locked ] && break; sleep 0.2; done; "
+             "test -e /run/h15-locked")
+    script = (REPO / "selfhost" / "backend" / "apt-install.sh").read_text(encoding="utf-8")
+    sh(name, f"cat > /root/apt-install.sh <<'EOF'\n{script}EOF")
+    podman("exec", "--detach", name, "sh", "-c",
+           "sh /root/apt-install.sh 600 hello > /root/orphan.log 2>&1; echo $? > /root/orphan.rc")
+    sh(name, "for i in $(seq 50); do grep -q busy /root/orphan.log && break; sleep 0.2; done")
+    res = deploy(name, "--data", "packages=tree", deploy_file=PACKAGES_DEPLOY)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    sh(name, "for i in $(seq 50); do [ -e /root/orphan.rc ] && break; sleep 0.2; done")
+    got = sh(name, "cat /root/orphan.rc; dpkg-query -W -f='${db:Status-Abbrev}\n' tree; "
+                   "dpkg-query -W -f='${db:Status-Abbrev}\n' hello 2>/dev/null || echo none",
+             check=False).stdout.split()
+    assert got == ["75", "ii", "none"], (got, sh(name, "cat /root/orphan.log").stdout)
+    assert "a newer deploy has taken over" in sh(name, "cat /root/orphan.log").stdout
+
+
+@pytest.mark.parametrize("release", RELEASES)
 def test_without_the_wait_apt_fails_at_once(container: Start, release: str) -> None:
     # The failure this guards against, seen for real: plain apt-get under a held lock.
     name = container(release)
