@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +115,72 @@ def test_no_secret_in_files_a_non_root_user_can_read(host: Any, values: dict[str
             assert [f for f in files if f != "/var/tmp/selfhost-canary"] == [], user
     finally:
         exec_in(name, ["rm", "-f", "/var/tmp/selfhost-canary"])
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+TOTAL = re.compile(r"Grand total\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)")
+PYINFRA = Path(sys.executable).parent / "pyinfra"
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _ssh_deploy(name: str, port: int, values: dict[str, str], model: Path,
+                cut_at: str | None = None) -> tuple[int, str, bool]:
+    """A deploy over SSH as alice (as molecule/ssh/deploy.py runs it); with ``cut_at`` (a
+    phase), the SSH connection is cut from the target's side when that phase starts: alice's
+    unprivileged sshd session process is killed, as a dropped link or a closed laptop does."""
+    env = {**os.environ, "SELFHOST_TEST_ADMIN_PASSWORD": values["admin_password"],
+           "SELFHOST_TEST_BACKUP_PASSWORD": values["backup_password"],
+           "SELFHOST_TEST_SMTP_PASSWORD": values["smtp_password"],
+           "SELFHOST_SSH_PORT": str(port), "SELFHOST_SSH_KEY": str(WORK / "id_ed25519"),
+           "SELFHOST_SSH_KNOWN_HOSTS": str(WORK / f"known_hosts-{name}"),
+           "SELFHOST_SSH_MODEL": str(model),
+           "SELFHOST_SSH_SUDO_PASSWORD": values["admin_password"], "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([str(PYINFRA), "-y", "molecule/ssh/inventory.py",
+                             "deploys/home_server.py"], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    lines, cut = [], False
+    for line in proc.stdout:
+        lines.append(line)
+        if cut_at and not cut and re.search(rf"Starting operation: .*\bselfhost {cut_at}\s*$",
+                                            ANSI.sub("", line)):
+            # The session's unprivileged process ("sshd: alice@notty"), not the listener.
+            exec_in(name, ["pkill", "-KILL", "-u", "alice", "-x", "sshd"])
+            exec_in(name, ["pkill", "-KILL", "-u", "alice", "-x", "sshd-session"])
+            cut = True
+    rc = proc.wait(timeout=900)
+    return rc, ANSI.sub("", "".join(lines)), cut
+
+
+def _port(name: str) -> int:
+    out = subprocess.run(["podman", "port", name, "22/tcp"], capture_output=True, text=True,
+                         check=True).stdout
+    return int(out.strip().splitlines()[0].rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("phase", ["files", "reloads"])
+def test_a_cut_connection_leaves_ssh_working_and_the_next_deploy_converges(
+        host: Any, values: dict[str, str], phase: str) -> None:
+    # Model B adds a site (new files, a Caddy reload); the link is cut when `phase` starts.
+    name = host.backend.name
+    port = _port(name)
+    model_a = WORK / "model.yaml"
+    model = json.loads(model_a.read_text())
+    model["services"]["web"]["sites"].append({"host": "cut", "source": model["services"]["web"]
+                                              ["sites"][0]["source"]})
+    model_b = WORK / "model-cut.yaml"
+    model_b.write_text(json.dumps(model, indent=2) + "\n")
+    rc, out, cut = _ssh_deploy(name, port, values, model_b, cut_at=phase)
+    assert cut, out[-3000:]
+    assert rc != 0, out[-3000:]  # the deploy saw its connection go
+    state = exec_in(name, ["sh", "-c", "systemctl is-active ssh; /usr/sbin/sshd -t && echo ok; "
+                                       "find / -xdev -name '*.selfhost-new' 2>/dev/null"])
+    assert state.stdout.split()[:2] == ["active", "ok"], state.stdout
+    # The next deploy (model A again) reconnects, converges and removes what was staged.
+    rc, out, _ = _ssh_deploy(name, port, values, model_a)
+    assert rc == 0, out[-4000:]
+    assert exec_in(name, ["sh", "-c", "find / -xdev -name '*.selfhost-new' 2>/dev/null"]
+                   ).stdout.strip() == ""
+    rc, out, _ = _ssh_deploy(name, port, values, model_a)
+    totals = TOTAL.findall(out)
+    assert rc == 0 and totals and totals[-1][1] in ("-", "0"), out[-3000:]
