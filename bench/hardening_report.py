@@ -86,7 +86,7 @@ CHECKS: list[tuple[str, str, str]] = [
      "dpkg-query -W -f='${Status}' unattended-upgrades | grep -q 'ok installed' && "
      "systemctl is-enabled apt-daily-upgrade.timer >/dev/null"),
     ("kernel", "hardened sysctl file and module blacklist present",
-     "grep -q '^kernel.kptr_restrict = 2' /etc/sysctl.d/60-selfhost-hardening.conf && "
+     "grep -q '^kernel.kptr_restrict = 2' /etc/sysctl.d/99-zz-selfhost-hardening.conf && "
      "grep -q '^blacklist dccp' /etc/modprobe.d/selfhost-blacklist.conf"),
     ("accounts", "umask 027, yescrypt, faillock and pwquality in PAM",
      "grep -qE '^UMASK\\s+027' /etc/login.defs && grep -qE '^ENCRYPT_METHOD\\s+YESCRYPT' "

@@ -30,6 +30,7 @@ from selfhost.compile.diff import step_changes
 from selfhost.compile.plan import File, Packages, Plan, Run, Sync, UnitState, User
 from selfhost.compile.removal import REMOVED
 from selfhost.compile.target import RELEASES, Target
+from selfhost.hardening.kernel import SYSCTL_CONF
 from selfhost.state import Query, State, parse, script
 
 if TYPE_CHECKING:
@@ -60,6 +61,44 @@ def expected_files(plan: Plan) -> dict[str, bytes]:
         if isinstance(s, File) and not s.file.opaque:
             out[s.file.path] = s.file.content.encode()
     return out
+
+
+def planned_sysctls(plan: Plan) -> dict[str, str]:
+    """Kernel settings the plan writes (key -> value, blanks folded), from its sysctl file."""
+    out: dict[str, str] = {}
+    for s in plan.steps:
+        if isinstance(s, File) and s.file.path == SYSCTL_CONF:
+            for line in s.file.content.splitlines():
+                key, eq, value = line.partition("=")
+                if eq and not line.lstrip().startswith(("#", ";")):
+                    out[key.strip()] = " ".join(value.split())
+    return out
+
+
+def _sysctl_script(keys: list[str]) -> list[str]:
+    """Shell printing, for the given keys, the value systemd-sysctl sets at boot and the file
+    that sets it last (``H sysctl-boot KEY VALUE FILE``), and the live value of those the
+    kernel lets this host change (``H sysctl-now KEY VALUE``: not in a container, whose
+    /proc/sys is read-only)."""
+    if not keys:
+        return []
+    q = shlex.quote
+    awk = ("BEGIN { n = split(keys, a, \" \"); for (i = 1; i <= n; i++) want[a[i]] = 1 } "
+           "/^# \\// { f = $2; next } "
+           "/^[ \\t]*-?[A-Za-z]/ { l = $0; sub(/^[ \\t]*-/, \"\", l); i = index(l, \"=\"); "
+           "if (!i) next; k = substr(l, 1, i - 1); v = substr(l, i + 1); "
+           "gsub(/^[ \\t]+|[ \\t]+$/, \"\", k); gsub(/^[ \\t]+|[ \\t]+$/, \"\", v); "
+           "gsub(/[ \\t]+/, \" \", v); gsub(\"/\", \".\", k); "
+           "if (k in want) { val[k] = v; src[k] = f } } "
+           "END { for (k in val) printf \"H\\tsysctl-boot\\t%s\\t%s\\t%s\\n\", k, val[k], src[k] }")
+    joined = " ".join(keys)
+    return [
+        f"/usr/lib/systemd/systemd-sysctl --cat-config 2>/dev/null | awk -v keys={q(joined)} "
+        f"{q(awk)}",
+        f"for k in {' '.join(q(k) for k in keys)}; do p=/proc/sys/$(printf %s \"$k\" | tr . /); "
+        "[ -w \"$p\" ] && printf 'H\\tsysctl-now\\t%s\\t%s\\n' \"$k\" "
+        "\"$(tr -s ' \\t' '  ' < \"$p\" | sed 's/ *$//')\"; done",
+    ]
 
 
 def query_for(plans: list[Plan]) -> Query:
@@ -121,6 +160,10 @@ def health_script(plans: list[Plan], expected: dict[str, bytes],
     # side; their lines are printed at the end.
     slow = ["printf 'H\\tupdates\\t%s\\n' \"$(apt-get -s -o Debug::NoLocking=1 upgrade "
             "2>/dev/null | grep '^Inst' | grep -ci security)\""]
+    keys: list[str] = []
+    for plan in plans:
+        keys += [k for k in planned_sysctls(plan) if k not in keys]
+    parts += _sysctl_script(keys)
     for path, content in sorted(expected.items()):
         sha1 = hashlib.sha1(content).hexdigest()
         parts.append(f"[ -f {q(path)} ] && [ \"$(sha1sum < {q(path)} | cut -c1-40)\" != {sha1} ] "
@@ -180,10 +223,15 @@ class Facts:
     checks: dict[tuple[str, str], str] | None = None
     removed: list[tuple[str, str, str]] | None = None
     """(service, when, data kept) of the services earlier deploys removed."""
+    sysctl_boot: dict[str, tuple[str, str]] | None = None
+    """Kernel setting -> (value at boot, the file that sets it last)."""
+    sysctl_now: dict[str, str] | None = None
+    """Kernel setting -> live value, for those the host can change."""
 
 
 def parse_facts(lines: list[str]) -> Facts:
-    f = Facts(failed=[], disks=[], contents={}, checks={}, removed=[])
+    f = Facts(failed=[], disks=[], contents={}, checks={}, removed=[], sysctl_boot={},
+              sysctl_now={})
     ss: list[str] = []
     for line in lines:
         p = line.split("\t")
@@ -218,6 +266,12 @@ def parse_facts(lines: list[str]) -> Facts:
                 f.updates = _int(v[0])
             elif k == "ntp":
                 f.ntp = v[0]
+            elif k == "sysctl-boot" and len(v) >= 3:
+                assert f.sysctl_boot is not None
+                f.sysctl_boot[v[0]] = (v[1], v[2])
+            elif k == "sysctl-now" and len(v) >= 2:
+                assert f.sysctl_now is not None
+                f.sysctl_now[v[0]] = v[1]
     f.sockets = "\n".join(ss)
     return f
 
@@ -262,6 +316,7 @@ def findings(plan: Plan, state: State, facts: Facts) -> list[Finding]:
         out.append(Finding("error", "drift", f"an interrupted or rolled-back deploy left a "
                            f"{kind} undone ({what if kind == 'reload' else marker})",
                            "run the deploy: it does what was left"))
+    out += _sysctl_findings(planned_sysctls(plan), facts)
     for unit in facts.failed or []:
         out.append(Finding("error", "health", f"unit {unit} has failed",
                            f"journalctl -u {unit}; systemctl restart {unit}"))
@@ -308,6 +363,28 @@ def findings(plan: Plan, state: State, facts: Facts) -> list[Finding]:
                                f"{sock.describe()} listens, and the model does not explain it",
                                "stop that program, or add its service to the model"))
     return sorted(out, key=lambda f: SEVERITIES.index(f.severity))
+
+
+def _sysctl_findings(want: dict[str, str], facts: Facts) -> list[Finding]:
+    """Kernel settings another file overrides at boot, and settings changed at run time.
+
+    A change of the model's own file is the file's drift, reported with it: not again here."""
+    out = []
+    boot, now = facts.sysctl_boot or {}, facts.sysctl_now or {}
+    for key, value in sorted(want.items()):
+        at_boot, source = boot.get(key, (value, SYSCTL_CONF))
+        if at_boot != value and source != SYSCTL_CONF:
+            out.append(Finding(
+                "error", "drift", f"kernel setting {key} = {at_boot} at boot: {source} "
+                f"overrides the model's {value}",
+                f"remove {key} from {source}, or set hardening.kernel.sysctl_overrides in "
+                "the model"))
+        elif key in now and now[key] != value and at_boot == value:
+            out.append(Finding(
+                "error", "drift", f"kernel setting {key} is {now[key]} now, the model says "
+                f"{value} (changed since boot, e.g. by sysctl -w)",
+                "sudo sysctl --system applies the files again (a reboot does too)"))
+    return out
 
 
 def _backup_age(repo: str, limit_hours: int, result: str) -> list[Finding]:

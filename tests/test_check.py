@@ -21,11 +21,13 @@ from selfhost.check import (
     findings,
     health_script,
     parse_facts,
+    planned_sysctls,
     probe_script,
     query_for,
     render,
     to_json,
 )
+from selfhost.hardening.kernel import SYSCTL_CONF
 from selfhost.state import FileState
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -273,3 +275,40 @@ def test_a_full_tmpfs_counts_but_the_system_runtime_mounts_do_not() -> None:
     res = subprocess.run(["awk", "-v", "max=85", program], capture_output=True, text=True,
                          input="/run 99 1\n/dev/shm 100 1\n/tmp 97 2\n/ 40 10\n", timeout=10)
     assert res.stdout == "warning\thealth\t/tmp is 97% full (2% of its inodes)\n", res.stderr
+
+
+def test_kernel_settings_overridden_at_boot_or_changed_since_are_drift() -> None:
+    p = plan()
+    want = planned_sysctls(p)
+    assert want["kernel.sysrq"] == "0" and want["fs.protected_fifos"] == "2"
+    st = converged(p)
+    facts = healthy()
+    facts.sysctl_boot = {"kernel.sysrq": ("0", SYSCTL_CONF),
+                         "fs.protected_fifos": ("1", "/usr/lib/sysctl.d/99-z-vendor.conf"),
+                         "kernel.kptr_restrict": ("1", SYSCTL_CONF)}  # our file's own drift
+    facts.sysctl_now = {"kernel.sysrq": "1", "fs.protected_fifos": "1",
+                        "kernel.dmesg_restrict": "1"}
+    found = findings(p, st, facts)
+    assert [f.what for f in found] == [
+        "kernel setting fs.protected_fifos = 1 at boot: /usr/lib/sysctl.d/99-z-vendor.conf "
+        "overrides the model's 2",
+        "kernel setting kernel.sysrq is 1 now, the model says 0 (changed since boot, e.g. by "
+        "sysctl -w)"]
+    assert all(f.severity == "error" and f.area == "drift" for f in found)
+    assert "hardening.kernel.sysctl_overrides" in found[0].todo
+    assert exit_code(found) == EXIT_FAIL
+    # The script reads both, and its lines parse back.
+    text = health_script([p], {})
+    assert "systemd-sysctl --cat-config" in text and " kernel.sysrq " in text
+    back = parse_facts(["H\tsysctl-boot\tkernel.sysrq\t1\t/etc/sysctl.d/99-zzz-local.conf",
+                        "H\tsysctl-now\tnet.ipv4.ip_forward\t0"])
+    assert back.sysctl_boot == {"kernel.sysrq": ("1", "/etc/sysctl.d/99-zzz-local.conf")}
+    assert back.sysctl_now == {"net.ipv4.ip_forward": "0"}
+
+
+def test_the_sysctl_file_sorts_after_every_file_debian_ships() -> None:
+    # systemd-sysctl: the last file by name wins, whatever its directory. Debian 12's systemd
+    # ships 99-protect-links.conf (fs.protected_fifos = 1), procps 99-sysctl.conf.
+    name = SYSCTL_CONF.rsplit("/", 1)[1]
+    assert all(name > other for other in ("99-protect-links.conf", "99-sysctl.conf",
+                                          "50-pid-max.conf", "10-coredump-debian.conf"))

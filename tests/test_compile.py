@@ -47,7 +47,7 @@ NFTABLES = "/etc/nftables.conf"
 CADDYFILE = "/etc/caddy/Caddyfile"
 JAIL = "/etc/fail2ban/jail.local"
 SUDOERS = "/etc/sudoers.d/selfhost-admins"
-SYSCTL = "/etc/sysctl.d/60-selfhost-hardening.conf"
+SYSCTL = "/etc/sysctl.d/99-zz-selfhost-hardening.conf"
 MODPROBE = "/etc/modprobe.d/selfhost-blacklist.conf"
 
 # ssh-audit's built-in policies "Hardened Debian 12 (version 3)" / "Hardened Debian 13", plus

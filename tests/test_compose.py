@@ -112,7 +112,7 @@ CONTRACTS: list[tuple[str, Request, Callable[[dict[str, str]], bool]]] = [
      lambda f: "tcp dport 5232 meta skuid != { caddy, root } reject" in f["/etc/nftables.conf"]),
     ("sysctl", Sysctl("net.ipv4.ip_forward", "1", origin="services.test"),
      lambda f: "# requested by services.test\nnet.ipv4.ip_forward = 1\n"
-     in f["/etc/sysctl.d/60-selfhost-hardening.conf"]),
+     in f["/etc/sysctl.d/99-zz-selfhost-hardening.conf"]),
     ("jail", Jail("test-login", port="8443", filter="selfhost-test", logpath="/var/log/t.log",
                   filter_definition="[Definition]\nfailregex = ^bad <HOST>$\n",
                   origin="services.test"),
@@ -164,7 +164,7 @@ def test_system_user_provider_creates_a_guarded_account() -> None:
 def test_controls_switched_off_still_honour_requests() -> None:
     off = {"kernel": {"enabled": False, "reason": "the hoster's kernel"}}
     f = files(server(hardening=off), Sysctl("net.ipv4.ip_forward", "1", origin="services.vpn"))
-    text = f["/etc/sysctl.d/60-selfhost-hardening.conf"]
+    text = f["/etc/sysctl.d/99-zz-selfhost-hardening.conf"]
     assert "hardening.kernel is off: the hoster's kernel" in text
     assert "# requested by services.vpn\nnet.ipv4.ip_forward = 1\n" in text
     assert "kernel.kptr_restrict" not in text  # the control's own settings stay off

@@ -39,7 +39,7 @@ def test_the_example_composes_vpn_firewall_kernel_and_web() -> None:
     assert 'ip saddr 10.8.0.0/24 masquerade comment "wireguard"' in rules
     assert "ip saddr @vpn4 tcp dport 443 accept" in rules  # the calendars: VPN only
     assert "# requested by services.wireguard\nnet.ipv4.ip_forward = 1" in \
-        f["/etc/sysctl.d/60-selfhost-hardening.conf"]
+        f["/etc/sysctl.d/99-zz-selfhost-hardening.conf"]
     assert "@outside not remote_ip 10.8.0.0/24" in f["/etc/caddy/Caddyfile"]
     packages = next(s.names for s in plan.steps if type(s).__name__ == "Packages")
     assert {"wireguard-tools", "wireguard-go"} <= set(packages)
@@ -56,7 +56,7 @@ def test_without_internet_access_no_forwarding_and_no_nat() -> None:
     [plan] = compile_fleet(Fleet.of(validated(data))).values()
     f = plan.files()
     assert "masquerade" not in f["/etc/nftables.conf"]
-    assert "net.ipv4.ip_forward = 0" in f["/etc/sysctl.d/60-selfhost-hardening.conf"]
+    assert "net.ipv4.ip_forward = 0" in f["/etc/sysctl.d/99-zz-selfhost-hardening.conf"]
 
 
 @pytest.mark.parametrize("peer,message", [

@@ -23,7 +23,14 @@ if TYPE_CHECKING:
 
 DEFAULT_PRIORITY = 1000
 OVERRIDE_PRIORITY = 50
-SYSCTL_CONF = "/etc/sysctl.d/60-selfhost-hardening.conf"
+SYSCTL_CONF = "/etc/sysctl.d/99-zz-selfhost-hardening.conf"
+"""systemd-sysctl applies the files of /etc, /run and /usr/lib's sysctl.d in the order of
+their names, whatever the directory, and the last assignment of a key wins at boot. The name
+sorts after every file Debian ships (Debian 12's systemd has ``99-protect-links.conf``, which
+set fs.protected_fifos back to 1 when this file was ``60-...``) and after ``99-sysctl.conf``
+(/etc/sysctl.conf): the model wins. ``selfhost check`` reports a file that overrides it."""
+OLD_SYSCTL_CONF = "/etc/sysctl.d/60-selfhost-hardening.conf"
+"""Where earlier versions wrote the settings; removed by the deploy."""
 MODPROBE_CONF = "/etc/modprobe.d/selfhost-blacklist.conf"
 
 HARDENED_SYSCTL: dict[str, str] = {
@@ -134,6 +141,9 @@ class KernelHardening(Control):
                     lines.append(f"# requested by {r.origin}")
                 lines.append(f"{r.name} = {r.value}")
             c.files.append(ManagedFile(SYSCTL_CONF, "\n".join(lines) + "\n"))
+            c.commands.append(Command("remove the kernel settings file of earlier versions",
+                                      f"rm -f {OLD_SYSCTL_CONF}",
+                                      unless=f"[ ! -e {OLD_SYSCTL_CONF} ]"))
             c.commands.append(Command("apply kernel settings", APPLY, on_change=(SYSCTL_CONF,)))
         if not self.enabled:
             return c

@@ -45,6 +45,8 @@ def test_tampering_is_found_and_a_redeploy_state_is_clean_again(host: Any) -> No
         # the deploy unmasks it first (the model wins).
         host.check_output("systemctl mask --now cron.service")
         host.check_output("chmod 0666 /etc/issue")
+        # A local file that sorts after the model's sysctl file overrides it at boot.
+        host.check_output("echo 'kernel.sysrq = 1' > /etc/sysctl.d/99-zzz-local.conf")
         host.check_output("nohup python3 -m http.server 8765 --bind 0.0.0.0 "
                           ">/dev/null 2>&1 & sleep 1")
         code, found = check(name)
@@ -56,10 +58,13 @@ def test_tampering_is_found_and_a_redeploy_state_is_clean_again(host: Any) -> No
         assert "start-unit cron.service: inactive" in whats
         assert "enable-unit cron.service: masked" in whats
         assert "fix-file-meta /etc/issue: root:root 0666 -> root:root 0644" in whats
+        assert ("kernel setting kernel.sysrq = 1 at boot: /etc/sysctl.d/99-zzz-local.conf "
+                "overrides the model's 0") in whats
         assert any(f["area"] == "exposure" and f["what"].startswith("8765/tcp on 0.0.0.0")
                    for f in found), found
     finally:
         host.run(f"printf %s {shlex.quote(original)} > {JAIL}")
+        host.run("rm -f /etc/sysctl.d/99-zzz-local.conf")
         host.run("chmod 0644 /etc/issue; systemctl unmask cron.service; "
                  "systemctl start cron.service")
         host.run("pkill -f 'http.server 8765'")

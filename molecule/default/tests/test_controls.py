@@ -124,7 +124,7 @@ DEVSEC_INTENT = {  # dev-sec os-hardening's sysctl intent, as values selfhost mu
 
 
 def _sysctl_file(host: Any) -> dict[str, str]:
-    text = host.file("/etc/sysctl.d/60-selfhost-hardening.conf").content_string
+    text = host.file("/etc/sysctl.d/99-zz-selfhost-hardening.conf").content_string
     return dict(re.findall(r"^([\w.-]+)\s*=\s*(\S+)\s*$", text, re.M))
 
 

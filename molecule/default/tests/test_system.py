@@ -64,10 +64,28 @@ def test_timezone(host: Any, model: dict[str, Any]) -> None:
 
 
 def test_sysctl_hardening_file(host: Any) -> None:
-    conf = host.file("/etc/sysctl.d/60-selfhost-hardening.conf")
+    conf = host.file("/etc/sysctl.d/99-zz-selfhost-hardening.conf")
     assert conf.is_file
     assert conf.user == "root"
     assert re.search(r"^kernel\.kptr_restrict\s*=\s*2$", conf.content_string, re.M)
+    assert not host.file("/etc/sysctl.d/60-selfhost-hardening.conf").exists  # the old name
+
+
+def test_the_model_wins_every_sysctl_key_at_boot(host: Any) -> None:
+    # systemd-sysctl applies the sysctl.d files in the order of their names, the last
+    # assignment wins: on Debian 12, systemd's 99-protect-links.conf set fs.protected_fifos
+    # back to 1 after the model's file while it was named 60-...
+    ours = dict(re.findall(r"^([\w.-]+)\s*=\s*(\S+)\s*$", host.file(
+        "/etc/sysctl.d/99-zz-selfhost-hardening.conf").content_string, re.M))
+    last: dict[str, tuple[str, str]] = {}
+    source = ""
+    for line in host.check_output("/usr/lib/systemd/systemd-sysctl --cat-config").splitlines():
+        if line.startswith("# /"):
+            source = line[2:]
+        elif (m := re.match(r"^-?([\w./-]+)\s*=\s*(.*?)\s*$", line)):
+            last[m.group(1).replace("/", ".")] = (m.group(2), source)
+    wrong = {k: last[k] for k, v in ours.items() if last.get(k, (v, ""))[0] != v}
+    assert ours and wrong == {}, wrong
 
 
 # --- admins --------------------------------------------------------------------------------
