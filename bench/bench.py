@@ -109,13 +109,17 @@ def median(xs: list[float]) -> float:
 
 # ---------------------------------------------------------------- containers
 
-def start_containers(names: list[str], publish_ssh: bool = False) -> None:
+def start_containers(names: list[str], publish_ssh: bool = False, tun: bool = False) -> None:
+    """Fresh bookworm systemd containers (``tun``: with /dev/net/tun, for a VPN in the
+    model: wireguard-go runs in a container)."""
     env = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
     for name in names:
         cmd = [REAL_PODMAN, "run", "-d", "--name", name, "--hostname", "nas",
                "--cap-add", "NET_ADMIN", "--cap-add", "NET_RAW", "--systemd=always"]
         if publish_ssh:
             cmd += ["-p", "127.0.0.1::22"]
+        if tun:
+            cmd += ["--device=/dev/net/tun"]
         CREATED.append(name)
         sh([*cmd, IMAGE, "/sbin/init"], env=env, timeout=120)
     for name in names:
@@ -340,18 +344,26 @@ def floor_one(pkgs: list[str]) -> dict[str, Any]:
 
 
 def figure1(runs: int, deploy: str) -> dict[str, Any]:
-    pkgs = package_set(EXAMPLE)
-    log(f"figure 1: {runs} x (converge + floor), packages: {' '.join(pkgs)}")
+    return converge_vs_floor(EXAMPLE, runs, deploy, "f1")
+
+
+def converge_vs_floor(model: Path, runs: int, deploy: str, tag: str,
+                      tun: bool = False) -> dict[str, Any]:
+    """First converges of ``model`` against apt installs of its package set, in pairs of
+    fresh containers."""
+    pkgs = package_set(model)
+    log(f"figure {tag[1:]}: {runs} x (converge + floor) of {model.name}, packages: "
+        f"{' '.join(pkgs)}")
     deploys, floors = [], []
     for r in range(runs):
-        a, b = f"{PREFIX}-f1-deploy-{r}", f"{PREFIX}-f1-floor-{r}"
-        start_containers([a, b])
+        a, b = f"{PREFIX}-{tag}-deploy-{r}", f"{PREFIX}-{tag}-floor-{r}"
+        start_containers([a, b], tun=tun)
         try:
             # Alternate the order so that slow drift (mirror, load) hits both sides alike.
             order = ["deploy", "floor"] if r % 2 == 0 else ["floor", "deploy"]
             for what in order:
                 if what == "deploy":
-                    d = run_pyinfra([str(inventory([a]))], deploy, EXAMPLE, f"f1-{r}",
+                    d = run_pyinfra([str(inventory([a]))], deploy, model, f"{tag}-{r}",
                                     containers=[a])
                     d["hosts"] = 1
                     deploys.append(d)
@@ -383,7 +395,10 @@ BENCH_SECRETS = {
     "DAV_ALICE_PASSWORD": "bench only: Alice's calendar password, 2026!",
     "DAV_BOB_PASSWORD": "bench only: Bob's address book password, 2026!",
     "SELFHOST_BACKUP_USB_PASSWORD": "bench-only-usb-password",
+    "NAS_CAROL_PASSWORD": "bench only: Carol's share password, 2026!",
+    "XMPP_ALICE_PASSWORD": "bench only: Alice's chat password, 2026!",
 }
+CATALOG = SRC / "examples" / "catalog.yaml"
 
 
 def ssh_model(example: Path, pubkey: str) -> Path:
@@ -410,11 +425,30 @@ def figure2(runs: int, deploy: str) -> dict[str, Any]:
     return out
 
 
-def noop_redeploys(model: Path, key: Path, runs: int, deploy: str, tag: str) -> dict[str, Any]:
+def figure5(runs: int, deploy: str) -> dict[str, Any]:
+    """The whole catalog on one host (examples/catalog.yaml: every service but the resolver
+    and mail): first converge vs its apt floor, then no-op re-deploys and checks."""
+    key = TMP / "id_ed25519"
+    if not key.exists():
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "selfhost-bench", "-f",
+            str(key)])
+    pub = (TMP / "id_ed25519.pub").read_text().strip()
+    for k, v in BENCH_SECRETS.items():
+        os.environ.setdefault(k, v)
+    model = ssh_model(CATALOG, pub)
+    out = converge_vs_floor(model, runs, deploy, "f5", tun=True)
+    out["noop"] = noop_redeploys(model, key, runs, deploy, "f5noop", tun=True)
+    out["model"] = ("examples/catalog.yaml with a generated key for alice, test-only passwords "
+                    "from the environment")
+    return out
+
+
+def noop_redeploys(model: Path, key: Path, runs: int, deploy: str, tag: str,
+                   tun: bool = False) -> dict[str, Any]:
     name = f"{PREFIX}-{tag}"
-    log(f"figure 2 ({model.name}): converge {name} over @podman, then {runs} no-op runs over "
-        "@podman and SSH")
-    start_containers([name], publish_ssh=True)
+    log(f"figure {tag[1]} ({model.name}): converge {name} over @podman, then {runs} no-op runs "
+        "over @podman and SSH")
+    start_containers([name], publish_ssh=True, tun=tun)
     out: dict[str, Any] = {}
     try:
         port = int(sh([REAL_PODMAN, "port", name, "22/tcp"]).stdout.strip().rsplit(":", 1)[1])
@@ -659,27 +693,31 @@ def noop_rows(model: str, r: dict[str, Any], ssh_goal: float,
     return rows
 
 
+def converge_row(label: str, r: dict[str, Any]) -> tuple[str, str, str, str]:
+    """The row of a first converge against its apt floor (figures 1 and 5)."""
+    # Each round runs the converge and the floor back to back in two fresh containers:
+    # the per-round ratio is less exposed to drift (mirror speed, others' load) than the
+    # ratio of the medians, so the verdict takes the worse of the two.
+    pairs = [d["wall_s"] / fl["wall_s"]
+             for d, fl in zip(r["deploy_runs"], r["floor_runs"], strict=False)
+             if d["rc"] == 0 and fl["rc"] == 0]
+    paired = median(pairs)
+    non_apt = median([d["wall_s"] - sum(d.get("apt_command_s", {}).values())
+                      for d in r["deploy_runs"] if d["rc"] == 0])
+    return (
+        label,
+        f"converge {fmt_s(r['deploy_median_s'])} / apt floor {fmt_s(r['floor_median_s'])}"
+        f" = x{r['ratio']:.2f}; per round " + ", ".join(f"x{x:.2f}" for x in pairs)
+        + f" (median x{paired:.2f}); converge minus its apt command: {fmt_s(non_apt)}"
+        + (f"; {r['deploy_failures']} failed run(s)" if r["deploy_failures"] else ""),
+        "<= x1.3", verdict(max(r["ratio"], paired) <= 1.3 and not r["deploy_failures"]))
+
+
 def table(res: dict[str, Any]) -> str:
     rows: list[tuple[str, str, str, str]] = []
     f = res.get("figures", {})
     if "1" in f:
-        r = f["1"]
-        # Each round runs the converge and the floor back to back in two fresh containers:
-        # the per-round ratio is less exposed to drift (mirror speed, others' load) than the
-        # ratio of the medians, so the verdict takes the worse of the two.
-        pairs = [d["wall_s"] / fl["wall_s"]
-                 for d, fl in zip(r["deploy_runs"], r["floor_runs"], strict=False)
-                 if d["rc"] == 0 and fl["rc"] == 0]
-        paired = median(pairs)
-        non_apt = median([d["wall_s"] - sum(d.get("apt_command_s", {}).values())
-                          for d in r["deploy_runs"] if d["rc"] == 0])
-        rows.append((
-            "1. first converge vs floor",
-            f"converge {fmt_s(r['deploy_median_s'])} / apt floor {fmt_s(r['floor_median_s'])}"
-            f" = x{r['ratio']:.2f}; per round " + ", ".join(f"x{x:.2f}" for x in pairs)
-            + f" (median x{paired:.2f}); converge minus its apt command: {fmt_s(non_apt)}"
-            + (f"; {r['deploy_failures']} failed run(s)" if r["deploy_failures"] else ""),
-            "<= x1.3", verdict(max(r["ratio"], paired) <= 1.3 and not r["deploy_failures"])))
+        rows.append(converge_row("1. first converge vs floor", f["1"]))
     if "2" in f:
         models: list[tuple[str, dict[str, Any], float, int | None]] = [("", f["2"], 10.0, None)]
         if "calendars" in f["2"]:
@@ -756,6 +794,10 @@ def table(res: dict[str, Any]) -> str:
                 growth = d[b]["per_item_s"] / d[a]["per_item_s"]
                 rows.append((f"4. {dim}: per-item time {b} vs {a}", f"x{growth:.2f}",
                              "<= x1.5 (linear)", verdict(growth <= 1.5)))
+    if "5" in f:
+        rows.append(converge_row("5. catalog.yaml: first converge vs floor", f["5"]))
+        rows += [(label.replace("2. ", "5. ", 1), *rest)
+                 for label, *rest in noop_rows("catalog.yaml ", f["5"]["noop"], 2.0, None)]
     w = [max(len(x[i]) for x in [("figure", "measured", "goal", "pass/fail"), *rows])
          for i in range(4)]
     line = "+".join("-" * (n + 2) for n in w)
@@ -772,7 +814,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="runs per figure (median; default 3)")
     ap.add_argument("--quick", action="store_true",
                     help="1 run, fleets of 1 and 4 hosts, no fleet floor (about 8 minutes)")
-    ap.add_argument("--only", default="1,2,3,4", help="figures to run, e.g. 2,4")
+    ap.add_argument("--only", default="1,2,3,4,5", help="figures to run, e.g. 2,4")
     ap.add_argument("--fleet", default=None, help="fleet sizes (default 1,2,4,8)")
     ap.add_argument("--fleet-runs", type=int, default=1,
                     help="runs per fleet size above 1 host (default 1: an 8-host converge "
@@ -809,7 +851,7 @@ def main() -> int:
     }
     try:
         res["code"] = snapshot_code()
-        if only & {"1", "2", "3"}:
+        if only & {"1", "2", "3", "5"}:
             log("images/build bookworm (cached) ...")
             sh([str(ROOT / "images" / "build"), "bookworm"], timeout=1800)
             deploy, deploy_note = pick_deploy()
@@ -830,6 +872,8 @@ def main() -> int:
                                           with_floor=not a.quick)
         if "4" in only:
             res["figures"]["4"] = figure4(runs, a.quick)
+        if "5" in only:
+            res["figures"]["5"] = figure5(runs, deploy)
     finally:
         cleanup()
         res["loadavg_end"] = loadavg()
