@@ -311,6 +311,9 @@ def findings(plan: Plan, state: State, facts: Facts) -> list[Finding]:
                         f"{step.file.path} (on the server)", f"{step.file.path} (the model)"))
             out.append(Finding("error", "drift", change.describe(),
                                "run the deploy to put it back (or change the model)", diff))
+    for path in sorted(state.staged):
+        out.append(Finding("error", "drift", f"{path}.selfhost-new: a staged copy left by an "
+                           "interrupted deploy", "run the deploy: it removes it"))
     for marker in sorted(state.pending):
         kind, _, what = marker.partition("-")
         out.append(Finding("error", "drift", f"an interrupted or rolled-back deploy left a "

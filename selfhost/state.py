@@ -109,6 +109,8 @@ class State:
     pending: set[str] = field(default_factory=set)
     """Markers left in :data:`PENDING_DIR` by an interrupted deploy."""
     space: dict[str, Space | None] = field(default_factory=dict)
+    staged: set[str] = field(default_factory=set)
+    """Managed files whose staged copy (``PATH.selfhost-new``) an interrupted deploy left."""
     upload_dir: str | None = None
     """The private upload directory of the login user (absolute path); ``""`` when no sudo is
     involved, so uploads go straight to their destination; ``None`` when not asked for or
@@ -158,7 +160,9 @@ def script(q: Query) -> str:
         parts.append(
             f"if [ -f {q_(path)} ]; then printf 'F\\t{i}\\t%s\\t%s\\n' "
             f"\"$(sha1sum < {q_(path)} | cut -c1-40)\" \"$(stat -L -c '%a %U %G' {q_(path)})\"; "
-            f"else printf 'F\\t{i}\\t-\\n'; fi"
+            f"else printf 'F\\t{i}\\t-\\n'; fi; "
+            # A staged copy left by a deploy cut between its upload and its rename.
+            f"[ ! -e {q_(path + '.selfhost-new')} ] || printf 'T\\t{i}\\t1\\n'"
         )
     for i, path in enumerate(q.dirs):
         parts.append(
@@ -240,6 +244,8 @@ def parse(q: Query, lines: list[str]) -> State:
                     st.files[q.files[i]] = fs
                 else:
                     st.dirs[q.dirs[i]] = fs
+        elif kind == "T" and i < len(q.files):
+            st.staged.add(q.files[i])
         elif kind == "G":
             st.guards[q.guards[i]] = f[2] == "1"
         elif kind == "U":

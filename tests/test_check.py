@@ -155,6 +155,11 @@ def test_work_left_by_an_interrupted_deploy_is_drift() -> None:
     assert (f.severity, f.what) == ("error", "an interrupted or rolled-back deploy left a "
                                              "reload undone "
                                              "(caddy.service)")
+    st.pending = set()
+    st.staged = {"/etc/caddy/Caddyfile"}
+    [f] = findings(p, st, healthy())
+    assert (f.severity, f.what) == ("error", "/etc/caddy/Caddyfile.selfhost-new: a staged copy "
+                                             "left by an interrupted deploy")
 
 
 def test_the_daily_check_unit_treats_findings_as_a_report() -> None:

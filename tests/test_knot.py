@@ -91,3 +91,50 @@ def test_a_name_server_inside_its_zone_needs_an_address() -> None:
         load_fleet_text(text, "dns.yaml")
     assert any(i.path == "hosts.ns1.addresses" and "needs its address" in i.message
                for i in exc.value.issues), exc.value.issues
+
+
+BOTH = """hostname: ns
+domain: example.org
+addresses: {public: [203.0.113.5], lan: [192.168.1.10]}
+admins:
+  - name: alice
+    ssh_keys: [ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIO15aKF3qdwTP7p24+Rliy7SMGYyMZqFPJES7fSwQd7P a@b]
+services:
+  resolver: {}
+  dns: {LISTEN}
+"""
+
+
+def test_a_lan_resolver_and_the_authoritative_server_share_port_53_on_other_addresses() -> None:
+    from selfhost.compile import compile_server
+    from selfhost.config import load_server_text
+
+    # Knot on every address: the resolver's LAN address is taken. Located, with the way out.
+    with pytest.raises(ConfigError) as exc:
+        load_server_text(BOTH.replace("{LISTEN}", "{}"), "both.yaml")
+    msgs = [i.message for i in exc.value.issues]
+    assert any(m.startswith("port 53/udp is requested by both services.resolver and "
+                            "dns-server") and "bind them to different addresses" in m
+               for m in msgs), msgs
+    # Knot on the public address, Unbound on the LAN one: both run.
+    server = load_server_text(BOTH.replace("{LISTEN}", "{listen: [203.0.113.5]}"), "both.yaml")
+    plan = compile_server(server, Target(release="trixie"))
+    files = {s.file.path: str(s.file.content) for s in plan.steps if isinstance(s, File)}
+    assert "    listen: [ 203.0.113.5@53 ]" in files["/etc/knot/knot.conf"]
+    assert "    interface: 192.168.1.10" in files["/etc/unbound/unbound.conf.d/selfhost.conf"]
+    ports = {(p.port, p.proto, p.zone, p.bind) for p in plan.ports if p.port == 53}
+    assert ports == {(53, proto, zone, bind) for proto in ("udp", "tcp") for zone, bind in
+                     (("internet", ("203.0.113.5",)), ("lan", ("192.168.1.10",)))}
+    assert ("tcp", "203.0.113.5:53") in {(h.kind, h.target) for h in plan.health}
+    # An address the host does not have cannot be bound.
+    with pytest.raises(ConfigError) as exc:
+        load_server_text(BOTH.replace("{LISTEN}", "{listen: [203.0.113.6]}"), "both.yaml")
+    assert [(i.path, i.line) for i in exc.value.issues] == [("services.dns.listen.0", 9)]
+
+
+def test_ports_on_other_addresses_do_not_overlap() -> None:
+    from selfhost.compose.requests import Port
+
+    a, b = Port(53, bind=("192.168.1.10",)), Port(53, bind=("203.0.113.5",))
+    assert not a.overlaps(b) and a.overlaps(Port(53)) and Port(53).overlaps(b)
+    assert a.overlaps(Port(53, bind=("192.168.1.10", "10.8.0.1")))

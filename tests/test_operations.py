@@ -138,6 +138,30 @@ def test_managed_file_installs_a_missing_file(pyinfra_host: Any, tmp_path: Path,
     assert noops(caplog) == [f"{path} is up to date"]
 
 
+def test_a_staged_copy_left_by_a_cut_deploy_is_removed(pyinfra_host: Any,
+                                                       tmp_path: Path) -> None:
+    # Seen in the ssh scenario: the connection cut between staging the Caddyfile and renaming
+    # it left Caddyfile.selfhost-new; the next deploy found the file itself up to date and
+    # left the copy behind for good.
+    path = tmp_path / "app.conf"
+    kw = file_kwargs(path, b"key = value\n")
+    assert sh(commands(backend.managed_file, **kw,
+                       state=read_state(Query(files=(str(path),))))[0]).returncode == 0
+    staged = tmp_path / "app.conf.selfhost-new"
+    staged.write_bytes(b"key = other\n")
+    state = read_state(Query(files=(str(path),)))
+    assert state.staged == {str(path)}
+    cmds = list(backend._file(str(path), b"key = value\n", "0640", ME, MY_GROUP, None, False,
+                              state, set()))
+    assert cmds == [f"rm -f {staged}"]
+    assert sh(cmds[0]).returncode == 0 and not staged.exists()
+    assert path.read_bytes() == b"key = value\n"
+    again = read_state(Query(files=(str(path),)))
+    assert again.staged == set()
+    assert list(backend._file(str(path), b"key = value\n", "0640", ME, MY_GROUP, None, False,
+                              again, set())) == []
+
+
 def test_managed_file_fixes_only_mode_when_content_matches(pyinfra_host: Any,
                                                            tmp_path: Path) -> None:
     path = tmp_path / "app.conf"

@@ -693,6 +693,10 @@ def _file(path: str, content: bytes, mode: str, owner: str, group: str, validate
           ) -> Generator[str | StringCommand | FileUploadCommand, None, None]:
     cmds = list(managed_file._inner(path=path, content=content, mode=mode, owner=owner,
                                     group=group, validate=validate, state=state, secret=secret))
+    if not cmds and path in state.staged:
+        # The file is right, but a deploy cut between staging and renaming left its copy.
+        yield f"rm -f {q(path + '.selfhost-new')}"
+        return
     if cmds:
         changed.add(path)
         if owed:

@@ -36,6 +36,11 @@ class Request:
         merge when equal and conflict otherwise. ``None``: never conflicts."""
         return None
 
+    def overlaps(self, other: Request) -> bool:
+        """Whether two requests with the same key really collide (default: always). A port
+        bound to other addresses than another module's does not."""
+        return True
+
     def describe(self) -> str:
         return type(self).__name__
 
@@ -51,12 +56,22 @@ class Port(Request):
     proto: Proto = "tcp"
     zone: Zone = "internet"
     comment: str = ""
+    bind: tuple[str, ...] = ()
+    """The addresses the service listens on; empty: every address (0.0.0.0 and ::). Two
+    modules may listen on one port when their addresses differ (a LAN resolver and an
+    authoritative server on the public address)."""
 
     def key(self) -> object:
         return ("port", self.port, self.proto)
 
+    def overlaps(self, other: Request) -> bool:
+        if not isinstance(other, Port) or not self.bind or not other.bind:
+            return True
+        return bool(set(self.bind) & set(other.bind))
+
     def describe(self) -> str:
-        return f"port {self.port}/{self.proto}"
+        where = f" on {', '.join(self.bind)}" if self.bind else ""
+        return f"port {self.port}/{self.proto}{where}"
 
 
 @dataclass(frozen=True)

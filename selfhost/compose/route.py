@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from selfhost.compose.module import Env, Loc, Module, Problem
-from selfhost.compose.requests import CROSS_HOST, Request, Sendmail, Sysctl
+from selfhost.compose.requests import CROSS_HOST, Port, Request, Sendmail, Sysctl
 
 if TYPE_CHECKING:
     from selfhost.compile.target import Target
@@ -130,7 +130,7 @@ def merge(requests: list[Request], problems: list[Problem]) -> list[Request]:
         requests = [r for r in requests if not (isinstance(r, Sendmail) and r.fallback)]
     out: list[Request] = []
     kept: set[Request] = set()  # `out` as a set: `r in out` made 1000 sites cost 500,000 __eq__
-    by_key: dict[object, Request] = {}
+    by_key: dict[object, list[Request]] = {}
 
     def keep(r: Request) -> None:
         out.append(r)
@@ -145,20 +145,26 @@ def merge(requests: list[Request], problems: list[Problem]) -> list[Request]:
             if r in out:
                 continue
         key = r.key()
-        if key is not None and key in by_key:
-            first = by_key[key]
+        earlier = by_key.get(key, []) if key is not None else []
+        if earlier:
+            first = earlier[0]
             if first.origin == r.origin:
                 keep(r)  # one module's own business (a port in two zones)
                 continue
             if r.shared and dataclasses.replace(first, origin=r.origin) == r:
                 continue  # the same thing asked by two modules, where that is allowed
-            problems.append(Problem(
-                loc_of(r.origin),
-                f"{r.describe()} is requested by both {first.origin} and {r.origin}",
-                other=loc_of(first.origin)))
-            continue
+            clash = next((e for e in earlier if e.origin != r.origin and e.overlaps(r)), None)
+            if clash is not None:
+                hint = (" (bind them to different addresses)"
+                        if isinstance(r, Port) and isinstance(clash, Port)
+                        and (not r.bind or not clash.bind) else "")
+                problems.append(Problem(
+                    loc_of(r.origin),
+                    f"{r.describe()} is requested by both {clash.origin} and {r.origin}"
+                    f"{hint}", other=loc_of(clash.origin)))
+                continue
         if key is not None:
-            by_key[key] = r
+            by_key.setdefault(key, []).append(r)
         keep(r)
     return out
 

@@ -23,6 +23,7 @@ the other's addresses (``automatic-acl``). Knot on a host is configured by one p
 from __future__ import annotations
 
 import re
+from ipaddress import IPv4Address, IPv6Address
 from typing import ClassVar
 
 from pydantic import Field, field_validator
@@ -64,6 +65,12 @@ class AuthoritativeDnsService(Service):
     secondaries: list[str] = Field(
         default_factory=list, description="Hosts of the fleet that serve the zones too, as "
         "secondaries (a friend's host): they transfer each change from this one.")
+    listen: list[IPv4Address | IPv6Address] = Field(
+        default_factory=list, description="The addresses Knot answers on (default: every "
+        "address of the host). Give the public address(es) when a LAN resolver "
+        "(services.resolver) runs on the same host: it binds the LAN/VPN addresses, and both "
+        "need port 53. Each address must be one of the host's own (a public address that "
+        "only the router holds, behind NAT, cannot be bound).")
     dnssec: bool = Field(default=True, description="Sign the zones (Knot's automatic DNSSEC: "
                          "ECDSA P-256 keys, rolled over by Knot). Publish the DS record at "
                          "your registrar: `knotc zone-ksk-submitted` after that.")
@@ -92,6 +99,13 @@ class AuthoritativeDnsService(Service):
         if not _addresses(env, env.host) and self.secondaries:
             out.append(Problem(("addresses",), "this host serves DNS zones to secondaries, "
                                "which need its address: give addresses.public (or lan)"))
+        a = env.server.addresses
+        own = {*a.public, *a.lan, *a.vpn}
+        for i, addr in enumerate(self.listen):
+            if addr not in own:
+                out.append(Problem(("services", "dns", "listen", i), f"{addr} is not one of "
+                                   "this host's addresses in the model (addresses.public, lan "
+                                   "or vpn): Knot could not bind it"))
         for i, name in enumerate(self.secondaries):
             found = env.fleet.find(name)
             if found is None:
@@ -126,19 +140,31 @@ class KnotServer(Module):
 
     provides: ClassVar[tuple[type[Request], ...]] = (DnsZone, DnsSecondary)
 
+    @staticmethod
+    def listen(env: Env) -> tuple[str, ...]:
+        """The addresses Knot binds (``services.dns.listen``; empty: every address). A host
+        that is only a secondary has no ``services.dns``: every address."""
+        dns = getattr(env.server.services, "dns", None)
+        return tuple(str(a) for a in dns.listen) if dns is not None else ()
+
     def requests(self, env: Env) -> list[Request]:
         if not env.incoming(DnsZone) and not env.incoming(DnsSecondary):
             return []
-        return [Port(53, "udp", "internet", comment="DNS"),
-                Port(53, "tcp", "internet", comment="DNS (transfers, large answers)"),
+        bind = self.listen(env)
+        probe = (f"[{bind[0]}]" if ":" in bind[0] else bind[0]) if bind else "127.0.0.1"
+        return [Port(53, "udp", "internet", comment="DNS", bind=bind),
+                Port(53, "tcp", "internet", comment="DNS (transfers, large answers)",
+                     bind=bind),
                 BackupSource("/var/lib/knot"),  # the DNSSEC keys
                 HealthCheck("unit", "knot.service"),
-                HealthCheck("tcp", "127.0.0.1:53")]
+                HealthCheck("tcp", f"{probe}:53")]
 
-    def config(self, zones: list[DnsZone], secondaries: list[DnsSecondary]) -> str:
+    def config(self, zones: list[DnsZone], secondaries: list[DnsSecondary],
+               listen: tuple[str, ...] = ()) -> str:
+        where = ", ".join(f"{a}@53" for a in listen) or "0.0.0.0@53, ::@53"
         lines = ["# Managed by selfhost: changes here are overwritten on the next deploy.",
                  "server:", '    rundir: "/run/knot"', "    user: knot:knot",
-                 "    automatic-acl: on", "    listen: [ 0.0.0.0@53, ::@53 ]", "",
+                 "    automatic-acl: on", f"    listen: [ {where} ]", "",
                  "log:", "  - target: syslog", "    any: info", "",
                  "database:", '    storage: "/var/lib/knot"', ""]
         remotes: dict[str, tuple[str, ...]] = {}
@@ -211,8 +237,9 @@ class KnotServer(Module):
         for z in zones:
             c.files.append(ManagedFile(f"{ZONES}/{z.zone}.zone", self.zone_file(z, env),
                                        validate=f"kzonecheck -o {z.zone} {{path}}"))
-        c.files.append(ManagedFile(CONF, self.config(zones, secondaries), mode="0640",
-                                   group="knot", validate="knotc -c {path} conf-check"))
+        c.files.append(ManagedFile(CONF, self.config(zones, secondaries, self.listen(env)),
+                                   mode="0640", group="knot",
+                                   validate="knotc -c {path} conf-check"))
         # Restarted, not reloaded: a reload does not apply `listen` (seen: after the package's
         # own start, a reload left Knot bound to nothing). The secondaries answer meanwhile.
         c.units.append(Unit("knot.service", reload=False, reload_on=(CONF, *(

@@ -18,8 +18,8 @@ rewrites ``/etc/resolv.conf``: the server keeps resolving through what it used b
 router, systemd-resolved, the container runtime), and a broken or stopped resolver cannot
 cut the server off from Debian's mirrors or from the next deploy that would repair it. Point
 the server at itself by hand if you want to (its LAN address is allowed). Port 53 is this
-module's in the firewall model: another DNS server on the same host (an authoritative one)
-is reported as a port conflict, and it would have to bind other addresses than these.
+module's on these addresses: another DNS server on the same host (an authoritative one)
+must bind other addresses (``services.dns.listen``), or it is reported as a port conflict.
 
 DNSSEC. Unbound validates with Debian's root trust anchor: the ``dns-root-data`` package's
 ``/usr/share/dns/root.key``, which Debian's unit copies to ``/var/lib/unbound/root.key``
@@ -253,8 +253,10 @@ class UnboundService(Service):
     def requests(self, env: Env) -> list[Request]:
         listen = self.listen(env)
         out: list[Request] = []
-        for zone in listen:
-            out += [Port(53, "udp", zone, comment="DNS"), Port(53, "tcp", zone, comment="DNS")]
+        for zone, addrs in listen.items():
+            bind = tuple(str(a) for a in addrs)
+            out += [Port(53, "udp", zone, comment="DNS", bind=bind),
+                    Port(53, "tcp", zone, comment="DNS", bind=bind)]
         out.append(HealthCheck("unit", "unbound.service"))
         first = next((a for addrs in listen.values() for a in addrs), None)
         if first is not None:

@@ -75,12 +75,31 @@ def test_transfers_go_to_the_secondary_only(pair: dict[str, str]) -> None:
     # From the secondary (allowed: it is the primary's secondary) ...
     ok = kdig(pair["secondary"], f"@{pair['primary_ip']}", pair["zone"], "AXFR")
     assert "SOA" in ok and "RRSIG" in ok and "REFUSED" not in ok, ok
-    # ... and from anything else (here the primary itself, over its loopback): refused.
-    res = subprocess.run(["podman", "exec", pair["primary"], "kdig", "+time=3", "@127.0.0.1",
-                          pair["zone"], "AXFR"], capture_output=True, text=True, timeout=60)
-    assert "REFUSED" in res.stdout + res.stderr or "failed" in res.stdout + res.stderr, \
-        res.stdout + res.stderr
+    # ... and from anything else (here the primary itself, from its own address): refused.
+    res = subprocess.run(["podman", "exec", pair["primary"], "kdig", "+time=3",
+                          f"@{pair['primary_ip']}", pair["zone"], "AXFR"],
+                         capture_output=True, text=True, timeout=60)
+    assert "REFUSED" in res.stdout + res.stderr, res.stdout + res.stderr
     assert " SOA " not in res.stdout.replace("\t", " ")
+
+
+def test_the_lan_resolver_shares_port_53_on_its_own_address(pair: dict[str, str]) -> None:
+    """Knot binds the public address only (services.dns.listen), Unbound the LAN one: both
+    answer on port 53 of the same host, each its own view of the server's name."""
+    lan_ip = platform(pair["primary"])["lan_ip"]
+    listening = subprocess.run(["podman", "exec", pair["primary"], "ss", "-H", "-lnup",
+                                "sport = :53"], capture_output=True, text=True, timeout=60)
+    owners = {line.split()[3]: line for line in listening.stdout.splitlines()}
+    assert "knotd" in owners[f"{pair['primary_ip']}:53"] and \
+        "unbound" in owners[f"{lan_ip}:53"], listening.stdout
+    assert not any(a.startswith(("0.0.0.0:", "*:", "[::]:")) for a in owners), owners
+    # From the friend's host on the LAN: the resolver answers with the server's LAN address
+    # (split horizon), recursion available; Knot answers with the public one, authoritative.
+    lan = kdig(pair["secondary"], f"@{lan_ip}", f"ns1.{pair['zone']}", "A")
+    assert "status: NOERROR" in lan and lan_ip in lan and "ra" in lan.split("Flags:")[1]
+    auth = kdig(pair["secondary"], f"@{pair['primary_ip']}", f"ns1.{pair['zone']}", "A",
+                "+short")
+    assert auth.split() == [pair["primary_ip"]]
 
 
 def test_a_change_of_the_model_reaches_the_secondary(pair: dict[str, str],
@@ -90,8 +109,8 @@ def test_a_change_of_the_model_reaches_the_secondary(pair: dict[str, str],
     before = wait_same_serial(pair)
     extra = pair["primary_ip"].rsplit(".", 1)[0] + ".20"
     fleet = (HERE / "fleet.yaml").read_text().replace(
-        f"addresses: {{public: [{pair['primary_ip']}]}}",
-        f"addresses: {{public: [{pair['primary_ip']}, {extra}]}}")
+        f"addresses: {{public: [{pair['primary_ip']}],",
+        f"addresses: {{public: [{pair['primary_ip']}, {extra}],")
     assert extra in fleet
     changed = tmp_path / "fleet.yaml"
     changed.write_text(fleet)
