@@ -8,6 +8,7 @@ must make the check clean again.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 from pathlib import Path
@@ -66,6 +67,16 @@ def test_tampering_is_found_and_a_redeploy_state_is_clean_again(host: Any) -> No
                    for w in whats), sorted(whats)
         assert any(f["area"] == "exposure" and f["what"].startswith("8765/tcp on 0.0.0.0")
                    for f in found), found
+        # The re-deploy puts back what the model owns: the file, the unit, the mode, the
+        # running firewall. A local sysctl file and a program of the user's are theirs: the
+        # check still names them, and the user removes them (as the findings say).
+        res = redeploy(name)
+        assert res.returncode == 0, res.stderr[-3000:]
+        code, found = check(name)
+        assert sorted(errors(found)) == [
+            "kernel setting kernel.sysrq = 1 at boot: /etc/sysctl.d/99-zzz-local.conf "
+            "overrides the model's 0"], found
+        assert host.check_output("nft list table inet selfhost").count("dport 9999") == 0
     finally:
         host.run(f"printf %s {shlex.quote(original)} > {JAIL}")
         host.run("rm -f /etc/sysctl.d/99-zzz-local.conf")
@@ -75,6 +86,15 @@ def test_tampering_is_found_and_a_redeploy_state_is_clean_again(host: Any) -> No
         host.run("pkill -f 'http.server 8765'")
     code, found = check(name)
     assert errors(found) == [], found
+
+
+def redeploy(name: str) -> subprocess.CompletedProcess[str]:
+    """The model's deploy again, as converge.yml runs it (one host)."""
+    return subprocess.run([str(REPO / ".venv" / "bin" / "pyinfra"), "-y",
+                           "inventories/molecule.py", "deploys/home_server.py"],
+                          capture_output=True, text=True, timeout=900, cwd=REPO,
+                          env={**os.environ, "SELFHOST_MOLECULE_HOSTS": name,
+                               "SELFHOST_CONFIG": str(MODEL)})
 
 
 def test_the_loaded_firewall_fingerprint_is_recorded(host: Any) -> None:
