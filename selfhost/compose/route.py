@@ -155,9 +155,10 @@ def merge(requests: list[Request], problems: list[Problem]) -> list[Request]:
                 continue  # the same thing asked by two modules, where that is allowed
             clash = next((e for e in earlier if e.origin != r.origin and e.overlaps(r)), None)
             if clash is not None:
+                # One binds given addresses, the other every address: say the way out.
                 hint = (" (bind them to different addresses)"
                         if isinstance(r, Port) and isinstance(clash, Port)
-                        and (not r.bind or not clash.bind) else "")
+                        and bool(r.bind) != bool(clash.bind) else "")
                 problems.append(Problem(
                     loc_of(r.origin),
                     f"{r.describe()} is requested by both {clash.origin} and {r.origin}"
