@@ -89,16 +89,21 @@ HOLD_LOCK = ("import fcntl, sys, time\n"
 PACKAGES_DEPLOY = "tests/containers/deploy_packages.py"
 
 
+def hold_lock(name: str, seconds: int) -> None:
+    """Hold dpkg's frontend lock in the container for ``seconds``, from now."""
+    sh(name, f"cat > /root/hold.py <<'EOF'\n{HOLD_LOCK}EOF")
+    podman("exec", "--detach", name, "python3", "/root/hold.py", str(seconds))
+    sh(name, "for i in $(seq 50); do [ -e /run/h15-locked ] && break; sleep 0.2; done; "
+             "test -e /run/h15-locked")
+
+
 @pytest.mark.parametrize("release", RELEASES)
 def test_a_busy_package_manager_is_waited_for(container: Start, release: str) -> None:
     # What apt and unattended-upgrades do: a POSIX (fcntl) lock on dpkg's frontend lock, held
     # here for 20 s by a stand-in process (`flock` would not do: apt does not see flock locks).
     name = container(release)
     hold = 20
-    sh(name, f"cat > /root/hold.py <<'EOF'\n{HOLD_LOCK}EOF")
-    podman("exec", "--detach", name, "python3", "/root/hold.py", str(hold))
-    sh(name, "for i in $(seq 50); do [ -e /run/h15-locked ] && break; sleep 0.2; done; "
-             "test -e /run/h15-locked")
+    hold_lock(name, hold)
     locked_at = time.monotonic()
     res = deploy(name, "--data", "packages=hello", deploy_file=PACKAGES_DEPLOY)
     took = time.monotonic() - locked_at
@@ -123,10 +128,7 @@ def test_an_orphaned_install_of_a_killed_deploy_gives_way(container: Start,
     # installing anything; the new one installs once the lock is free.
     name = container(release)
     hold = 15
-    sh(name, f"cat > /root/hold.py <<'EOF'\n{HOLD_LOCK}EOF")
-    podman("exec", "--detach", name, "python3", "/root/hold.py", str(hold))
-    sh(name, "for i in $(seq 50); do [ -e /run/h15-locked ] && break; sleep 0.2; done; "
-             "test -e /run/h15-locked")
+    hold_lock(name, hold)
     script = (REPO / "selfhost" / "backend" / "apt-install.sh").read_text(encoding="utf-8")
     sh(name, f"cat > /root/apt-install.sh <<'EOF'\n{script}EOF")
     podman("exec", "--detach", name, "sh", "-c",
