@@ -278,7 +278,9 @@ def summarise_probe(pr: dict[str, Any], wall: float) -> dict[str, Any]:
     out["op_steps"] = steps
     out["op_steps_total_s"] = sum(x["s"] for x in steps)
     out["ops_that_sent_commands"] = [x["op"] for x in steps if x["commands"]]
-    apt = [c for c in cmds if "apt-get install" in c.get("cmd", "")]
+    # The packages phase runs selfhost/backend/apt-install.sh (its text starts the command).
+    apt = [c for c in cmds if "apt-get install" in c.get("cmd", "")
+           or "selfhost: install Debian packages" in c.get("cmd", "")]
     if apt:
         out["apt_command_s"] = {c["host"]: c["end"] - c["start"] for c in apt}
     return out
