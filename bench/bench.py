@@ -17,6 +17,10 @@ Figures (fresh bookworm containers from images/build, deploys with the real pyin
    for the largest fleet, the floor: as many bare apt installs at once;
 4. validation + compile of generated models (N sites; N servers; one fleet file of N hosts
    loaded with ``load_fleet_text`` then ``compile_fleet``): median time, peak memory.
+5. the whole catalog (examples/catalog.yaml: every service but the resolver and mail) on one
+   host: first converge vs its apt floor, no-op re-deploys over @podman and SSH, check;
+6. mail: 1,000 messages over authenticated SMTP into a Maildir (examples/mail.yaml) vs a bare
+   postfix delivering the same messages with its defaults.
 
 This is a measurement, never a test: nothing here fails the build. The machine has 2 cores and
 is shared (other engineers run Molecule at the same time), apt downloads come from Debian's
@@ -445,6 +449,118 @@ def figure5(runs: int, deploy: str) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------- figure 6
+
+MAIL = SRC / "examples" / "mail.yaml"
+MAIL_SECRETS = {"MAIL_ALICE_PASSWORD": "bench only: Alice's mail password, 2026!",
+                "MAIL_BOB_PASSWORD": "bench only: Bob's mail password, 2026!"}
+MAIL_MESSAGES = 1000
+# Runs in the target container (python3 of the image): one SMTP session sends N messages,
+# then waits until N files are in the Maildir. Its parameters (the password among them)
+# come on stdin, never in a command line.
+MAIL_SCRIPT = r"""
+import json, os, smtplib, ssl, sys, time
+p = json.load(sys.stdin)
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+body = "x" * 900
+def count():
+    n = 0
+    for d in ("new", "cur"):
+        try:
+            n += len(os.listdir(os.path.join(p["maildir"], d)))
+        except FileNotFoundError:
+            pass
+    return n
+before = count()
+t0 = time.monotonic()
+s = smtplib.SMTP("127.0.0.1", p["port"], timeout=60)
+s.ehlo("bench.example")
+if p["starttls"]:
+    s.starttls(context=ctx)
+    s.ehlo("bench.example")
+if p["user"]:
+    s.login(p["user"], p["password"])
+for i in range(p["n"]):
+    s.sendmail(p["from"], [p["to"]], f"From: {p['from']}
+To: {p['to']}
+"
+               f"Subject: bench {i}
+Message-ID: <bench-{i}-{t0}@bench.example>
+
+"
+               f"{body}
+")
+s.quit()
+submitted = time.monotonic() - t0
+while count() - before < p["n"] and time.monotonic() - t0 < 900:
+    time.sleep(0.1)
+print(json.dumps({"submitted_s": submitted, "delivered_s": time.monotonic() - t0,
+                  "delivered": count() - before}))
+"""
+
+
+def mail_run(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    la = loadavg()
+    cpu0 = container_cpu_s(name)
+    p = subprocess.run([REAL_PODMAN, "exec", "-i", name, "python3", "-c", MAIL_SCRIPT],
+                       input=json.dumps(params), capture_output=True, text=True, timeout=1200)
+    if p.returncode != 0:
+        raise RuntimeError(f"mail bench in {name} failed:\n{p.stderr[-3000:]}")
+    out: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
+    cpu1 = container_cpu_s(name)
+    out["target_cpu_s"] = None if cpu0 is None or cpu1 is None else round(cpu1 - cpu0, 2)
+    out["loadavg_before"] = la
+    return out
+
+
+def figure6(runs: int, deploy: str) -> dict[str, Any]:
+    """1,000 messages over authenticated SMTP (587, STARTTLS, login) into a Maildir on the
+    converged examples/mail.yaml (Postfix, OpenDKIM signing, Dovecot over LMTP), against the
+    floor: Debian's postfix installed with its defaults ("Local only") and only
+    ``home_mailbox = Maildir/``, the same messages sent on port 25 without TLS or login,
+    delivered by Postfix's own local(8)."""
+    for k, v in MAIL_SECRETS.items():
+        os.environ.setdefault(k, v)
+    a, b = f"{PREFIX}-f6-mail", f"{PREFIX}-f6-floor"
+    log(f"figure 6: converge {a} with examples/mail.yaml, a bare postfix in {b}; "
+        f"{runs} x {MAIL_MESSAGES} messages each")
+    start_containers([a, b])
+    out: dict[str, Any] = {"messages": MAIL_MESSAGES, "selfhost": [], "floor": []}
+    try:
+        out["converge"] = run_pyinfra([f"@podman/{a}"], deploy, MAIL, "f6-converge")
+        if out["converge"]["rc"] != 0:
+            raise RuntimeError("the mail converge failed")
+        sh([REAL_PODMAN, "exec", b, "sh", "-c",
+            "echo 'postfix postfix/main_mailer_type select Local only' | debconf-set-selections"
+            " && echo 'postfix postfix/mailname string nas.home.arpa' | debconf-set-selections"
+            f" && export DEBIAN_FRONTEND=noninteractive && apt-get update -qq && apt-get "
+            f"install {APT_FLAGS} postfix >/dev/null && postconf -e home_mailbox=Maildir/ && "
+            "useradd -m bench && systemctl restart postfix"], timeout=1200)
+        mine = {"port": 587, "starttls": True, "user": "alice@home.arpa",
+                "password": MAIL_SECRETS["MAIL_ALICE_PASSWORD"], "from": "alice@home.arpa",
+                "to": "alice@home.arpa", "n": MAIL_MESSAGES,
+                "maildir": "/var/vmail/home.arpa/alice/Maildir"}
+        floor = {"port": 25, "starttls": False, "user": "", "password": "",
+                 "from": "bench@nas.home.arpa", "to": "bench@localhost", "n": MAIL_MESSAGES,
+                 "maildir": "/home/bench/Maildir"}
+        for r in range(runs):
+            for what, name, params in (("selfhost", a, mine), ("floor", b, floor)):
+                d = mail_run(name, params)
+                out[what].append(d)
+                log(f"  run {r}: {what}: {d['delivered']} delivered in {d['delivered_s']:.1f} s "
+                    f"(submitted in {d['submitted_s']:.1f} s, target CPU {d['target_cpu_s']} s)")
+    finally:
+        remove_containers([a, b])
+    for what in ("selfhost", "floor"):
+        ok = [d for d in out[what] if d["delivered"] >= MAIL_MESSAGES]
+        out[f"{what}_median_s"] = median([d["delivered_s"] for d in ok])
+        out[f"{what}_failures"] = len(out[what]) - len(ok)
+    out["ratio"] = out["selfhost_median_s"] / out["floor_median_s"]
+    return out
+
+
 def noop_redeploys(model: Path, key: Path, runs: int, deploy: str, tag: str,
                    tun: bool = False) -> dict[str, Any]:
     name = f"{PREFIX}-{tag}"
@@ -800,6 +916,17 @@ def table(res: dict[str, Any]) -> str:
         rows.append(converge_row("5. catalog.yaml: first converge vs floor", f["5"]))
         rows += [(label.replace("2. ", "5. ", 1), *rest)
                  for label, *rest in noop_rows("catalog.yaml ", f["5"]["noop"], 2.0, None)]
+    if "6" in f:
+        r = f["6"]
+        n = r["messages"]
+        rows.append((
+            f"6. mail: {n} messages, authenticated SMTP to Maildir",
+            f"{fmt_s(r['selfhost_median_s'])} ({n / r['selfhost_median_s']:.0f} msg/s; runs "
+            + " / ".join(fmt_s(d["delivered_s"]) for d in r["selfhost"]) + ") vs floor "
+            f"{fmt_s(r['floor_median_s'])} ({n / r['floor_median_s']:.0f} msg/s, bare postfix, "
+            f"port 25, local(8)) = x{r['ratio']:.2f} for TLS, login, DKIM and LMTP"
+            + (f"; {r['selfhost_failures']} failed run(s)" if r["selfhost_failures"] else ""),
+            "-", "info"))
     w = [max(len(x[i]) for x in [("figure", "measured", "goal", "pass/fail"), *rows])
          for i in range(4)]
     line = "+".join("-" * (n + 2) for n in w)
@@ -816,7 +943,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="runs per figure (median; default 3)")
     ap.add_argument("--quick", action="store_true",
                     help="1 run, fleets of 1 and 4 hosts, no fleet floor (about 8 minutes)")
-    ap.add_argument("--only", default="1,2,3,4,5", help="figures to run, e.g. 2,4")
+    ap.add_argument("--only", default="1,2,3,4,5,6", help="figures to run, e.g. 2,4")
     ap.add_argument("--fleet", default=None, help="fleet sizes (default 1,2,4,8)")
     ap.add_argument("--fleet-runs", type=int, default=1,
                     help="runs per fleet size above 1 host (default 1: an 8-host converge "
@@ -853,7 +980,7 @@ def main() -> int:
     }
     try:
         res["code"] = snapshot_code()
-        if only & {"1", "2", "3", "5"}:
+        if only & {"1", "2", "3", "5", "6"}:
             log("images/build bookworm (cached) ...")
             sh([str(ROOT / "images" / "build"), "bookworm"], timeout=1800)
             deploy, deploy_note = pick_deploy()
@@ -876,6 +1003,8 @@ def main() -> int:
             res["figures"]["4"] = figure4(runs, a.quick)
         if "5" in only:
             res["figures"]["5"] = figure5(runs, deploy)
+        if "6" in only:
+            res["figures"]["6"] = figure6(runs, deploy)
     finally:
         cleanup()
         res["loadavg_end"] = loadavg()
