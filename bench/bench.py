@@ -521,7 +521,7 @@ def figure6(runs: int, deploy: str) -> dict[str, Any]:
     floor: Debian's postfix installed with its defaults ("Local only") and only
     ``home_mailbox = Maildir/``, the same messages sent on port 25 without TLS or login,
     delivered by Postfix's own local(8)."""
-    for k, v in MAIL_SECRETS.items():
+    for k, v in {**BENCH_SECRETS, **MAIL_SECRETS}.items():
         os.environ.setdefault(k, v)
     a, b = f"{PREFIX}-f6-mail", f"{PREFIX}-f6-floor"
     log(f"figure 6: converge {a} with examples/mail.yaml, a bare postfix in {b}; "

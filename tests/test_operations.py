@@ -1623,3 +1623,21 @@ def test_a_unit_file_put_back_is_read_again_before_the_unit(box: Box) -> None:
     assert script.index("daemon-reload") < script.rindex("selfhost_job x.timer restart")
     assert "daemon-reload" not in backend.reload_with_rollback(
         "web.service", "reload", (str(box.conf),), "reload-web.service", ())
+
+
+def test_a_missing_secret_of_a_file_is_a_clear_deploy_error(monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path) -> None:
+    # Seen in the bench: a backup password from an unset environment variable ended the
+    # deploy with a Python traceback.
+    from selfhost.compose.resources import ManagedFile
+    from selfhost.models.base import SecretRef
+
+    monkeypatch.delenv("SELFHOST_TEST_UNSET_SECRET", raising=False)
+    f = ManagedFile("/etc/selfhost/backup/usb.password", "", mode="0600",
+                    secret=SecretRef(env="SELFHOST_TEST_UNSET_SECRET"))
+    with pytest.raises(backend.DeployError) as exc:
+        backend._file_content(f, backend.DirKeyStore(tmp_path))
+    assert str(exc.value) == (
+        "/etc/selfhost/backup/usb.password: cannot read the secret "
+        "(env:SELFHOST_TEST_UNSET_SECRET): secret environment variable "
+        "SELFHOST_TEST_UNSET_SECRET is not set; nothing was changed")

@@ -500,7 +500,11 @@ def _phase_of(step: Any) -> str:
 def _file_content(f: ManagedFile, keys: KeyStore) -> bytes:
     """The bytes of a managed file, its secrets read (and hashed) on this machine."""
     if f.secret is not None:
-        return (f.secret.resolve() + "\n").encode()
+        try:
+            return (f.secret.resolve() + "\n").encode()
+        except LookupError as exc:
+            raise DeployError(f"{f.path}: cannot read the secret ({f.secret.describe()}): "
+                              f"{exc}; nothing was changed") from None
     if f.secret_file is not None:
         return Path(f.secret_file).expanduser().read_bytes()
     if f.host_key_of is not None:
