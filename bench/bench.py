@@ -483,15 +483,9 @@ if p["starttls"]:
 if p["user"]:
     s.login(p["user"], p["password"])
 for i in range(p["n"]):
-    s.sendmail(p["from"], [p["to"]], f"From: {p['from']}
-To: {p['to']}
-"
-               f"Subject: bench {i}
-Message-ID: <bench-{i}-{t0}@bench.example>
-
-"
-               f"{body}
-")
+    s.sendmail(p["from"], [p["to"]], f"From: {p['from']}\r\nTo: {p['to']}\r\n"
+               f"Subject: bench {i}\r\nMessage-ID: <bench-{i}-{t0}@bench.example>\r\n\r\n"
+               f"{body}\r\n")
 s.quit()
 submitted = time.monotonic() - t0
 while count() - before < p["n"] and time.monotonic() - t0 < 900:
