@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, field_validator
 
 from selfhost.compose.module import Contribution, Env
-from selfhost.compose.resources import ManagedFile, Unit
+from selfhost.compose.resources import Command, ManagedFile, Unit
 from selfhost.hardening.base import Control
 
 if TYPE_CHECKING:
@@ -17,6 +17,18 @@ if TYPE_CHECKING:
 AUTO_UPGRADES = "/etc/apt/apt.conf.d/20auto-upgrades"
 UU_CONF = "/etc/apt/apt.conf.d/52selfhost-unattended-upgrades"
 NEEDRESTART_CONF = "/etc/needrestart/conf.d/50-selfhost.conf"
+COUNT_SECURITY_UPDATES = ("apt-get -s -o Debug::NoLocking=1 upgrade 2>/dev/null | grep '^Inst' "
+                          "| grep -ci security")
+"""Shell printing how many security updates are pending (apt's simulation: 1-4 s)."""
+PENDING_CACHE = "/var/lib/selfhost/pending-updates"
+"""The count, written after each `apt-get update` (an APT hook) so that ``selfhost check``
+reads it instead of simulating an upgrade; used while it is newer than dpkg's status and the
+package lists."""
+PENDING_SCRIPT = "/usr/local/lib/selfhost/pending-updates"
+PENDING_HOOK = "/etc/apt/apt.conf.d/99selfhost-pending-updates"
+FRESH_COUNT = (f"[ -s {PENDING_CACHE} ] && [ {PENDING_CACHE} -nt /var/lib/dpkg/status ] && "
+               f"[ {PENDING_CACHE} -nt /var/lib/apt/lists ]")
+"""Whether :data:`PENDING_CACHE` still counts what apt would upgrade."""
 
 
 class UpdatesHardening(Control):
@@ -92,6 +104,22 @@ class UpdatesHardening(Control):
         c.files.append(ManagedFile(NEEDRESTART_CONF,
                                    f"# Managed by selfhost.\n$nrconf{{restart}} = '{mode}';\n",
                                    validate="perl -c {path} 2>/dev/null"))
+        c.files.append(ManagedFile(PENDING_SCRIPT, "\n".join([
+            "#!/bin/sh",
+            "# Managed by selfhost: count the pending security updates into",
+            f"# {PENDING_CACHE} (run by APT after each package list update).",
+            "set -u",
+            f"n=$({COUNT_SECURITY_UPDATES})",
+            f'printf "%s\\n" "${{n:-0}}" > {PENDING_CACHE}.new && mv -f {PENDING_CACHE}.new '
+            f"{PENDING_CACHE}", ""]), mode="0755"))
+        c.files.append(ManagedFile(PENDING_HOOK, "\n".join([
+            "// Managed by selfhost: keep the count of pending security updates current for",
+            "// selfhost check (it would otherwise simulate an upgrade, seconds each time).",
+            f'APT::Update::Post-Invoke-Success {{ "[ ! -x {PENDING_SCRIPT} ] || '
+            f'{PENDING_SCRIPT} || true"; }};', ""]),
+            validate="apt-config -c {path} dump >/dev/null"))
+        c.commands.append(Command("updates: count the pending security updates",
+                                  PENDING_SCRIPT, on_change=(PENDING_SCRIPT, PENDING_HOOK)))
         c.units.append(Unit("apt-daily.timer", reload=False))
         c.units.append(Unit("apt-daily-upgrade.timer", reload=False))
         return c
