@@ -8,6 +8,7 @@ the backend asks for all of them at once and compares locally.
 
 from __future__ import annotations
 
+import base64
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -152,16 +153,49 @@ _SPACE_SCRIPT = (
 CAP_NET_ADMIN = 12
 
 
+def packed(text: str) -> str:
+    """A shell command that runs ``text`` (a script) from a compressed copy of it.
+
+    The state script grows with the plan (a line per managed file, a site's every file):
+    passed as it is, inside the ``sh -c`` of pyinfra's connectors, with every quote escaped
+    again, it reached Linux's 128 KiB limit for one argument ("Argument list too long", seen
+    with the mail example). Compressed and base64-encoded (no quote to escape), it is a few
+    KiB; on the target it is written to a private temporary file (tmpfs first: a full disk
+    must not stop the state read that reports it) and run from there, not from stdin, which
+    the script's own commands could read."""
+    import gzip
+
+    data = base64.b64encode(gzip.compress(text.encode(), mtime=0)).decode()
+    return ("f=$(mktemp /dev/shm/selfhost-state.XXXXXXXX 2>/dev/null || mktemp) || exit 1; "
+            f'printf %s {data} | base64 -d | gzip -dc > "$f" && sh "$f"; r=$?; rm -f "$f"; '
+            "exit $r")
+
+
 def script(q: Query) -> str:
     """The shell script. Every output line is ``KIND<TAB>INDEX<TAB>values...``."""
     q_ = shlex.quote
     parts = ["export LC_ALL=C"]
+    # The managed files: one loop over a list of "INDEX/abs/path" lines (a path once, not a
+    # command each: a site's every file is in it). A path with a newline (a site's file named
+    # so) cannot be a line of the list: it gets its own command.
+    listed = "".join(f"{i}{p}\n" for i, p in enumerate(q.files)
+                     if "\n" not in p and p.startswith("/"))
+    if listed:
+        parts.append(
+            "while IFS= read -r l; do i=${l%%/*}; p=/${l#*/}; "
+            "if [ -f \"$p\" ]; then printf 'F\\t%s\\t%s\\t%s\\n' \"$i\" "
+            "\"$(sha1sum < \"$p\" | cut -c1-40)\" \"$(stat -L -c '%a %U %G' \"$p\")\"; "
+            "else printf 'F\\t%s\\t-\\n' \"$i\"; fi; "
+            # A staged copy left by a deploy cut between its upload and its rename.
+            "[ ! -e \"$p.selfhost-new\" ] || printf 'T\\t%s\\t1\\n' \"$i\"; "
+            "done <<'SELFHOST_FILES'\n" + listed + "SELFHOST_FILES")
     for i, path in enumerate(q.files):
+        if "\n" not in path and path.startswith("/"):
+            continue
         parts.append(
             f"if [ -f {q_(path)} ]; then printf 'F\\t{i}\\t%s\\t%s\\n' "
             f"\"$(sha1sum < {q_(path)} | cut -c1-40)\" \"$(stat -L -c '%a %U %G' {q_(path)})\"; "
             f"else printf 'F\\t{i}\\t-\\n'; fi; "
-            # A staged copy left by a deploy cut between its upload and its rename.
             f"[ ! -e {q_(path + '.selfhost-new')} ] || printf 'T\\t{i}\\t1\\n'"
         )
     for i, path in enumerate(q.dirs):

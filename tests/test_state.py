@@ -21,6 +21,7 @@ from selfhost.state import (
     Space,
     State,
     UserState,
+    packed,
     parse,
     script,
 )
@@ -210,7 +211,7 @@ def test_symlinked_file_reports_the_mode_of_what_it_hashes(tmp_path: Path) -> No
 def test_script_quotes_names() -> None:
     text = script(Query(files=("/etc/a b",), units=("x;reboot",), users=("u$(id)",),
                         packages=("p`id`",)))
-    assert "'/etc/a b'" in text
+    assert "\n0/etc/a b\n" in text  # a line of the quoted here-document of paths
     assert "'x;reboot'" in text and "'u$(id)'" in text and "'p`id`'" in text
 
 
@@ -314,3 +315,47 @@ def test_pending_markers() -> None:
     st = parse(q, ["N\t0\treload-ssh.service", "N\t0\trun-0123456789abcdef"])
     assert st.pending == {"reload-ssh.service", "run-0123456789abcdef"}
     assert parse(Query(), ["N\t0\treload-ssh.service"]).pending == set()  # not asked for
+
+
+def test_the_packed_script_is_small_and_runs_the_same(tmp_path: Path) -> None:
+    # A site of 3000 files: the raw script is far past Linux's 128 KiB limit for one argument
+    # once pyinfra's connectors quote it again (seen with the mail example: "Argument list
+    # too long"); the packed command is small, has no quote to escape, and prints the same.
+    files = []
+    for i in range(3000):
+        p = tmp_path / "site" / f"d{i % 40}" / f"page-{i:04d}.html"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(f"<p>{i}</p>")
+        files.append(str(p))
+    (tmp_path / "site" / "d3" / "page-0003.html.selfhost-new").write_text("cut")
+    q = Query(files=tuple(files), guards=("true", "false"), pending=True)
+    raw = script(q)
+    assert len(raw) > 128 * 1024
+    cmd = packed(raw)
+    assert len(cmd) < 64 * 1024 and "'" not in cmd and '"' in cmd
+    res = subprocess.run(["/bin/sh", "-c", cmd], capture_output=True, text=True, timeout=120)
+    direct = subprocess.run(["/bin/sh"], input=raw, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout == direct.stdout, res.stderr
+    st = parse(q, res.stdout.splitlines())
+    assert st.files[files[1234]] is not None and st.staged == {files[3]}
+    assert st.guards == {"true": True, "false": False}
+    # Its temporary copy is gone.
+    assert not list(Path("/dev/shm").glob("selfhost-state.*"))
+
+
+def test_hostile_file_names_are_read_as_names(tmp_path: Path) -> None:
+    # A site's files come with any name: each is a line of a quoted here-document, read as
+    # data; a name with a newline gets its own quoted command.
+    names = ["a b", "$(touch pwned)", "`touch pwned`", "it's", 'q"q', "-n", "x\\y", "tab\there",
+             "SELFHOST_FILES", "new\nline", " lead", "trail "]
+    paths = []
+    for i, n in enumerate(names):
+        d = tmp_path / f"d{i}"
+        d.mkdir()
+        (d / n).write_text(n)
+        paths.append(str(d / n))
+    _, st = run(Query(files=(*paths, str(tmp_path / "missing"))))
+    for p, n in zip(paths, names, strict=True):
+        assert st.files[p] is not None and st.files[p].sha1 == sha1(n.encode()), n
+    assert st.files[str(tmp_path / "missing")] is None
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()

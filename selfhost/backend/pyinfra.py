@@ -69,7 +69,16 @@ from selfhost.compose.resources import SECRET_MARK, ManagedFile, SecretPiece
 from selfhost.models.fleet import Fleet
 from selfhost.models.passwords import CryptUnavailable, WeakPassword, check_password, hash_for
 from selfhost.models.server import _HASH_RE, Server
-from selfhost.state import PENDING_DIR, PREV_DIR, UPLOAD_DIR, Query, State, parse, script
+from selfhost.state import (
+    PENDING_DIR,
+    PREV_DIR,
+    UPLOAD_DIR,
+    Query,
+    State,
+    packed,
+    parse,
+    script,
+)
 
 q = shlex.quote
 INLINE_MAX = 64 * 1024
@@ -94,7 +103,7 @@ class TargetFacts(FactBase[dict[str, str]]):
 
 
 def _get_state(query: Query) -> State:
-    lines: list[str] = host.get_fact(_RawLines, script=script(query))
+    lines: list[str] = host.get_fact(_RawLines, script=packed(script(query)))
     return parse(query, lines)
 
 

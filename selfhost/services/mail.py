@@ -85,7 +85,13 @@ DKIM_DIR = "/etc/opendkim"
 DKIM_KEYS = "/etc/opendkim/keys"
 KEY_TABLE = "/etc/opendkim/key.table"
 SIGNING_TABLE = "/etc/opendkim/signing.table"
-DKIM_PORT = 8891
+DKIM_SOCKET_DIR = "/var/spool/postfix/opendkim"
+"""OpenDKIM's Unix socket lives here, inside Postfix's chroot (``unix:opendkim/...`` for
+Postfix, relative to its queue directory). Not a TCP port on 127.0.0.1: Postfix's milter
+protocol over TCP waited on Nagle's algorithm and delayed ACKs, about 44 ms per milter
+exchange, 88 ms per submitted message (measured: 10 messages/s on one connection, 400 without
+the milter)."""
+DKIM_SOCKET = f"{DKIM_SOCKET_DIR}/opendkim.sock"
 TLS_DIR = "/etc/selfhost/tls"
 
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
@@ -342,8 +348,8 @@ class MailService(Service):
             f"check_sender_access texthash:{LOCAL_SENDERS}",
             "",
             "# DKIM signing (OpenDKIM), for submitted mail and the system's own.",
-            f"smtpd_milters = inet:127.0.0.1:{DKIM_PORT}",
-            f"non_smtpd_milters = inet:127.0.0.1:{DKIM_PORT}",
+            "smtpd_milters = unix:opendkim/opendkim.sock",
+            "non_smtpd_milters = unix:opendkim/opendkim.sock",
             "milter_default_action = accept",
             "",
         ])
@@ -612,9 +618,10 @@ class MailService(Service):
             "Syslog yes",
             "UMask 007",
             "Mode s",
-            f"Socket inet:{DKIM_PORT}@127.0.0.1",
+            f"Socket local:{DKIM_SOCKET}",
             "PidFile /run/opendkim/opendkim.pid",
-            "UserID opendkim",
+            "# Group postfix: the socket (mode 0770 with this UMask) is Postfix's to use.",
+            "UserID opendkim:postfix",
             "Canonicalization relaxed/simple",
             "OversignHeaders From",
             f"KeyTable file:{KEY_TABLE}",
@@ -669,6 +676,7 @@ class MailService(Service):
         c.directories += [
             ManagedDir(VMAIL, "0750", owner="vmail", group="vmail"),
             ManagedDir(DKIM_DIR, "0755"),
+            ManagedDir(DKIM_SOCKET_DIR, "0750", owner="opendkim", group="postfix"),
         ]
         validate_main = (
             "d=$(mktemp -d) && cp {path} \"$d/main.cf\" && cp " + MASTER_CF + " \"$d/\" && "
