@@ -230,18 +230,11 @@ def test_no_php_no_database_no_package() -> None:
 # ------------------------------------------------------------------------------ on Debian
 
 
-def _prepare(validators: Validators, release: str) -> None:
-    """The members' users exist before their pools are checked (php-fpm -t resolves them)."""
-    res = validators.run(release, "for u in alpha bravo; do id -u $u >/dev/null 2>&1 || "
-                         "useradd --system --user-group --no-create-home $u; done")
-    assert res.returncode == 0, res.stderr
-
-
 @pytest.mark.parametrize("release", RELEASES)
 def test_files_pass_their_checks_and_broken_ones_fail(release: str,
                                                       validators: Validators) -> None:
-    _prepare(validators, release)
     plan = plan_of(release=release)
+    validators.prepare(release, plan)  # the members' users: php-fpm -t resolves them
     pool = file_of(plan, pool_file(PHP[release], "alpha"))
     ini = file_of(plan, f"/etc/php/{PHP[release]}/fpm/conf.d/90-selfhost.ini")
     cnf = file_of(plan, MARIADB_CNF)
@@ -249,7 +242,7 @@ def test_files_pass_their_checks_and_broken_ones_fail(release: str,
         (pool, [pool.content.replace("pm = ondemand", "pm = whenever"),
                 pool.content.replace("user = alpha", "user = nosuchmember"),
                 pool.content + "no_such_directive = 1\n"]),
-        (ini, [ini.content + "opcache.validate_root = [\n"]),
+        (ini, [ini.content + "opcache.restrict_api = \"unterminated\n"]),
         (cnf, [cnf.content + "no-such-variable = 1\n", "[mysqld\nbind-address = x\n"]),
     ]
     for f, broken in cases:

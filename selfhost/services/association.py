@@ -309,7 +309,6 @@ class AssociationService(Service):
             "pm.max_requests = 500",
             f"request_terminate_timeout = {plan.php_time_limit_s + 30}s",
             "rlimit_core = 0",
-            f"chdir = {home}",
             "security.limit_extensions = .php",
             "clear_env = yes",
             f"env[TMPDIR] = {home}/tmp",
