@@ -25,8 +25,10 @@ BRAVO_SECRET = "/srv/members/bravo/sites/bravo.example/secret.txt"
 WHOAMI = "<?php echo posix_getpwuid(posix_geteuid())['name'];\n"
 SLOW = "<?php sleep(4); echo 'slow done';\n"
 STEAL = f"""<?php
-$r = @file_get_contents('{BRAVO_SECRET}');
-echo $r === false ? 'DENIED: ' . error_get_last()['message'] : 'READ: ' . $r;
+$msgs = [];
+set_error_handler(function ($no, $str) use (&$msgs) {{ $msgs[] = $str; return true; }});
+$r = file_get_contents('{BRAVO_SECRET}');
+echo $r === false ? 'DENIED: ' . implode(' | ', $msgs) : 'READ: ' . $r;
 """
 # Reads the database and the password to try from the query string; answers JSON.
 DB = """<?php
