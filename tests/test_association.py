@@ -127,6 +127,11 @@ def test_bad_values_are_refused(member: dict[str, Any], message: str) -> None:
         validated(model(members=members(member)))
 
 
+def test_a_plan_name_is_one_word() -> None:
+    with pytest.raises(ValidationError, match="a plan name is"):
+        validated(model(plans={"small; php_admin_value[open_basedir] = /": {}}))
+
+
 def test_plans_have_safe_defaults() -> None:
     data = model()
     del data["services"]["association"]["plans"]

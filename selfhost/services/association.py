@@ -98,6 +98,7 @@ DISABLED_FUNCTIONS = (
 )
 RESERVED_DATABASES = {"mysql", "information_schema", "performance_schema", "sys", "test"}
 _MEMBER = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+_PLAN = re.compile(r"^[a-z0-9][a-z0-9+._-]{0,31}$")
 _DATABASE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 
@@ -214,6 +215,15 @@ class AssociationService(Service):
                                    "only; 'php', PHP and one database).")
     members: list[Member] = Field(default_factory=list, description="The members.")
 
+    @field_validator("plans")
+    @classmethod
+    def _plan_names(cls, v: dict[str, Plan]) -> dict[str, Plan]:
+        for name in v:
+            if not _PLAN.match(name):
+                raise ValueError(f"{name!r}: a plan name is 1-32 of a-z 0-9 '+', '.', '_', "
+                                 "'-', starting with a letter or digit")
+        return v
+
     def plan_of(self, m: Member) -> Plan:
         return self.plans.get(m.plan) or Plan()
 
@@ -294,7 +304,7 @@ class AssociationService(Service):
         home = m.home
         lines = [
             "; Managed by selfhost: changes here are overwritten on the next deploy.",
-            f"; Member {m.name} ({m.email}), plan {m.plan}.",
+            f"; Member {m.name}, plan {m.plan}.",
             f"[{m.name}]",
             f"user = {m.name}",
             f"group = {m.name}",
