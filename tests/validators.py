@@ -180,7 +180,7 @@ class Validators:
         a certificate for each certificate the plan uses (the mail module's placeholder
         command makes one before its files), and the files that a checked file reads and
         that the plan writes before it (OpenDKIM's tables; Postfix's main.cf and master.cf,
-        each read by the other's check)."""
+        each read by the other's check), and the system users it adds."""
         for h in getattr(plan, "health", []):
             if h.kind != "certificate":
                 continue
@@ -190,6 +190,12 @@ class Validators:
                            "-keyout privkey.pem -out fullchain.pem 2>/dev/null; }")
             if res.returncode != 0:
                 raise ValidatorError(f"cannot make a test certificate: {res.stderr!r}")
+        for step in getattr(plan, "steps", []):  # system users (PHP-FPM pools name them)
+            command = getattr(step, "command", None)
+            if command is not None and command.name.startswith("system user "):
+                res = self.run(release, command.command)
+                if res.returncode != 0:
+                    raise ValidatorError(f"cannot add a system user: {res.stderr!r}")
         for path, text in plan.files().items():  # type: ignore[attr-defined]
             if path.startswith("/etc/opendkim/") or path in ("/etc/postfix/main.cf",
                                                              "/etc/postfix/master.cf"):

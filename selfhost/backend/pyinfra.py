@@ -524,6 +524,14 @@ def _file_content(f: ManagedFile, keys: KeyStore) -> bytes:
     return text.encode()
 
 
+def mysql_native_hash(password: str) -> str:
+    """MariaDB's ``mysql_native_password`` hash of ``password``."""
+    import hashlib
+
+    inner = hashlib.sha1(password.encode()).digest()
+    return "*" + hashlib.sha1(inner).hexdigest().upper()
+
+
 def _secret_value(piece: SecretPiece, keys: KeyStore) -> str:
     import hmac
 
@@ -540,6 +548,8 @@ def _secret_value(piece: SecretPiece, keys: KeyStore) -> str:
         from selfhost.models.ntlm import nt_hash
 
         return nt_hash(value)
+    if piece.transform == "mysql-native":
+        return mysql_native_hash(value)
     salt = hmac.new(keys.salt_key(), f"{piece.context}\0{value}".encode(), "sha256").digest()
     if piece.transform == "scram-sha-1":
         from selfhost.models.passwords import SCRAM_ITERATIONS, scram_sha1

@@ -208,12 +208,16 @@ class BasicAuthUser:
 @dataclass(frozen=True)
 class VirtualHost(Request):
     """An HTTPS virtual host of the web server: static files from ``root``, or a reverse proxy
-    to ``upstream`` (``127.0.0.1:PORT``, a local service only)."""
+    to ``upstream`` (``127.0.0.1:PORT``, a local service only). With ``root`` and
+    ``php_fastcgi``, the ``.php`` files under ``root`` are run by the PHP FastCGI server
+    listening on that Unix socket (a PHP-FPM pool), the others served as static files."""
 
     host: str
     """Fully qualified host name."""
     root: str | None = None
     upstream: str | None = None
+    php_fastcgi: str | None = None
+    """Path of the Unix socket of a PHP FastCGI server for the ``.php`` files of ``root``."""
     auth: tuple[BasicAuthUser, ...] = ()
     """With users: HTTP basic authentication in front of everything (failed logins are
     logged for fail2ban); the authenticated user is passed upstream in ``X-Remote-User``."""

@@ -27,10 +27,13 @@ class SecretPiece:
     as ``ITERATIONS<TAB>SALT<TAB>STORED_KEY<TAB>SERVER_KEY`` (keys in hex), the salt (32 hex
     characters) derived the same way: what an XMPP server stores instead of a password.
     ``nt-hash`` is the password's NT hash (MD4 of its UTF-16LE form, 32 upper-case hex
-    digits: what Samba's password database holds)."""
+    digits: what Samba's password database holds). ``mysql-native`` is MariaDB's
+    ``mysql_native_password`` hash (``*`` and the upper-case hex SHA-1 of the password's
+    binary SHA-1)."""
 
     ref: SecretRef
-    transform: Literal["plain", "bcrypt", "bcrypt-base64", "scram-sha-1", "nt-hash"] = "plain"
+    transform: Literal["plain", "bcrypt", "bcrypt-base64", "scram-sha-1", "nt-hash",
+                       "mysql-native"] = "plain"
     context: str = ""
 
 

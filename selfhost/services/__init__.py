@@ -10,6 +10,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from selfhost.models.base import StrictModel
+from selfhost.services.association import AssociationService
 from selfhost.services.base import Service
 from selfhost.services.knot import AuthoritativeDnsService
 from selfhost.services.mail import MailService
@@ -21,9 +22,9 @@ from selfhost.services.unbound import UnboundService
 from selfhost.services.web import WebService
 from selfhost.services.wireguard import WireGuardService
 
-__all__ = ["AuthoritativeDnsService", "MailService", "MonitoringService", "RadicaleService",
-           "SambaService", "Service", "Services", "UnboundService", "WebService",
-           "WireGuardService", "XmppService"]
+__all__ = ["AssociationService", "AuthoritativeDnsService", "MailService",
+           "MonitoringService", "RadicaleService", "SambaService", "Service", "Services",
+           "UnboundService", "WebService", "WireGuardService", "XmppService"]
 
 
 class Services(StrictModel):
@@ -65,6 +66,11 @@ class Services(StrictModel):
     mail: MailService | None = Field(
         default=None, description="A mail server: SMTP (Postfix) and IMAP (Dovecot) for your "
         "domains, with DKIM signing; it also becomes the system's sendmail."
+    )
+
+    association: AssociationService | None = Field(
+        default=None, description="Hosting for an association's members: one Unix user, "
+        "PHP-FPM pool and MariaDB user per member, their sites behind Caddy, from named plans."
     )
 
     def enabled(self) -> list[Service]:

@@ -259,6 +259,8 @@ class WebService(Service):
             lines.append(f"{v.host} {{")
             if v.upstream is None:
                 lines.append(f"\troot * {v.root}")
+                if v.php_fastcgi:
+                    lines.append(f"\tphp_fastcgi unix/{v.php_fastcgi}")
                 lines.append("\tfile_server")
             lines.append("\tencode zstd gzip")
             if self.tls_mode(v.host) == "internal":
