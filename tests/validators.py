@@ -190,6 +190,19 @@ class Validators:
                            "-keyout privkey.pem -out fullchain.pem 2>/dev/null; }")
             if res.returncode != 0:
                 raise ValidatorError(f"cannot make a test certificate: {res.stderr!r}")
+        # The accounts the deploy makes before the files (admins, system users): nftables
+        # names them (a local port only its user may open).
+        users = set()
+        for step in getattr(plan, "steps", []):
+            if type(step).__name__ == "User":
+                users.add(step.name)
+            elif type(step).__name__ == "Run" and step.command.name.startswith("system user "):
+                users.add(step.command.name.split()[2])
+        for user in sorted(users):
+            u = shlex.quote(user)
+            res = self.run(release, f"id -u {u} >/dev/null 2>&1 || useradd --system {u}")
+            if res.returncode != 0:
+                raise ValidatorError(f"cannot add the account {user}: {res.stderr!r}")
         for path, text in plan.files().items():  # type: ignore[attr-defined]
             if path.startswith("/etc/opendkim/") or path in ("/etc/postfix/main.cf",
                                                              "/etc/postfix/master.cf"):
