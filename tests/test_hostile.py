@@ -82,6 +82,10 @@ RICH: dict[str, Any] = {
         "samba": {"users": [{"name": "carol", "password": {"env": "H15_SMB"}}],
                   "shares": [{"name": "family", "comment": "Photos", "valid_users": ["carol"],
                               "write_list": ["carol"]}]},
+        "sync": {"users": [{"name": "dave", "devices": [
+            {"name": "laptop", "id": "MFZWI3D-BONSGYC-YLTMRWG-C43ENR5-QXGZDMM-FZWI3DP-BONSGYY-LTMRWAD",
+             "addresses": ["tcp://laptop.example.org:22000"]}],
+            "folders": [{"id": "docs", "label": "My documents", "devices": ["laptop"]}]}]},
     },
     "notify": {"email": "alice@example.org", "sender": "nas@example.org",
                "smtp": {"host": "smtp.example.org", "user": "nas@example.org",

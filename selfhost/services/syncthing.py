@@ -25,10 +25,12 @@ are turned off in the generated configuration before Syncthing first starts. Dev
 reached at the addresses the model gives (``tcp://nas.home.arpa:22000``).
 
 The GUI and REST API listen on 127.0.0.1 only (``--gui-address``), without a password, and
-the firewall lets only that user (and root) open connections to its port: reach it through
-``ssh -L 8384:127.0.0.1:8384 USER@host`` (as that user). It is not published through the web
-server: a reverse proxy with its own login would put a second set of credentials in front of a
-tool that can read every synced file; the SSH tunnel reuses the login the host already has.
+the firewall lets only that user (and root) open connections to its port. The model
+configures everything; the GUI is for looking: with ``hardening.ssh.allow_tcp_forwarding``
+(off by default), ``ssh -L 8384:127.0.0.1:8384 USER@host`` (as that user) opens it. It is
+not published through the web server: a reverse proxy with its own login would put a second
+set of credentials in front of a tool that can read every synced file; the SSH tunnel reuses
+the login the host already has.
 
 The sync protocol port (22000 by default, one per user) is requested in TCP and in UDP (QUIC)
 in the model's zone. Folder paths are backup sources (Syncthing writes each file to a
