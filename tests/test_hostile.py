@@ -88,6 +88,10 @@ RICH: dict[str, Any] = {
                                      "sites": [{"domain": "dora.example.org", "php": True}],
                                      "databases": ["dora_site"],
                                      "database_password": {"env": "H15_DB"}}]},
+        "sync": {"users": [{"name": "dave", "devices": [
+            {"name": "laptop", "id": "MFZWI3D-BONSGYC-YLTMRWG-C43ENR5-QXGZDMM-FZWI3DP-BONSGYY-LTMRWAD",
+             "addresses": ["tcp://laptop.example.org:22000"]}],
+            "folders": [{"id": "docs", "label": "My documents", "devices": ["laptop"]}]}]},
     },
     "notify": {"email": "alice@example.org", "sender": "nas@example.org",
                "smtp": {"host": "smtp.example.org", "user": "nas@example.org",

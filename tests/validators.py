@@ -190,12 +190,20 @@ class Validators:
                            "-keyout privkey.pem -out fullchain.pem 2>/dev/null; }")
             if res.returncode != 0:
                 raise ValidatorError(f"cannot make a test certificate: {res.stderr!r}")
-        for step in getattr(plan, "steps", []):  # system users (PHP-FPM pools name them)
+        # The accounts the deploy makes before the files: system users by the plan's own
+        # commands (PHP-FPM pools name them), admins by name (nftables names them: a local
+        # port only its user may open).
+        for step in getattr(plan, "steps", []):
             command = getattr(step, "command", None)
-            if command is not None and command.name.startswith("system user "):
+            if type(step).__name__ == "Run" and command.name.startswith("system user "):
                 res = self.run(release, command.command)
                 if res.returncode != 0:
                     raise ValidatorError(f"cannot add a system user: {res.stderr!r}")
+            elif type(step).__name__ == "User":
+                u = shlex.quote(step.name)
+                res = self.run(release, f"id -u {u} >/dev/null 2>&1 || useradd --system {u}")
+                if res.returncode != 0:
+                    raise ValidatorError(f"cannot add the account {step.name}: {res.stderr!r}")
         for path, text in plan.files().items():  # type: ignore[attr-defined]
             if path.startswith("/etc/opendkim/") or path in ("/etc/postfix/main.cf",
                                                              "/etc/postfix/master.cf"):

@@ -18,13 +18,14 @@ from selfhost.services.monitoring import MonitoringService
 from selfhost.services.prosody import XmppService
 from selfhost.services.radicale import RadicaleService
 from selfhost.services.samba import SambaService
+from selfhost.services.syncthing import SyncthingService
 from selfhost.services.unbound import UnboundService
 from selfhost.services.web import WebService
 from selfhost.services.wireguard import WireGuardService
 
 __all__ = ["AssociationService", "AuthoritativeDnsService", "MailService",
            "MonitoringService", "RadicaleService", "SambaService", "Service", "Services",
-           "UnboundService", "WebService", "WireGuardService", "XmppService"]
+           "SyncthingService", "UnboundService", "WebService", "WireGuardService", "XmppService"]
 
 
 class Services(StrictModel):
@@ -61,6 +62,11 @@ class Services(StrictModel):
     )
     samba: SambaService | None = Field(
         default=None, description="NAS: file shares for the home network (SMB3) with Samba."
+    )
+
+    sync: SyncthingService | None = Field(
+        default=None, description="File sync with Syncthing for named users of the host: "
+        "their devices and folders; discovery and relays off unless turned on."
     )
 
     mail: MailService | None = Field(
