@@ -30,6 +30,16 @@
   others keep their keys (and DNS records) so a key can be rotated while mail signed with the
   old one is still in flight.
 
+- **Backup MX** (``backup_mx: {host: friend}``): another host of the fleet keeps the domains'
+  mail while this server is down. The mail module sends that host a ``BackupMx`` request
+  with the recipients its model accepts (mailboxes, aliases, catch-all domains), computed
+  when the fleet is compiled; the host's :class:`BackupMxServer` makes its Postfix a relay
+  for them only, and the backup is published as the second MX (preference 20). This server
+  lists the backup's addresses in a client access table that passes them through the client
+  checks (where RBL or greylisting checks belong: it has none yet), never in ``mynetworks``
+  (which would let the backup relay through it). A backup host that runs its own mail
+  service is refused at validation (both would own its Postfix).
+
 The module asks for what it needs and names no other module: a certificate for the server's
 name (the files appear under ``/etc/selfhost/tls/NAME/``; until the first export, a
 self-signed placeholder lets the daemons start), the ports, the ``vmail`` system user, the
