@@ -30,6 +30,14 @@
   others keep their keys (and DNS records) so a key can be rotated while mail signed with the
   old one is still in flight.
 
+- **Outbound limits** per logged-in user (``outbound_limits``: 30 messages a minute and 500
+  a day by default): Debian's ``postfwd`` counts each message submitted on 587/465 per SASL
+  login (Postfix asks it once per message, at the end of the data); over a limit the
+  message is deferred with a 4xx reply, so the mail program keeps it and tries again later,
+  and another user is not affected. A timer looks at Postfix's log every minute and mails
+  root (the admin) who reached a limit (``mail-limits.sh``). If postfwd is down,
+  submissions are deferred too (Postfix's default for an unreachable policy service):
+  never let through uncounted. Local programs' ``sendmail`` is not counted yet.
 - **Backup MX** (``backup_mx: {host: friend}``): another host of the fleet keeps the domains'
   mail while this server is down. The mail module sends that host a ``BackupMx`` request
   with the recipients its model accepts (mailboxes, aliases, catch-all domains), computed
@@ -53,6 +61,7 @@ the sendmail role.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
@@ -104,6 +113,12 @@ RELAY_TRANSPORT = "/etc/postfix/selfhost-relay-transport"
 RELAY_TLS = "/etc/postfix/selfhost-relay-tls"
 RELAY_SENDERS = "/etc/postfix/selfhost-relay-senders"
 RELAY_ALIASES = "/etc/postfix/selfhost-relay-aliases"
+POSTFWD_CF = "/etc/postfix/postfwd.cf"
+POSTFWD = "inet:127.0.0.1:10040"
+LIMITS_ALERT = "/usr/local/sbin/selfhost-mail-limits"
+LIMITS_UNIT = "/etc/systemd/system/selfhost-mail-limits.service"
+LIMITS_TIMER = "/etc/systemd/system/selfhost-mail-limits.timer"
+LIMIT_TEXT = "Outbound limit"
 
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _DOMAIN = re.compile(rf"^{_LABEL}(\.{_LABEL})+$")
@@ -216,6 +231,19 @@ class BackupMxSettings(StrictModel):
                             "over before it returns it to the sender (days).")
 
 
+class OutboundLimits(StrictModel):
+    """How much mail one logged-in user may submit: a stolen password or a hacked program
+    must not get the server blacklisted."""
+
+    per_minute: int = Field(default=30, ge=1, le=100_000,
+                            description="Messages one user may submit per minute. The next "
+                            "ones are deferred (a 4xx reply: the mail program tries again "
+                            "later, nothing is lost) and the admin is alerted.")
+    per_day: int = Field(default=500, ge=1, le=10_000_000,
+                         description="Messages one user may submit per 24 hours; beyond, "
+                         "deferred and alerted as above.")
+
+
 class MailService(Service):
     """A mail server: SMTP (Postfix), IMAP (Dovecot), DKIM signing (OpenDKIM)."""
 
@@ -229,6 +257,10 @@ class MailService(Service):
     aliases: list[MailAlias] = Field(default_factory=list, description="The aliases.")
     max_message_mb: int = Field(default=25, ge=1, le=1024,
                                 description="Largest message accepted (MB).")
+    outbound_limits: OutboundLimits = Field(
+        default_factory=OutboundLimits,
+        description="Limits on the mail each logged-in user submits (counted per login by "
+        "postfwd, on the submission ports; a local program's sendmail is not counted).")
     backup_mx: BackupMxSettings | None = Field(
         default=None,
         description="A backup MX on another host of the fleet (none by default): it accepts "
@@ -338,6 +370,8 @@ class MailService(Service):
             HealthCheck("unit", "postfix.service"),
             HealthCheck("unit", "dovecot.service"),
             HealthCheck("unit", "opendkim.service"),
+            HealthCheck("unit", "postfwd.service"),
+            HealthCheck("tcp", "127.0.0.1:10040"),
             HealthCheck("tcp", "127.0.0.1:25"),
             HealthCheck("tcp", "127.0.0.1:993"),
             Sendmail("postfix"),
@@ -445,6 +479,7 @@ class MailService(Service):
             "  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject",
             "  -o smtpd_recipient_restrictions=",
             "  -o milter_macro_daemon_name=ORIGINATING",
+            f"  -o {{ smtpd_end_of_data_restrictions = check_policy_service {POSTFWD} }}",
             "  -o cleanup_service_name=subcleanup",
         ]
         return "\n".join([
@@ -530,6 +565,21 @@ class MailService(Service):
             "/^Received:/ IGNORE\n/^X-Originating-IP:/ IGNORE\n/^X-Mailer:/ IGNORE\n"
             "/^User-Agent:/ IGNORE\n",
         }
+
+    def postfwd_cf(self) -> str:
+        """postfwd's rules: one rate counter per login and window, counted once per message
+        (Postfix asks at the end of each submitted message)."""
+        lim = self.outbound_limits
+        rules = [("SELFHOST_MINUTE", lim.per_minute, 60, f"{lim.per_minute} per minute"),
+                 ("SELFHOST_DAY", lim.per_day, 86400, f"{lim.per_day} per day")]
+        lines = ["# Managed by selfhost: outbound limits per logged-in user (the submission",
+                 "# ports ask at the end of each message; over a limit, the message is",
+                 "# deferred with a 4xx reply and the client tries again later)."]
+        for rid, count, seconds, what in rules:
+            lines.append(f"id={rid}; protocol_state==END-OF-MESSAGE; sasl_username=~/./; "
+                         f"action=rate(sasl_username/{count}/{seconds}/450 4.7.1 "
+                         f"{LIMIT_TEXT}: $$sasl_username may send {what}, try again later)")
+        return "\n".join(lines) + "\n"
 
     # ------------------------------------------------------------------ Dovecot
 
@@ -729,7 +779,7 @@ class MailService(Service):
     def contribute(self, env: Env) -> Contribution:
         target = env.require_target()
         name = env.server.fqdn
-        c = Contribution(packages=["postfix", "dovecot-imapd", "dovecot-lmtpd", "dovecot-sieve",
+        c = Contribution(packages=["postfix", "postfwd", "dovecot-imapd", "dovecot-lmtpd", "dovecot-sieve",
                                    "opendkim", "opendkim-tools", "openssl", "ca-certificates"])
         # Until the web server has exported the certificate, a self-signed placeholder lets
         # Postfix and Dovecot start; the export replaces it and reloads them.
@@ -764,6 +814,13 @@ class MailService(Service):
         c.files.append(ManagedFile(DOVECOT_CONF, self.dovecot_conf(env), mode="0644",
                                    validate="doveconf -n -c {path} >/dev/null"))
         c.files.append(ManagedFile(KEY_TABLE, self.key_table(), mode="0644"))
+        c.files.append(ManagedFile(POSTFWD_CF, self.postfwd_cf(), mode="0644",
+                                   validate="postfwd -f {path} -C >/dev/null 2>&1"))
+        c.files.append(ManagedFile(LIMITS_ALERT, LIMITS_SCRIPT, mode="0755"))
+        c.files.append(ManagedFile(LIMITS_UNIT, LIMITS_SERVICE, mode="0644"))
+        c.files.append(ManagedFile(LIMITS_TIMER, LIMITS_TIMER_UNIT, mode="0644"))
+        c.commands.append(Command("mail: reload systemd units", "systemctl daemon-reload",
+                                  on_change=(LIMITS_UNIT, LIMITS_TIMER)))
         c.files.append(ManagedFile(SIGNING_TABLE, self.signing_table(), mode="0644"))
         c.files.append(ManagedFile(OPENDKIM_CONF, self.opendkim_conf(), mode="0644",
                                    validate="opendkim -n -x {path}"))
@@ -775,10 +832,37 @@ class MailService(Service):
             Unit("opendkim.service", reload_on=(OPENDKIM_CONF, KEY_TABLE, SIGNING_TABLE),
                  reload=False),
             Unit("dovecot.service", reload_on=(DOVECOT_CONF, USERS)),
+            Unit("postfwd.service", reload_on=(POSTFWD_CF,)),
+            Unit("selfhost-mail-limits.timer", reload_on=(LIMITS_TIMER, LIMITS_UNIT),
+                 reload=False),
             Unit("postfix.service", reload_on=tuple(postfix_files)),
         ]
         return c
 
+
+LIMITS_SCRIPT = (Path(__file__).parent / "mail-limits.sh").read_text(encoding="utf-8")
+
+LIMITS_SERVICE = f"""# Managed by selfhost: changes here are overwritten on the next deploy.
+[Unit]
+Description=selfhost: alert the admin when a mail user reached an outbound limit
+
+[Service]
+Type=oneshot
+ExecStart={LIMITS_ALERT}
+"""
+
+LIMITS_TIMER_UNIT = """# Managed by selfhost: changes here are overwritten on the next deploy.
+[Unit]
+Description=selfhost: look for outbound mail limits reached, every minute
+
+[Timer]
+OnBootSec=60
+OnUnitActiveSec=60
+AccuracySec=5
+
+[Install]
+WantedBy=timers.target
+"""
 
 VALIDATE_MAIN = (
     "d=$(mktemp -d) && cp {path} \"$d/main.cf\" && cp " + MASTER_CF + " \"$d/\" && "

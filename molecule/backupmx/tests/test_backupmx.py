@@ -11,6 +11,7 @@ is back and the backup's queue flushed, the message is in the Maildir, handed ov
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 import uuid
@@ -176,3 +177,58 @@ def test_mail_waits_on_the_backup_and_reaches_the_mailbox(pair: dict[str, str]) 
     # Handed over by the backup, over TLS (ESMTPS), to the primary.
     assert f"from {pair['backup_name']}" in delivered and "with ESMTPS" in delivered, delivered
     assert sh(backup, "postqueue -j").strip() == "", sh(backup, "postqueue -p")
+
+
+# Runs in the primary's container: submissions on 587 (STARTTLS, login), one connection per
+# message; each result is "ok" or the SMTP error's code and text.
+SUBMIT = r"""
+import json, smtplib, ssl, sys
+r = json.load(sys.stdin)
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE  # the limits are the point here, not the certificate
+out = []
+for subject in r["subjects"]:
+    try:
+        s = smtplib.SMTP("127.0.0.1", 587, timeout=20)
+        s.starttls(context=ctx)
+        s.login(r["user"], r["password"])
+        msg = f"From: {r['user']}\r\nTo: {r['to']}\r\nSubject: {subject}\r\n\r\nburst\r\n"
+        s.sendmail(r["user"], [r["to"]], msg.encode())
+        out.append(["ok"])
+        s.quit()
+    except smtplib.SMTPResponseException as e:
+        out.append([e.smtp_code, e.smtp_error.decode()])
+print(json.dumps(out))
+"""
+
+
+def submit(pair: dict[str, str], user: str, password: str, count: int) -> list[list[Any]]:
+    req = {"user": f"{user}@{pair['domain']}", "password": password,
+           "to": f"bob@{pair['domain']}",
+           "subjects": [f"Burst {user} {i} {uuid.uuid4()}" for i in range(count)]}
+    out = podman("exec", "-i", pair["mx"], "python3", "-c", SUBMIT, stdin=json.dumps(req))
+    return list(json.loads(out))
+
+
+def test_a_burst_from_one_user_is_deferred_and_the_admin_alerted(pair: dict[str, str]) -> None:
+    """The primary allows 3 messages a minute per login (fleet.yaml): Alice's fourth is
+    deferred with a 4xx (her mail program keeps it), Bob's mail still goes, and the alert
+    timer's service mails root (the admin) who reached the limit."""
+    mx = pair["mx"]
+    alice = os.environ["MAIL_ALICE_PASSWORD"]
+    bob = os.environ["MAIL_BOB_PASSWORD"]
+    res = submit(pair, "alice", alice, 4)
+    assert res[:3] == [["ok"]] * 3, res
+    code, text = res[3]
+    assert code == 450 and f"Outbound limit: alice@{pair['domain']} may send 3 per minute" \
+        in text, res
+    assert submit(pair, "bob", bob, 1) == [["ok"]]
+    sh(mx, "systemctl start selfhost-mail-limits.service")
+    assert f"alice@{pair['domain']}" in sh(
+        mx, "journalctl -t selfhost-mail-limits -o cat --no-pager")
+    deadline = time.monotonic() + 30
+    while "outbound limit reached" not in sh(mx, "cat /var/mail/root 2>/dev/null || true"):
+        assert time.monotonic() < deadline, sh(mx, "postqueue -p")
+        time.sleep(1)
+    assert f"alice@{pair['domain']}" in sh(mx, "cat /var/mail/root")
