@@ -815,7 +815,7 @@ class MailService(Service):
                                    validate="doveconf -n -c {path} >/dev/null"))
         c.files.append(ManagedFile(KEY_TABLE, self.key_table(), mode="0644"))
         c.files.append(ManagedFile(POSTFWD_CF, self.postfwd_cf(), mode="0644",
-                                   validate="postfwd -f {path} -C >/dev/null 2>&1"))
+                                   validate=VALIDATE_POSTFWD))
         c.files.append(ManagedFile(LIMITS_ALERT, LIMITS_SCRIPT, mode="0755"))
         c.files.append(ManagedFile(LIMITS_UNIT, LIMITS_SERVICE, mode="0644"))
         c.files.append(ManagedFile(LIMITS_TIMER, LIMITS_TIMER_UNIT, mode="0644"))
@@ -863,6 +863,12 @@ AccuracySec=5
 [Install]
 WantedBy=timers.target
 """
+
+VALIDATE_POSTFWD = (
+    "out=$(postfwd -f {path} -C 2>&1); printf '%s\\n' \"$out\" | grep -q '^Rule ' && "
+    "! printf '%s\\n' \"$out\" | grep -q 'LOG warning' || { echo \"$out\" >&2; exit 1; }")
+"""postfwd -C exits 1 even for a good file: it must list the rules and warn about nothing
+(an invalid line is skipped with a warning)."""
 
 VALIDATE_MAIN = (
     "d=$(mktemp -d) && cp {path} \"$d/main.cf\" && cp " + MASTER_CF + " \"$d/\" && "
