@@ -81,7 +81,10 @@ def test_the_alert_script_reports_who_reached_a_limit(tmp_path: Path) -> None:
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     log = tmp_path / "journal"
-    (bin_ / "journalctl").write_text(f"#!/bin/sh\ncat {log}\n")
+    # Postfix's smtpd of the submission services logs as postfix/submission(s)/smtpd.
+    (bin_ / "journalctl").write_text(
+        "#!/bin/sh\ncase \"$*\" in *SYSLOG_IDENTIFIER=postfix/submission/smtpd\\ "
+        f"SYSLOG_IDENTIFIER=postfix/submissions/smtpd*) cat {log};; esac\n")
     (bin_ / "logger").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/logger\n")
     (bin_ / "hostname").write_text("#!/bin/sh\necho nas\n")
     for p in bin_.iterdir():

@@ -7,7 +7,7 @@ set -u
 cursor=/var/lib/selfhost/mail-limits.cursor
 mkdir -p "${cursor%/*}"
 hits=$(journalctl --cursor-file="$cursor" -q -o cat --no-pager \
-  SYSLOG_IDENTIFIER=postfix/submission SYSLOG_IDENTIFIER=postfix/submissions \
+  SYSLOG_IDENTIFIER=postfix/submission/smtpd SYSLOG_IDENTIFIER=postfix/submissions/smtpd \
   | grep -F 'Outbound limit: ')
 [ -n "$hits" ] || exit 0
 users=$(printf '%s\n' "$hits" | sed -n 's/.*Outbound limit: \([^ ]*\) .*/\1/p' | sort | uniq -c)
