@@ -21,6 +21,7 @@ from selfhost.compile.compiler import build_plan, collect
 from selfhost.compose.keys import FakeKeyStore
 from selfhost.compose.module import Contribution, Env, Module
 from selfhost.compose.requests import (
+    BackupMx,
     BackupSource,
     Certificate,
     DnsRecord,
@@ -147,7 +148,7 @@ def test_every_request_kind_has_exactly_one_provider() -> None:
     kinds = {k for _, m in s.modules() for k in m.provides}
     expected = {Port, Forward, Masquerade, LoopbackGuard, Sysctl, SystemUser, Sendmail,
                 VirtualHost, Certificate, BackupSource, DnsRecord, Jail, HealthCheck,
-                PeerBackupAccount, ZoneNetwork, DnsZone, DnsSecondary}
+                PeerBackupAccount, ZoneNetwork, DnsZone, DnsSecondary, BackupMx}
     assert kinds == expected
     providers = [k for _, m in s.modules() for k in m.provides]
     assert len(providers) == len(set(providers))

@@ -31,7 +31,7 @@ UPDATE = os.environ.get("SELFHOST_UPDATE_FIXTURES") == "1"
 
 MAIL_FILES = (mail.MAIN_CF, mail.MASTER_CF, mail.MAILBOXES, mail.ALIASES, mail.SENDERS,
               mail.SUBMISSION_HEADERS, mail.LOCAL_SENDERS, mail.USERS, mail.DOVECOT_CONF, mail.OPENDKIM_CONF,
-              mail.KEY_TABLE, mail.SIGNING_TABLE)
+              mail.KEY_TABLE, mail.SIGNING_TABLE, mail.POSTFWD_CF)
 
 
 def model(**changes: Any) -> dict[str, Any]:
@@ -219,6 +219,8 @@ def _broken(path: str, text: str) -> str:
         return text + "no_such_setting = yes\n"
     if path == mail.OPENDKIM_CONF:
         return text + "NoSuchOption yes\n"
+    if path == mail.POSTFWD_CF:
+        return "# no rule left\nthis is no rule\n"
     raise AssertionError(path)
 
 
@@ -232,7 +234,7 @@ def test_mail_validators_accept_the_files_and_reject_broken_ones(
     checked = [s.file for s in plan.steps if type(s).__name__ == "File"
                and s.file.path in MAIL_FILES and s.file.validate]
     assert {f.path for f in checked} == {mail.MAIN_CF, mail.MASTER_CF, mail.DOVECOT_CONF,
-                                         mail.OPENDKIM_CONF}
+                                         mail.OPENDKIM_CONF, mail.POSTFWD_CF}
     for f in checked:
         assert f.validate is not None
         ok = validators.check(release, f.path, updater.rendered(f), f.validate)

@@ -387,5 +387,29 @@ class DnsSecondary(Request):
         return f"secondary DNS for {self.zone} on {self.on_host}"
 
 
-CROSS_HOST: tuple[type[Request], ...] = (PeerBackupAccount, DnsSecondary)
+@dataclass(frozen=True)
+class BackupMx(Request):
+    """Addressed to another host of the fleet (``on_host``): be a backup MX of ``domains``,
+    accepting mail only for ``recipients`` (addresses; ``@domain`` for a domain with a
+    catch-all), queueing it up to ``queue_days`` and handing it to ``primary`` (the primary
+    MX's host name) on port 25. ``reject_senders``: the domains whose mail never comes from
+    outside (the primary refuses them on port 25, so the backup refuses them too rather than
+    bounce them later)."""
+
+    on_host: str
+    primary: str
+    domains: tuple[str, ...]
+    recipients: tuple[str, ...]
+    reject_senders: tuple[str, ...] = ()
+    queue_days: int = 10
+    max_message_mb: int = 25
+
+    def key(self) -> object:
+        return ("backup-mx", self.on_host, self.primary)
+
+    def describe(self) -> str:
+        return f"backup MX of {', '.join(self.domains)} on {self.on_host}"
+
+
+CROSS_HOST: tuple[type[Request], ...] = (PeerBackupAccount, DnsSecondary, BackupMx)
 """Kinds addressed to another host of the fleet (their ``on_host``)."""

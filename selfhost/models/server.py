@@ -241,6 +241,7 @@ class Server(StrictModel):
         orders providers after their users)."""
         from selfhost.backup.fleet import BackupPeers
         from selfhost.services.knot import KnotServer
+        from selfhost.services.mail import BackupMxServer
         from selfhost.services.web import WebService
         from selfhost.system import Records, System
 
@@ -257,7 +258,8 @@ class Server(StrictModel):
             if svc is not None and svc.enabled:
                 out.append((f"services.{name}", svc))
         out += [("backup", self.backup), ("backup-peers", BackupPeers()),
-                ("dns-server", KnotServer()), ("check", self.check), ("records", Records())]
+                ("dns-server", KnotServer()), ("backup-mx", BackupMxServer()),
+                ("check", self.check), ("records", Records())]
         return out
 
     def weak_passwords(self) -> list[tuple[tuple[str | int, ...], str]]:

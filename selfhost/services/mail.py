@@ -30,6 +30,24 @@
   others keep their keys (and DNS records) so a key can be rotated while mail signed with the
   old one is still in flight.
 
+- **Outbound limits** per logged-in user (``outbound_limits``: 30 messages a minute and 500
+  a day by default): Debian's ``postfwd`` counts each message submitted on 587/465 per SASL
+  login (Postfix asks it once per message, at the end of the data); over a limit the
+  message is deferred with a 4xx reply, so the mail program keeps it and tries again later,
+  and another user is not affected. A timer looks at Postfix's log every minute and mails
+  root (the admin) who reached a limit (``mail-limits.sh``). If postfwd is down,
+  submissions are deferred too (Postfix's default for an unreachable policy service):
+  never let through uncounted. Local programs' ``sendmail`` is not counted yet.
+- **Backup MX** (``backup_mx: {host: friend}``): another host of the fleet keeps the domains'
+  mail while this server is down. The mail module sends that host a ``BackupMx`` request
+  with the recipients its model accepts (mailboxes, aliases, catch-all domains), computed
+  when the fleet is compiled; the host's :class:`BackupMxServer` makes its Postfix a relay
+  for them only, and the backup is published as the second MX (preference 20). This server
+  lists the backup's addresses in a client access table that passes them through the client
+  checks (where RBL or greylisting checks belong: it has none yet), never in ``mynetworks``
+  (which would let the backup relay through it). A backup host that runs its own mail
+  service is refused at validation (both would own its Postfix).
+
 The module asks for what it needs and names no other module: a certificate for the server's
 name (the files appear under ``/etc/selfhost/tls/NAME/``; until the first export, a
 self-signed placeholder lets the daemons start), the ports, the ``vmail`` system user, the
@@ -43,12 +61,14 @@ the sendmail role.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from selfhost.compose.module import Contribution, Env, Problem
+from selfhost.compose.module import Contribution, Env, Module, Problem
 from selfhost.compose.requests import (
+    BackupMx,
     BackupSource,
     Certificate,
     DnsRecord,
@@ -93,6 +113,18 @@ exchange, 88 ms per submitted message (measured: 10 messages/s on one connection
 the milter)."""
 DKIM_SOCKET = f"{DKIM_SOCKET_DIR}/opendkim.sock"
 TLS_DIR = "/etc/selfhost/tls"
+BACKUP_MX_CLIENTS = "/etc/postfix/selfhost-backup-mx.cidr"
+RELAY_RECIPIENTS = "/etc/postfix/selfhost-relay-recipients"
+RELAY_TRANSPORT = "/etc/postfix/selfhost-relay-transport"
+RELAY_TLS = "/etc/postfix/selfhost-relay-tls"
+RELAY_SENDERS = "/etc/postfix/selfhost-relay-senders"
+RELAY_ALIASES = "/etc/postfix/selfhost-relay-aliases"
+POSTFWD_CF = "/etc/postfix/postfwd.cf"
+POSTFWD = "inet:127.0.0.1:10040"
+LIMITS_ALERT = "/usr/local/sbin/selfhost-mail-limits"
+LIMITS_UNIT = "/etc/systemd/system/selfhost-mail-limits.service"
+LIMITS_TIMER = "/etc/systemd/system/selfhost-mail-limits.timer"
+LIMIT_TEXT = "Outbound limit"
 
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _DOMAIN = re.compile(rf"^{_LABEL}(\.{_LABEL})+$")
@@ -192,18 +224,68 @@ class MailAlias(StrictModel):
         return [_check_address(a) for a in v]
 
 
+class BackupMxSettings(StrictModel):
+    """A backup MX: another host of the fleet that keeps the domains' mail while this server
+    is down, and hands it over when it is back."""
+
+    host: str = Field(description="The host of the fleet (its fleet name, host name or full "
+                      "name) that is the backup MX, e.g. a friend's host. Its Postfix accepts "
+                      "mail for the mail domains, only for their mailboxes and aliases, and "
+                      "it is published as the second MX (preference 20).")
+    queue_days: int = Field(default=10, ge=5, le=30,
+                            description="How long the backup keeps trying to hand a message "
+                            "over before it returns it to the sender (days).")
+
+
+class OutboundLimits(StrictModel):
+    """How much mail one logged-in user may submit: a stolen password or a hacked program
+    must not get the server blacklisted."""
+
+    per_minute: int = Field(default=30, ge=1, le=100_000,
+                            description="Messages one user may submit per minute. The next "
+                            "ones are deferred (a 4xx reply: the mail program tries again "
+                            "later, nothing is lost) and the admin is alerted.")
+    per_day: int = Field(default=500, ge=1, le=10_000_000,
+                         description="Messages one user may submit per 24 hours; beyond, "
+                         "deferred and alerted as above.")
+
+
 class MailService(Service):
     """A mail server: SMTP (Postfix), IMAP (Dovecot), DKIM signing (OpenDKIM)."""
 
     kind: ClassVar[str] = "mail"
     uses: ClassVar[tuple[type[Request], ...]] = (Certificate, Port, SystemUser, BackupSource,
-                                                 Jail, HealthCheck, DnsRecord, Sendmail)
+                                                 Jail, HealthCheck, DnsRecord, Sendmail,
+                                                 BackupMx)
 
     domains: list[MailDomain] = Field(min_length=1, description="The mail domains.")
     mailboxes: list[Mailbox] = Field(default_factory=list, description="The mailboxes.")
     aliases: list[MailAlias] = Field(default_factory=list, description="The aliases.")
     max_message_mb: int = Field(default=25, ge=1, le=1024,
                                 description="Largest message accepted (MB).")
+    outbound_limits: OutboundLimits = Field(
+        default_factory=OutboundLimits,
+        description="Limits on the mail each logged-in user submits (counted per login by "
+        "postfwd, on the submission ports; a local program's sendmail is not counted).")
+    backup_mx: BackupMxSettings | None = Field(
+        default=None,
+        description="A backup MX on another host of the fleet (none by default): it accepts "
+        "mail for the domains' existing recipients only (no backscatter), queues it while this "
+        "server is down and delivers it here when it is back.")
+
+    def backup_host(self, env: Env) -> str | None:
+        """The fleet name of the backup MX host (None: none, or not a valid other host)."""
+        if self.backup_mx is None:
+            return None
+        found = env.fleet.find(self.backup_mx.host)
+        return found if found is not None and found != env.host else None
+
+    def recipients(self) -> list[str]:
+        """Every address this server accepts mail for: mailboxes, aliases, and ``@domain``
+        for a domain with a catch-all (the backup MX accepts these, and only these)."""
+        out = {m.address for m in self.mailboxes} | {a.address for a in self.aliases}
+        out |= {f"@{d.name}" for d in self.domains if d.catch_all is not None}
+        return sorted(out)
 
     # ------------------------------------------------------------------ model checks
 
@@ -254,6 +336,25 @@ class MailService(Service):
                     out.append(Problem((*where, "to", j), f"{t} is in a mail domain of this "
                                        "server but is no mailbox or alias: mail to "
                                        f"{a.address} would bounce"))
+        if self.backup_mx is not None:
+            where = (*base, "backup_mx", "host")
+            found = env.fleet.find(self.backup_mx.host)
+            if found is None:
+                out.append(Problem(where, f"no host {self.backup_mx.host!r} in this fleet "
+                                   f"(hosts: {', '.join(sorted(env.fleet.hosts))})"))
+            elif found == env.host:
+                out.append(Problem(where, "a mail server cannot be its own backup MX"))
+            else:
+                other = env.fleet.hosts[found]
+                svc = getattr(other.services, "mail", None)
+                if svc is not None and svc.enabled:
+                    out.append(Problem(where, f"{found} runs a mail server of its own: a "
+                                       "backup MX on a host with a mail service is not "
+                                       "supported yet (both would own its Postfix); choose "
+                                       "a host without one"))
+                if not _DOMAIN.match(other.fqdn.lower()):
+                    out.append(Problem(where, f"the backup MX's name {other.fqdn!r} is not a "
+                                       "valid host name (it is published as an MX)"))
         return out
 
     # ------------------------------------------------------------------ requests
@@ -275,6 +376,8 @@ class MailService(Service):
             HealthCheck("unit", "postfix.service"),
             HealthCheck("unit", "dovecot.service"),
             HealthCheck("unit", "opendkim.service"),
+            HealthCheck("unit", "postfwd.service"),
+            HealthCheck("tcp", "127.0.0.1:10040"),
             HealthCheck("tcp", "127.0.0.1:25"),
             HealthCheck("tcp", "127.0.0.1:993"),
             Sendmail("postfix"),
@@ -292,7 +395,25 @@ class MailService(Service):
                     f"{s}._domainkey.{d.name}", "TXT",
                     f"<the key generated on the server: {DKIM_KEYS}/{d.name}/{s}.txt>",
                     origin=origin))
+        backup = self.backup_host(env)
+        if backup is not None and self.backup_mx is not None:
+            origin = f"{env.path}.backup_mx"
+            names = tuple(d.name for d in self.domains)
+            out.append(BackupMx(backup, name, names, tuple(self.recipients()),
+                                reject_senders=names, queue_days=self.backup_mx.queue_days,
+                                max_message_mb=self.max_message_mb, origin=origin))
+            out += [DnsRecord(d, "MX", f"20 {env.fleet.hosts[backup].fqdn}.", origin=origin)
+                    for d in names]
         return out
+
+    def backup_clients(self, env: Env) -> list[str]:
+        """The backup MX's addresses (from the model), as Postfix CIDR networks."""
+        backup = self.backup_host(env)
+        if backup is None:
+            return []
+        return [f"{a}/{32 if a.version == 4 else 128}"
+                for a in env.fleet.hosts[backup].addresses.public
+                + env.fleet.hosts[backup].addresses.lan]
 
     # ------------------------------------------------------------------ Postfix
 
@@ -326,18 +447,7 @@ class MailService(Service):
             "virtual_transport = lmtp:unix:private/dovecot-lmtp",
             f"smtpd_sender_login_maps = texthash:{SENDERS}",
             "",
-            "# TLS: the certificate of the server's name; TLS 1.2 or later.",
-            f"smtpd_tls_chain_files = {tls}/privkey.pem, {tls}/fullchain.pem",
-            "smtpd_tls_security_level = may",
-            "smtpd_tls_auth_only = yes",
-            "smtpd_tls_protocols = >=TLSv1.2",
-            "smtpd_tls_mandatory_protocols = >=TLSv1.2",
-            "smtpd_tls_mandatory_ciphers = high",
-            "smtpd_tls_session_cache_database = btree:${data_directory}/smtpd_scache",
-            "smtp_tls_security_level = may",
-            "smtp_tls_protocols = >=TLSv1.2",
-            "smtp_tls_CAfile = /etc/ssl/certs/ca-certificates.crt",
-            "smtp_tls_session_cache_database = btree:${data_directory}/smtp_scache",
+            *_tls_settings(tls),
             "",
             "# Port 25: no login (submission only); mail for the mail domains, no relaying;",
             "# mail from the mail domains comes through submission, never from outside.",
@@ -347,6 +457,13 @@ class MailService(Service):
             "smtpd_sender_restrictions = reject_non_fqdn_sender, permit_mynetworks, "
             f"check_sender_access texthash:{LOCAL_SENDERS}",
             "",
+            *([
+                "# The backup MX hands over the mail it kept: its addresses pass the client",
+                "# checks (the place for RBL or greylisting checks, which must not delay it),",
+                "# and nothing else (it is not in mynetworks: it may not relay through here).",
+                f"smtpd_client_restrictions = check_client_access cidr:{BACKUP_MX_CLIENTS}",
+                "",
+            ] if self.backup_clients(env) else []),
             "# DKIM signing (OpenDKIM), for submitted mail and the system's own.",
             "smtpd_milters = unix:opendkim/opendkim.sock",
             "non_smtpd_milters = unix:opendkim/opendkim.sock",
@@ -368,6 +485,7 @@ class MailService(Service):
             "  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject",
             "  -o smtpd_recipient_restrictions=",
             "  -o milter_macro_daemon_name=ORIGINATING",
+            f"  -o {{ smtpd_end_of_data_restrictions = check_policy_service {POSTFWD} }}",
             "  -o cleanup_service_name=subcleanup",
         ]
         return "\n".join([
@@ -437,7 +555,11 @@ class MailService(Service):
                 owners.setdefault(a.address, [])
                 owners[a.address] += [t for t in mine if t not in owners[a.address]]
         senders = "".join(f"{addr} {','.join(owners[addr])}\n" for addr in sorted(owners))
+        extra = {BACKUP_MX_CLIENTS: head + "".join(f"{n} OK\n"
+                                                    for n in self.backup_clients(env))
+                 } if self.backup_clients(env) else {}
         return {
+            **extra,
             MAILBOXES: head + mailboxes,
             ALIASES: head + "".join(line + "\n" for line in alias_lines),
             SENDERS: head + senders,
@@ -449,6 +571,21 @@ class MailService(Service):
             "/^Received:/ IGNORE\n/^X-Originating-IP:/ IGNORE\n/^X-Mailer:/ IGNORE\n"
             "/^User-Agent:/ IGNORE\n",
         }
+
+    def postfwd_cf(self) -> str:
+        """postfwd's rules: one rate counter per login and window, counted once per message
+        (Postfix asks at the end of each submitted message)."""
+        lim = self.outbound_limits
+        rules = [("SELFHOST_MINUTE", lim.per_minute, 60, f"{lim.per_minute} per minute"),
+                 ("SELFHOST_DAY", lim.per_day, 86400, f"{lim.per_day} per day")]
+        lines = ["# Managed by selfhost: outbound limits per logged-in user (the submission",
+                 "# ports ask at the end of each message; over a limit, the message is",
+                 "# deferred with a 4xx reply and the client tries again later)."]
+        for rid, count, seconds, what in rules:
+            lines.append(f"id={rid}; protocol_state==END-OF-MESSAGE; sasl_username=~/./; "
+                         f"action=rate(sasl_username/{count}/{seconds}/450 4.7.1 "
+                         f"{LIMIT_TEXT}: $$sasl_username may send {what}, try again later)")
+        return "\n".join(lines) + "\n"
 
     # ------------------------------------------------------------------ Dovecot
 
@@ -649,20 +786,11 @@ class MailService(Service):
     def contribute(self, env: Env) -> Contribution:
         target = env.require_target()
         name = env.server.fqdn
-        c = Contribution(packages=["postfix", "dovecot-imapd", "dovecot-lmtpd", "dovecot-sieve",
+        c = Contribution(packages=["postfix", "postfwd", "dovecot-imapd", "dovecot-lmtpd", "dovecot-sieve",
                                    "opendkim", "opendkim-tools", "openssl", "ca-certificates"])
-        tls = f"{TLS_DIR}/{name}"
         # Until the web server has exported the certificate, a self-signed placeholder lets
         # Postfix and Dovecot start; the export replaces it and reloads them.
-        c.commands.append(Command(
-            f"mail: placeholder certificate for {name} until the real one is exported",
-            f"install -d -m 0755 {TLS_DIR} && install -d -m 0750 {tls} && "
-            f"openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN={name} "
-            f"-addext subjectAltName=DNS:{name} -keyout {tls}/privkey.pem.new "
-            f"-out {tls}/fullchain.pem.new 2>/dev/null && chmod 0640 {tls}/privkey.pem.new && "
-            f"mv {tls}/privkey.pem.new {tls}/privkey.pem && "
-            f"mv {tls}/fullchain.pem.new {tls}/fullchain.pem",
-            unless=f"test -s {tls}/fullchain.pem && test -s {tls}/privkey.pem"))
+        c.commands.append(_placeholder_certificate(name, "mail"))
         for d in sorted(self.domains, key=lambda d: d.name):
             for s in d.dkim_selectors:
                 key = f"{DKIM_KEYS}/{d.name}/{s}.private"
@@ -678,10 +806,7 @@ class MailService(Service):
             ManagedDir(DKIM_DIR, "0755"),
             ManagedDir(DKIM_SOCKET_DIR, "0750", owner="opendkim", group="postfix"),
         ]
-        validate_main = (
-            "d=$(mktemp -d) && cp {path} \"$d/main.cf\" && cp " + MASTER_CF + " \"$d/\" && "
-            "out=$(postconf -c \"$d\" -n 2>&1 >/dev/null); rc=$?; rm -rf \"$d\"; "
-            "[ $rc -eq 0 ] && [ -z \"$out\" ] || { echo \"$out\" >&2; exit 1; }")
+        validate_main = VALIDATE_MAIN
         validate_master = (
             "d=$(mktemp -d) && cp " + MAIN_CF + " \"$d/main.cf\" && cp {path} \"$d/master.cf\" "
             "&& out=$(postconf -c \"$d\" -M 2>&1 >/dev/null); rc=$?; rm -rf \"$d\"; "
@@ -697,6 +822,13 @@ class MailService(Service):
         c.files.append(ManagedFile(DOVECOT_CONF, self.dovecot_conf(env), mode="0644",
                                    validate="doveconf -n -c {path} >/dev/null"))
         c.files.append(ManagedFile(KEY_TABLE, self.key_table(), mode="0644"))
+        c.files.append(ManagedFile(POSTFWD_CF, self.postfwd_cf(), mode="0644",
+                                   validate=VALIDATE_POSTFWD))
+        c.files.append(ManagedFile(LIMITS_ALERT, LIMITS_SCRIPT, mode="0755"))
+        c.files.append(ManagedFile(LIMITS_UNIT, LIMITS_SERVICE, mode="0644"))
+        c.files.append(ManagedFile(LIMITS_TIMER, LIMITS_TIMER_UNIT, mode="0644"))
+        c.commands.append(Command("mail: reload systemd units", "systemctl daemon-reload",
+                                  on_change=(LIMITS_UNIT, LIMITS_TIMER)))
         c.files.append(ManagedFile(SIGNING_TABLE, self.signing_table(), mode="0644"))
         c.files.append(ManagedFile(OPENDKIM_CONF, self.opendkim_conf(), mode="0644",
                                    validate="opendkim -n -x {path}"))
@@ -708,6 +840,205 @@ class MailService(Service):
             Unit("opendkim.service", reload_on=(OPENDKIM_CONF, KEY_TABLE, SIGNING_TABLE),
                  reload=False),
             Unit("dovecot.service", reload_on=(DOVECOT_CONF, USERS)),
+            Unit("postfwd.service", reload_on=(POSTFWD_CF,)),
+            Unit("selfhost-mail-limits.timer", reload_on=(LIMITS_TIMER, LIMITS_UNIT),
+                 reload=False),
             Unit("postfix.service", reload_on=tuple(postfix_files)),
         ]
+        return c
+
+
+LIMITS_SCRIPT = (Path(__file__).parent / "mail-limits.sh").read_text(encoding="utf-8")
+
+LIMITS_SERVICE = f"""# Managed by selfhost: changes here are overwritten on the next deploy.
+[Unit]
+Description=selfhost: alert the admin when a mail user reached an outbound limit
+
+[Service]
+Type=oneshot
+ExecStart={LIMITS_ALERT}
+"""
+
+LIMITS_TIMER_UNIT = """# Managed by selfhost: changes here are overwritten on the next deploy.
+[Unit]
+Description=selfhost: look for outbound mail limits reached, every minute
+
+[Timer]
+OnBootSec=60
+OnUnitActiveSec=60
+AccuracySec=5
+
+[Install]
+WantedBy=timers.target
+"""
+
+VALIDATE_POSTFWD = (
+    "out=$(postfwd -f {path} -C 2>&1); printf '%s\\n' \"$out\" | grep -q '^Rule ' && "
+    "! printf '%s\\n' \"$out\" | grep -q 'LOG warning' || { echo \"$out\" >&2; exit 1; }")
+"""postfwd -C exits 1 even for a good file: it must list the rules and warn about nothing
+(an invalid line is skipped with a warning)."""
+
+VALIDATE_MAIN = (
+    "d=$(mktemp -d) && cp {path} \"$d/main.cf\" && cp " + MASTER_CF + " \"$d/\" && "
+    "out=$(postconf -c \"$d\" -n 2>&1 >/dev/null); rc=$?; rm -rf \"$d\"; "
+    "[ $rc -eq 0 ] && [ -z \"$out\" ] || { echo \"$out\" >&2; exit 1; }")
+"""Checks a main.cf with the live master.cf: postconf prints nothing on stderr (an unknown
+parameter, a bad value) and exits 0."""
+
+
+def _tls_settings(tls: str) -> list[str]:
+    """Postfix's TLS settings with the certificate in directory ``tls``."""
+    return [
+        "# TLS: the certificate of the server's name; TLS 1.2 or later.",
+        f"smtpd_tls_chain_files = {tls}/privkey.pem, {tls}/fullchain.pem",
+        "smtpd_tls_security_level = may",
+        "smtpd_tls_auth_only = yes",
+        "smtpd_tls_protocols = >=TLSv1.2",
+        "smtpd_tls_mandatory_protocols = >=TLSv1.2",
+        "smtpd_tls_mandatory_ciphers = high",
+        "smtpd_tls_session_cache_database = btree:${data_directory}/smtpd_scache",
+        "smtp_tls_security_level = may",
+        "smtp_tls_protocols = >=TLSv1.2",
+        "smtp_tls_CAfile = /etc/ssl/certs/ca-certificates.crt",
+        "smtp_tls_session_cache_database = btree:${data_directory}/smtp_scache",
+    ]
+
+
+def _placeholder_certificate(name: str, who: str) -> Command:
+    """A self-signed certificate for ``name`` until the web server exports the real one."""
+    tls = f"{TLS_DIR}/{name}"
+    return Command(
+        f"{who}: placeholder certificate for {name} until the real one is exported",
+        f"install -d -m 0755 {TLS_DIR} && install -d -m 0750 {tls} && "
+        f"openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN={name} "
+        f"-addext subjectAltName=DNS:{name} -keyout {tls}/privkey.pem.new "
+        f"-out {tls}/fullchain.pem.new 2>/dev/null && chmod 0640 {tls}/privkey.pem.new && "
+        f"mv {tls}/privkey.pem.new {tls}/privkey.pem && "
+        f"mv {tls}/fullchain.pem.new {tls}/fullchain.pem",
+        unless=f"test -s {tls}/fullchain.pem && test -s {tls}/privkey.pem")
+
+
+class BackupMxServer(Module):
+    """Provider of :class:`BackupMx` requests: this host's Postfix as the backup MX of other
+    hosts' mail domains (nothing when no host asks).
+
+    It accepts mail for the domains (``relay_domains``) only for the recipients the primary's
+    model lists (``relay_recipient_maps``: an unknown address is refused during the SMTP
+    dialogue, so the backup never accepts mail it would have to bounce later, the
+    backscatter that gets servers blacklisted), refuses relaying anywhere else, keeps the
+    mail up to the asked number of days (``maximal_queue_lifetime``) and hands it to the
+    primary's name on port 25 (``transport_maps``), over TLS only (``encrypt``: the
+    primary always offers STARTTLS; its certificate is not verified, as it may come from a
+    private CA). No mailbox is stored here. Retries back off to 15 minutes at most, so mail
+    arrives soon after the primary is back (``postqueue -f`` sends it at once).
+    The name of the primary is looked up in DNS, then in ``/etc/hosts``. The host's own mail
+    (root, postmaster) goes to the admin's address when the host has ``notify``.
+    """
+
+    provides: ClassVar[tuple[type[Request], ...]] = (BackupMx,)
+    uses: ClassVar[tuple[type[Request], ...]] = (Certificate, Port, HealthCheck, Sendmail)
+
+    def requests(self, env: Env) -> list[Request]:
+        if not env.incoming(BackupMx):
+            return []
+        return [Certificate((env.server.fqdn,), reload=("postfix.service",)),
+                Port(25, "tcp", "internet", comment="SMTP (backup MX of other hosts' mail)"),
+                HealthCheck("unit", "postfix.service"),
+                HealthCheck("tcp", "127.0.0.1:25"),
+                Sendmail("postfix")]
+
+    def assertions(self, env: Env) -> list[Problem]:
+        out: list[Problem] = []
+        owner: dict[str, str] = {}
+        for r in env.incoming(BackupMx):
+            for d in r.domains:
+                if d in owner and owner[d] != r.primary:
+                    out.append(Problem(
+                        ("hostname",), f"{env.host} is asked to be the backup MX of {d} by both "
+                        f"{owner[d]} and {r.primary}"))
+                owner.setdefault(d, r.primary)
+        return out
+
+    def main_cf(self, env: Env, reqs: list[BackupMx]) -> str:
+        name = env.server.fqdn
+        domains = sorted({d for r in reqs for d in r.domains})
+        days = max(r.queue_days for r in reqs)
+        return "\n".join([
+            "# Managed by selfhost: changes here are overwritten on the next deploy.",
+            "# This host is a backup MX: it keeps other hosts' mail while they are down.",
+            "compatibility_level = 3.6",
+            f"myhostname = {name}",
+            "myorigin = $myhostname",
+            "mydestination = $myhostname, localhost",
+            "mynetworks = 127.0.0.0/8 [::1]/128",
+            "inet_interfaces = all",
+            "inet_protocols = all",
+            "alias_maps = hash:/etc/aliases",
+            "alias_database = hash:/etc/aliases",
+            f"virtual_alias_maps = texthash:{RELAY_ALIASES}",
+            "recipient_delimiter = +",
+            "biff = no",
+            "append_dot_mydomain = no",
+            "smtpd_banner = $myhostname ESMTP",
+            "disable_vrfy_command = yes",
+            "smtpd_helo_required = yes",
+            f"message_size_limit = {max(r.max_message_mb for r in reqs) * 1024 * 1024}",
+            "mailbox_size_limit = 0",
+            "",
+            "# Backup MX: mail for these domains, only for their primary's recipients (others",
+            "# are refused in the SMTP dialogue: no backscatter), kept for days, handed over",
+            "# to the primary over TLS.",
+            "relay_domains = " + ", ".join(domains),
+            f"relay_recipient_maps = texthash:{RELAY_RECIPIENTS}",
+            f"transport_maps = texthash:{RELAY_TRANSPORT}",
+            f"smtp_tls_policy_maps = texthash:{RELAY_TLS}",
+            "smtp_host_lookup = dns, native",
+            f"maximal_queue_lifetime = {days}d",
+            f"bounce_queue_lifetime = {days}d",
+            "maximal_backoff_time = 15m",
+            "",
+            *_tls_settings(f"{TLS_DIR}/{name}"),
+            "",
+            "# Port 25: no login; no relaying but to the domains above; their senders come",
+            "# through their own server's submission, never from outside.",
+            "smtpd_sasl_auth_enable = no",
+            "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination",
+            "smtpd_sender_restrictions = reject_non_fqdn_sender, permit_mynetworks, "
+            f"check_sender_access texthash:{RELAY_SENDERS}",
+            "",
+        ])
+
+    def maps(self, env: Env, reqs: list[BackupMx]) -> dict[str, str]:
+        head = "# Managed by selfhost: changes here are overwritten on the next deploy.\n"
+        recipients = sorted({a for r in reqs for a in r.recipients})
+        transport = sorted({(d, r.primary) for r in reqs for d in r.domains})
+        primaries = sorted({r.primary for r in reqs})
+        senders = sorted({d for r in reqs for d in r.reject_senders})
+        notify = env.server.notify
+        aliases = ([f"{local}@{env.server.fqdn} {notify.email}\n"
+                    for local in ("root", "postmaster")] if notify is not None else [])
+        return {
+            RELAY_RECIPIENTS: head + "".join(f"{a} OK\n" for a in recipients),
+            RELAY_TRANSPORT: head + "".join(f"{d} smtp:[{p}]:25\n" for d, p in transport),
+            RELAY_TLS: head + "".join(f"[{p}]:25 encrypt\n" for p in primaries),
+            RELAY_SENDERS: head + "".join(
+                f"{d} REJECT 5.7.1 mail from {d} is sent through its own server, not from "
+                "outside\n" for d in senders),
+            RELAY_ALIASES: head + "".join(aliases),
+        }
+
+    def contribute(self, env: Env) -> Contribution:
+        reqs = sorted(env.incoming(BackupMx), key=lambda r: r.primary)
+        c = Contribution()
+        if not reqs:
+            return c
+        c.packages += ["postfix", "openssl", "ca-certificates"]
+        c.commands.append(_placeholder_certificate(env.server.fqdn, "backup MX"))
+        maps = self.maps(env, reqs)
+        for path, text in maps.items():
+            c.files.append(ManagedFile(path, text, mode="0644"))
+        c.files.append(ManagedFile(MAIN_CF, self.main_cf(env, reqs), validate=VALIDATE_MAIN))
+        c.commands.append(Command("backup MX: the table of /etc/aliases", "newaliases",
+                                  unless="test -s /etc/aliases.db", after_files=True))
+        c.units.append(Unit("postfix.service", reload_on=(MAIN_CF, *maps)))
         return c
