@@ -520,10 +520,21 @@ def figure6(runs: int, deploy: str) -> dict[str, Any]:
     a, b = f"{PREFIX}-f6-mail", f"{PREFIX}-f6-floor"
     log(f"figure 6: converge {a} with examples/mail.yaml, a bare postfix in {b}; "
         f"{runs} x {MAIL_MESSAGES} messages each")
+    # The model's outbound limits (30 a minute per login by default) would defer the 31st
+    # message: raised for the bench, the policy service still answers for each message.
+    from ruamel.yaml import YAML
+
+    data = YAML(typ="safe").load(MAIL.read_text())
+    data["services"]["mail"]["outbound_limits"] = {"per_minute": 100_000,
+                                                   "per_day": 10_000_000}
+    model = TMP / "mail-bench.yaml"
+    model.write_text(json.dumps(data, indent=1) + "\n")
     start_containers([a, b])
-    out: dict[str, Any] = {"messages": MAIL_MESSAGES, "selfhost": [], "floor": []}
+    out: dict[str, Any] = {"messages": MAIL_MESSAGES, "selfhost": [], "floor": [],
+                           "model": "examples/mail.yaml, outbound limits raised to 100,000 a "
+                                    "minute"}
     try:
-        out["converge"] = run_pyinfra([f"@podman/{a}"], deploy, MAIL, "f6-converge")
+        out["converge"] = run_pyinfra([f"@podman/{a}"], deploy, model, "f6-converge")
         if out["converge"]["rc"] != 0:
             raise RuntimeError("the mail converge failed")
         sh([REAL_PODMAN, "exec", b, "sh", "-c",
