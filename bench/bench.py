@@ -552,10 +552,21 @@ def figure6(runs: int, deploy: str) -> dict[str, Any]:
                  "maildir": "/home/bench/Maildir"}
         for r in range(runs):
             for what, name, params in (("selfhost", a, mine), ("floor", b, floor)):
+                since = sh([REAL_PODMAN, "exec", name, "date", "+%Y-%m-%d %H:%M:%S"]).stdout.strip()
                 d = mail_run(name, params)
+                # Deliveries deferred on the way (a retry waits 5 minutes): how many, and why.
+                j = sh([REAL_PODMAN, "exec", name, "journalctl", "--since", since, "--no-pager",
+                        "-o", "cat", "-t", "postfix/lmtp", "-t", "postfix/local",
+                        "-t", "postfix/qmgr", "-t", "postfix/smtpd", "-t", "postfix/submission/smtpd",
+                        "-t", "postfix/cleanup", "-t", "postfix/subcleanup"], check=False).stdout
+                deferred = [ln for ln in j.splitlines() if "status=deferred" in ln
+                            or "warning" in ln or "reject" in ln]
+                d["deferred_or_warnings"] = len(deferred)
+                d["sample"] = deferred[:3]
                 out[what].append(d)
                 log(f"  run {r}: {what}: {d['delivered']} delivered in {d['delivered_s']:.1f} s "
-                    f"(submitted in {d['submitted_s']:.1f} s, target CPU {d['target_cpu_s']} s)")
+                    f"(submitted in {d['submitted_s']:.1f} s, target CPU {d['target_cpu_s']} s"
+                    f"; deferred/warnings {d['deferred_or_warnings']}: {d['sample'][:1]})")
     finally:
         remove_containers([a, b])
     for what in ("selfhost", "floor"):
