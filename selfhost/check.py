@@ -30,6 +30,7 @@ from selfhost.compile.diff import step_changes
 from selfhost.compile.plan import File, Packages, Plan, Run, Sync, UnitState, User
 from selfhost.compile.removal import REMOVED
 from selfhost.compile.target import RELEASES, Target
+from selfhost.compose.requests import MAILQUEUE_OLD
 from selfhost.hardening.kernel import SYSCTL_CONF
 from selfhost.hardening.updates import COUNT_SECURITY_UPDATES, FRESH_COUNT, PENDING_CACHE
 from selfhost.state import Query, State, parse, script
@@ -199,6 +200,9 @@ def health_script(plans: list[Plan], expected: dict[str, bytes],
                     f"elif [ -s {q(st + '.since')} ]; then "
                     f"r=none:$((n - $(cat {q(st + '.since')}))); else r=unknown; fi; "
                     f"printf 'K\\tbackup\\t%s\\t%s\\n' {q(h.target)} \"$r\"")
+            elif h.kind == "mailqueue":
+                parts.append(f"printf 'K\\tmailqueue\\t%s\\t%s\\n' {q(h.target)} "
+                             f"\"$({MAILQUEUE_OLD})\"")
             elif h.kind == "certificate":
                 name = h.target
                 slow.append(f"printf 'K\\tcertificate\\t%s\\t%s\\n' {q(name)} \"$(echo | "
@@ -347,10 +351,19 @@ def findings(plan: Plan, state: State, facts: Facts) -> list[Finding]:
         out.append(Finding("warning", "health", "the clock is not synchronized (NTP)",
                            "timedatectl status; systemctl status systemd-timesyncd"))
     limits = {h.target: h.expect for h in plan.health if h.kind == "backup"}
+    queues = {h.target: h.expect for h in plan.health if h.kind == "mailqueue"}
     for (kind, target), result in sorted((facts.checks or {}).items()):
         if kind == "backup":
             if target in limits:
                 out += _backup_age(target, int(limits[target]), result)
+            continue
+        if kind == "mailqueue":
+            limit = int(queues.get(target) or 0)
+            if result.strip().isdigit() and int(result) > limit:
+                out.append(Finding(
+                    "warning", "health", f"{int(result)} message(s) have waited more than an "
+                    f"hour in {target}'s queue (limit {limit})",
+                    "postqueue -p shows them and why they wait; journalctl -u postfix"))
             continue
         bad = ((kind == "tcp" and result != "1")
                or (kind == "https" and not (result.isdigit() and 100 <= int(result) < 500))

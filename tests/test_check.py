@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -415,3 +416,31 @@ def test_pending_updates_come_from_apt_s_hook_while_current(tmp_path: Path) -> N
     assert run() == "H\tupdates\t99\n"
     cache.unlink()
     assert run() == "H\tupdates\t99\n"
+
+
+def test_a_mail_queue_that_does_not_drain_is_a_warning(tmp_path: Path) -> None:
+    from selfhost.compose.requests import MAILQUEUE_OLD, HealthCheck
+
+    p = plan()
+    p.health.append(HealthCheck("mailqueue", "postfix", "20"))
+    st = converged(p)
+    facts = healthy()
+    facts.checks = {**(facts.checks or {}), ("mailqueue", "postfix"): "20"}
+    assert findings(p, st, facts) == []
+    facts.checks[("mailqueue", "postfix")] = "57"
+    [f] = findings(p, st, facts)
+    assert (f.severity, f.what) == ("warning", "57 message(s) have waited more than an hour "
+                                               "in postfix's queue (limit 20)")
+    line = [ln for ln in health_script([p], {}).splitlines() if "mailqueue" in ln]
+    assert line and MAILQUEUE_OLD in line[0]
+    # The count itself: messages older than an hour, in any hashed subdirectory.
+    spool = tmp_path / "deferred"
+    for i, age in enumerate((0, 7200, 7200)):
+        f_ = spool / str(i) / f"msg{i}"
+        f_.parent.mkdir(parents=True)
+        f_.write_text("x")
+        os.utime(f_, (time.time() - age, time.time() - age))
+    got = subprocess.run(["sh", "-c", MAILQUEUE_OLD.replace("/var/spool/postfix/deferred",
+                                                           str(spool))],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert got == "2"

@@ -169,3 +169,16 @@ backup:
     stamp.write_text(f"{int(time.time()) - 40 * 3600}\n")
     late = sh(script, "backup-usb")
     assert late.returncode == 1 and late.stdout.strip() == "last success 40 hours ago (limit 36 h)"
+
+
+def test_a_mail_queue_that_does_not_drain_is_watched() -> None:
+    svc = monitoring.MonitoringService()
+    from selfhost.compose.requests import MAILQUEUE_OLD, HealthCheck
+
+    probes = svc.probes([HealthCheck("mailqueue", "postfix", "20")])
+    assert probes["mailqueue-postfix"] == (
+        f'n=$({MAILQUEUE_OLD}); echo "$n message(s) waiting for more than an hour (limit 20)"; '
+        '[ "$n" -le 20 ]')
+    for n, rc in (("20", 0), ("21", 1)):
+        cmd = probes["mailqueue-postfix"].replace(MAILQUEUE_OLD, f"echo {n}")
+        assert subprocess.run(["sh", "-c", cmd], capture_output=True).returncode == rc

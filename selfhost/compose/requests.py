@@ -324,14 +324,19 @@ class HealthCheck(Request):
     answering, an HTTPS URL answering with a status, a certificate valid long enough, a
     backup repository's last success younger than its policy allows (``backup``: ``target``
     the repository's name, ``expect`` the largest age in hours; the daily on-host check
-    verifies it too)."""
+    verifies it too), a mail queue that drains (``mailqueue``: ``target`` "postfix",
+    ``expect`` how many messages may wait more than an hour in its deferred queue)."""
 
-    kind: Literal["unit", "tcp", "https", "certificate", "backup"]
+    kind: Literal["unit", "tcp", "https", "certificate", "backup", "mailqueue"]
     target: str
     expect: str = ""
 
     def describe(self) -> str:
         return f"health check {self.kind} {self.target}"
+
+
+MAILQUEUE_OLD = ("find /var/spool/postfix/deferred -type f -mmin +60 2>/dev/null | wc -l")
+"""Shell: how many messages have waited more than an hour in Postfix's deferred queue."""
 
 
 # --------------------------------------------------------------------------- fleet

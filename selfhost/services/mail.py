@@ -380,6 +380,8 @@ class MailService(Service):
             HealthCheck("tcp", "127.0.0.1:10040"),
             HealthCheck("tcp", "127.0.0.1:25"),
             HealthCheck("tcp", "127.0.0.1:993"),
+            # Mail that cannot leave (a blocked port 25, a relay refusing) piles up here.
+            HealthCheck("mailqueue", "postfix", "20"),
             Sendmail("postfix"),
         ]
         for i, d in enumerate(self.domains):

@@ -31,7 +31,7 @@ from typing import ClassVar
 from pydantic import Field, field_validator
 
 from selfhost.compose.module import Contribution, Env
-from selfhost.compose.requests import HealthCheck, Request
+from selfhost.compose.requests import MAILQUEUE_OLD, HealthCheck, Request
 from selfhost.compose.resources import ManagedFile, Unit
 from selfhost.services.base import Service
 
@@ -151,6 +151,9 @@ class MonitoringService(Service):
                 cmd = (f"[ ! -s {q(stamp)} ] || {{ age=$(( ($(date +%s) - $(cat {q(stamp)})) "
                        f"/ 3600 )); echo \"last success $age hours ago (limit {h.expect} h)\"; "
                        f"[ \"$age\" -lt {int(h.expect)} ]; }}")
+            elif h.kind == "mailqueue" and h.expect.isdigit():
+                cmd = (f"n=$({MAILQUEUE_OLD}); echo \"$n message(s) waiting for more than an "
+                       f"hour (limit {h.expect})\"; [ \"$n\" -le {int(h.expect)} ]")
             else:
                 continue
             out[name] = cmd
