@@ -205,6 +205,22 @@ _HOSTNAME_RE = re.compile(rf"^{_LABEL}$")
 _DOMAIN_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})+$")
 
 
+def data_path(value: str | None, example: str) -> str | None:
+    """A data directory of the model: absolute, at least two levels deep, no ``..``, of
+    letters, digits and ``._-/`` only (it is written into configuration files). ``example``
+    shows one in the error message."""
+    from pathlib import PurePosixPath
+
+    if value is None:
+        return value
+    p = PurePosixPath(value)
+    if not p.is_absolute() or ".." in p.parts or len(p.parts) < 3 or \
+            not re.fullmatch(r"[A-Za-z0-9._/-]+", value):
+        raise ValueError(f"an absolute path at least two levels deep (e.g. {example}), "
+                         "of letters, digits, '.', '_', '-' and '/'")
+    return str(p)
+
+
 def _hostname(value: str) -> str:
     if not _HOSTNAME_RE.match(value):
         raise ValueError(

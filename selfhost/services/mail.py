@@ -237,6 +237,31 @@ class BackupMxSettings(StrictModel):
                             "over before it returns it to the sender (days).")
 
 
+def postfix_basics(name: str, max_message_mb: int, aliases: str | None = None) -> list[str]:
+    """The main.cf lines a primary and a backup MX share: names, networks, local aliases,
+    the banner and VRFY, sizes (``aliases``: a virtual alias table, for the backup)."""
+    return [
+        "compatibility_level = 3.6",
+        f"myhostname = {name}",
+        "myorigin = $myhostname",
+        "mydestination = $myhostname, localhost",
+        "mynetworks = 127.0.0.0/8 [::1]/128",
+        "inet_interfaces = all",
+        "inet_protocols = all",
+        "alias_maps = hash:/etc/aliases",
+        "alias_database = hash:/etc/aliases",
+        *([f"virtual_alias_maps = {aliases}"] if aliases else []),
+        "recipient_delimiter = +",
+        "biff = no",
+        "append_dot_mydomain = no",
+        "smtpd_banner = $myhostname ESMTP",
+        "disable_vrfy_command = yes",
+        "smtpd_helo_required = yes",
+        f"message_size_limit = {max_message_mb * 1024 * 1024}",
+        "mailbox_size_limit = 0",
+    ]
+
+
 class OutboundLimits(StrictModel):
     """How much mail one logged-in user may submit: a stolen password or a hacked program
     must not get the server blacklisted."""
@@ -424,23 +449,7 @@ class MailService(Service):
         tls = f"{TLS_DIR}/{name}"
         return "\n".join([
             "# Managed by selfhost: changes here are overwritten on the next deploy.",
-            "compatibility_level = 3.6",
-            f"myhostname = {name}",
-            "myorigin = $myhostname",
-            "mydestination = $myhostname, localhost",
-            "mynetworks = 127.0.0.0/8 [::1]/128",
-            "inet_interfaces = all",
-            "inet_protocols = all",
-            "alias_maps = hash:/etc/aliases",
-            "alias_database = hash:/etc/aliases",
-            "recipient_delimiter = +",
-            "biff = no",
-            "append_dot_mydomain = no",
-            "smtpd_banner = $myhostname ESMTP",
-            "disable_vrfy_command = yes",
-            "smtpd_helo_required = yes",
-            f"message_size_limit = {self.max_message_mb * 1024 * 1024}",
-            "mailbox_size_limit = 0",
+            *postfix_basics(name, self.max_message_mb),
             "",
             "# The mail domains: mailboxes delivered to Dovecot over LMTP.",
             "virtual_mailbox_domains = " + ", ".join(d.name for d in self.domains),
@@ -968,24 +977,8 @@ class BackupMxServer(Module):
         return "\n".join([
             "# Managed by selfhost: changes here are overwritten on the next deploy.",
             "# This host is a backup MX: it keeps other hosts' mail while they are down.",
-            "compatibility_level = 3.6",
-            f"myhostname = {name}",
-            "myorigin = $myhostname",
-            "mydestination = $myhostname, localhost",
-            "mynetworks = 127.0.0.0/8 [::1]/128",
-            "inet_interfaces = all",
-            "inet_protocols = all",
-            "alias_maps = hash:/etc/aliases",
-            "alias_database = hash:/etc/aliases",
-            f"virtual_alias_maps = texthash:{RELAY_ALIASES}",
-            "recipient_delimiter = +",
-            "biff = no",
-            "append_dot_mydomain = no",
-            "smtpd_banner = $myhostname ESMTP",
-            "disable_vrfy_command = yes",
-            "smtpd_helo_required = yes",
-            f"message_size_limit = {max(r.max_message_mb for r in reqs) * 1024 * 1024}",
-            "mailbox_size_limit = 0",
+            *postfix_basics(name, max(r.max_message_mb for r in reqs),
+                            aliases=f"texthash:{RELAY_ALIASES}"),
             "",
             "# Backup MX: mail for these domains, only for their primary's recipients (others",
             "# are refused in the SMTP dialogue: no backscatter), kept for days, handed over",

@@ -66,7 +66,7 @@ from selfhost.compose.resources import (
     SecretPiece,
     Unit,
 )
-from selfhost.models.base import SecretRef, StrictModel
+from selfhost.models.base import SecretRef, StrictModel, data_path
 from selfhost.services.base import Service
 
 CONFIG = "/etc/samba/smb.conf"
@@ -165,14 +165,7 @@ class Share(StrictModel):
     @field_validator("path")
     @classmethod
     def _path(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        p = PurePosixPath(v)
-        if not p.is_absolute() or ".." in p.parts or len(p.parts) < 3 or \
-                not re.fullmatch(r"[A-Za-z0-9._/-]+", v):
-            raise ValueError("an absolute path at least two levels deep (e.g. /srv/nas/media), "
-                             "of letters, digits, '.', '_', '-' and '/'")
-        return str(p)
+        return data_path(v, "/srv/nas/media")
 
     @field_validator("comment")
     @classmethod

@@ -46,7 +46,7 @@ import json
 import re
 import shlex
 import ssl
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -61,7 +61,7 @@ from selfhost.compose.requests import (
     SystemUser,
 )
 from selfhost.compose.resources import Command, ManagedDir, ManagedFile, Unit
-from selfhost.models.base import StrictModel
+from selfhost.models.base import StrictModel, data_path
 from selfhost.services.base import Service
 
 STATE_ROOT = "/var/lib/syncthing"
@@ -183,14 +183,7 @@ class SyncFolder(StrictModel):
     @field_validator("path")
     @classmethod
     def _path(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        p = PurePosixPath(v)
-        if not p.is_absolute() or ".." in p.parts or len(p.parts) < 3 or \
-                not re.fullmatch(r"[A-Za-z0-9._/-]+", v):
-            raise ValueError("an absolute path at least two levels deep (e.g. /srv/photos/all), "
-                             "of letters, digits, '.', '_', '-' and '/'")
-        return str(p)
+        return data_path(v, "/srv/photos/all")
 
 
 class SyncIdentity(StrictModel):
