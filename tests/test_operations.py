@@ -1643,3 +1643,28 @@ def test_a_missing_secret_of_a_file_is_a_clear_deploy_error(monkeypatch: pytest.
         "/etc/selfhost/backup/usb.password: cannot read the secret "
         "(env:SELFHOST_TEST_UNSET_SECRET): secret environment variable "
         "SELFHOST_TEST_UNSET_SECRET is not set; nothing was changed")
+
+
+def test_the_sftp_channel_is_closed_after_the_askpass_upload() -> None:
+    # pyinfra memoizes its SFTP client for the whole run: one of the two sessions that
+    # selfhost's sshd allows per connection (MaxSessions 2) would stay taken.
+    from pyinfra.api.util import memoize
+
+    closed: list[str] = []
+
+    class Client:
+        def close(self) -> None:
+            closed.append("sftp")
+
+    class Connector:
+        @memoize
+        def get_file_transfer_connection(self) -> Client:
+            return Client()
+
+    c = Connector()
+    first = c.get_file_transfer_connection()
+    assert c.get_file_transfer_connection() is first  # memoized, as in pyinfra
+    backend.close_file_transfer(c)
+    assert closed == ["sftp"]
+    assert c.get_file_transfer_connection() is not first  # a new one when needed
+    backend.close_file_transfer(object())  # another connector: nothing to do

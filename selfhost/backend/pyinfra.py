@@ -25,6 +25,7 @@ Use it from your own pyinfra deploy::
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -891,6 +892,25 @@ f="$(mktemp "$d/selfhost-askpass-XXXXXXXXXXXX")" && chmod 700 "$f" && echo "$f"
 """
 
 
+def close_file_transfer(connector: Any) -> None:
+    """Close pyinfra's SFTP channel of ``connector`` (it reopens one when it needs it).
+
+    pyinfra keeps that channel open for the rest of the run once a file was sent (its
+    ``get_file_transfer_connection`` is memoized). Every channel is a session for sshd, and
+    selfhost's hardening sets ``MaxSessions 2``: with the askpass upload's channel left open,
+    one command's session not yet closed on the server was enough for the next command's
+    channel to be refused ("Secsh channel open FAILED: Connect failed", seen once in the
+    ``ssh`` scenario's cut-connection test on Debian 13)."""
+    getter = getattr(type(connector), "get_file_transfer_connection", None)
+    cache = getattr(getter, "cache", None)
+    if not isinstance(cache, dict):
+        return
+    client = cache.pop(f"{(connector,)}{{}}", None)  # pyinfra's memoize key: f"{args}{kwargs}"
+    if client is not None:
+        with contextlib.suppress(Exception):
+            client.close()
+
+
 def private_sudo() -> None:
     """Keep the sudo password of the current host out of every command line.
 
@@ -926,6 +946,7 @@ def private_sudo() -> None:
     # pyinfra caches its askpass helper per temporary directory ("sudo_askpass_path__DIR",
     # "sudo_askpass_path" in older releases); with neither key matching, it would make its own helper,
     # which prints the token: sudo then fails, the password is still never in a command line.
+    close_file_transfer(host.connector)
     host.connector_data["sudo_askpass_path"] = path
     temp_dir = host.get_temp_dir_config()  # type: ignore[no-untyped-call]
     host.connector_data[f"sudo_askpass_path__{temp_dir}"] = path
