@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -29,7 +28,6 @@ from selfhost.check import (
     render,
     to_json,
 )
-from selfhost.compile.plan import File, Run
 from selfhost.hardening.kernel import SYSCTL_CONF
 from selfhost.state import FileState
 
@@ -320,76 +318,6 @@ def test_the_sysctl_file_sorts_after_every_file_debian_ships() -> None:
     name = SYSCTL_CONF.rsplit("/", 1)[1]
     assert all(name > other for other in ("99-protect-links.conf", "99-sysctl.conf",
                                           "50-pid-max.conf", "10-coredump-debian.conf"))
-
-
-NFT_LISTING = """table inet selfhost {
-\tset lan4 {
-\t\ttype ipv4_addr
-\t\tflags interval
-\t\telements = { 192.168.1.0/24 }
-\t}
-
-\tset ssh_meter4 {
-\t\ttype ipv4_addr
-\t\tsize 65535
-\t\tflags dynamic,timeout
-\t\ttimeout 5m
-\t\telements = { 10.0.0.7 timeout 5m expires 4m2s,
-\t\t\t     10.0.0.8 timeout 5m expires 1m }
-\t}
-
-\tchain input {
-\t\ttype filter hook input priority filter; policy drop;
-\t\ttcp dport 443 accept
-\t}
-}
-"""
-
-
-def _fingerprint(tmp_path: Path, listing: str, *args: str) -> str:
-    from selfhost.hardening.firewall import FINGERPRINT_SCRIPT, RECORDED
-
-    bin_ = tmp_path / "bin"
-    bin_.mkdir(exist_ok=True)
-    (tmp_path / "listing").write_text(listing)
-    nft = bin_ / "nft"
-    nft.write_text(f"#!/bin/sh\ncase \"$*\" in *'inet selfhost'*) cat {tmp_path}/listing;; "
-                   "*) echo 'Error: No such file or directory' >&2; exit 1;; esac\n")
-    nft.chmod(0o755)
-    script = FINGERPRINT_SCRIPT.replace(RECORDED, str(tmp_path / "recorded"))
-    res = subprocess.run(["sh", "-c", script, "nft-fingerprint", *args], capture_output=True,
-                         text=True, env={"PATH": f"{bin_}:/usr/bin:/bin"}, check=True)
-    return res.stdout.strip()
-
-
-def test_the_firewall_fingerprint_ignores_meters_but_not_rules(tmp_path: Path) -> None:
-    base = _fingerprint(tmp_path, NFT_LISTING)
-    assert re.fullmatch(r"[0-9a-f]{40}", base)
-    # The SSH meters fill and empty by themselves: the same fingerprint.
-    assert _fingerprint(tmp_path, NFT_LISTING.replace("10.0.0.8", "10.0.0.9")) == base
-    # A rule or a network added by hand: another one.
-    assert _fingerprint(tmp_path, NFT_LISTING.replace(
-        "\t\ttcp dport 443 accept\n", "\t\ttcp dport 443 accept\n\t\ttcp dport 9999 accept\n")) \
-        != base
-    assert _fingerprint(tmp_path, NFT_LISTING.replace("192.168.1.0/24", "0.0.0.0/0")) != base
-    assert _fingerprint(tmp_path, NFT_LISTING, "--record") == ""
-    assert (tmp_path / "recorded").read_text() == base + "\n"
-
-
-def test_a_firewall_changed_by_hand_is_drift_and_loaded_again() -> None:
-    from selfhost.hardening.firewall import FINGERPRINT_DROPIN, UNCHANGED_BY_HAND
-
-    p = plan()
-    [run] = [s for s in p.steps if isinstance(s, Run) and s.command.unless == UNCHANGED_BY_HAND]
-    assert run.command.command == "systemctl reload nftables.service"
-    st = converged(p)
-    st.guards[UNCHANGED_BY_HAND] = False
-    [f] = findings(p, st, healthy())
-    assert (f.severity, f.area) == ("error", "drift")
-    assert f.what.startswith("run firewall: the running ruleset was changed by hand")
-    files = {s.file.path: s.file.content for s in p.steps if isinstance(s, File)}
-    assert "ExecReload=/usr/local/lib/selfhost/nft-fingerprint --record" in \
-        files[FINGERPRINT_DROPIN]
 
 
 def test_pending_updates_come_from_apt_s_hook_while_current(tmp_path: Path) -> None:

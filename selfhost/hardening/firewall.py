@@ -27,7 +27,7 @@ from selfhost.compose.requests import (
     ZoneNetwork,
 )
 from selfhost.compose.requests import Port as PortRequest
-from selfhost.compose.resources import Command, ManagedFile, Unit
+from selfhost.compose.resources import ManagedFile, Unit
 from selfhost.compose.route import loc_of
 from selfhost.hardening.base import Control
 from selfhost.models.base import Port, StrictModel
@@ -36,26 +36,6 @@ if TYPE_CHECKING:
     pass
 
 NFTABLES_CONF = "/etc/nftables.conf"
-FINGERPRINT = "/usr/local/lib/selfhost/nft-fingerprint"
-"""Prints the fingerprint of selfhost's running tables (``--record``: into
-:data:`RECORDED`). nftables.service records it each time it loads /etc/nftables.conf (a
-drop-in), so a rule added or removed by hand since then shows as a different fingerprint:
-``selfhost check`` reports it and the next deploy loads the model's ruleset again."""
-RECORDED = "/run/selfhost-nft.fingerprint"
-FINGERPRINT_DROPIN = "/etc/systemd/system/nftables.service.d/selfhost-fingerprint.conf"
-FINGERPRINT_SCRIPT = f"""#!/bin/sh
-# Managed by selfhost: the fingerprint of selfhost's running nftables tables, without
-# counters (-s) and without the SSH rate limit's meters (their elements come and go).
-# --record: write it to {RECORDED} (nftables.service does, after each load).
-set -u
-fp=$({{ nft -s list table inet selfhost; nft -s list table ip selfhost_nat; }} 2>/dev/null \\
-    | awk '/^[ \\t]*set ssh_meter/ {{ skip = 1 }} !skip {{ print }} skip && /^[ \\t]*}}/ {{ skip = 0 }}' \\
-    | sha1sum | cut -c1-40)
-if [ "${{1:-}}" = --record ]; then printf '%s\\n' "$fp" > {RECORDED}; else printf '%s\\n' "$fp"; fi
-"""
-UNCHANGED_BY_HAND = (f"[ ! -s {RECORDED} ] || [ \"$({FINGERPRINT})\" = \"$(cat {RECORDED})\" ]")
-""":data:`RECORDED` is missing (not loaded by a selfhost unit yet) or matches the running
-tables."""
 
 DEFAULT_LAN: list[IPv4Network | IPv6Network] = [
     IPv4Network("10.0.0.0/8"), IPv4Network("172.16.0.0/12"), IPv4Network("192.168.0.0/16"),
@@ -280,20 +260,7 @@ class FirewallHardening(Control):
                 zones={z: self.zone_networks(env, z) for z in ("lan", "vpn")}),
                 mode="0700", validate="nft -c -f {path}")
         )
-        c.files.append(ManagedFile(FINGERPRINT, FINGERPRINT_SCRIPT, mode="0755"))
-        c.files.append(ManagedFile(FINGERPRINT_DROPIN, (
-            "# Managed by selfhost: record the fingerprint of the ruleset each time it is\n"
-            "# loaded (selfhost check compares the running one with it).\n"
-            f"[Service]\nExecStartPost={FINGERPRINT} --record\n"
-            f"ExecReload={FINGERPRINT} --record\n")))
-        c.commands.append(Command("firewall: reload systemd units", "systemctl daemon-reload",
-                                  on_change=(FINGERPRINT_DROPIN,)))
-        c.commands.append(Command(
-            "firewall: the running ruleset was changed by hand since it was loaded: load "
-            f"{NFTABLES_CONF} again", "systemctl reload nftables.service",
-            unless=UNCHANGED_BY_HAND))
-        c.units.append(Unit("nftables.service",
-                            reload_on=(NFTABLES_CONF, FINGERPRINT, FINGERPRINT_DROPIN)))
+        c.units.append(Unit("nftables.service", reload_on=(NFTABLES_CONF,)))
         return c
 
 
