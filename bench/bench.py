@@ -16,11 +16,14 @@ Figures (fresh bookworm containers from images/build, deploys with the real pyin
 3. fleet: 1, 2, 4, 8 fresh hosts converged by one pyinfra run (default parallelism), and,
    for the largest fleet, the floor: as many bare apt installs at once;
 4. validation + compile of generated models (N sites; N servers; one fleet file of N hosts
-   loaded with ``load_fleet_text`` then ``compile_fleet``): median time, peak memory.
+   loaded with ``load_fleet_text`` then ``compile_fleet``; one association server of N
+   members): median time, peak memory.
 5. the whole catalog (examples/catalog.yaml: every service but the resolver and mail) on one
    host: first converge vs its apt floor, no-op re-deploys over @podman and SSH, check;
 6. mail: 1,000 messages over authenticated SMTP into a Maildir (examples/mail.yaml) vs a bare
-   postfix delivering the same messages with its defaults.
+   postfix delivering the same messages with its defaults;
+7. the association example (examples/association.yaml: three members, PHP-FPM pools, MariaDB)
+   on one host: first converge vs its apt floor.
 
 This is a measurement, never a test: nothing here fails the build. The machine has 2 cores and
 is shared (other engineers run Molecule at the same time), apt downloads come from Debian's
@@ -405,6 +408,11 @@ BENCH_SECRETS = {
     "XMPP_ALICE_PASSWORD": "bench only: Alice's chat password, 2026!",
 }
 CATALOG = SRC / "examples" / "catalog.yaml"
+ASSOCIATION = SRC / "examples" / "association.yaml"
+ASSOCIATION_SECRETS = {
+    "ASSO_ALPHA_DB_PASSWORD": "bench only: alpha's database password, 2026!",
+    "ASSO_BRAVO_DB_PASSWORD": "bench only: bravo's database password, 2026!",
+}
 
 
 def ssh_model(example: Path, pubkey: str) -> Path:
@@ -446,6 +454,18 @@ def figure5(runs: int, deploy: str) -> dict[str, Any]:
     out["noop"] = noop_redeploys(model, key, runs, deploy, "f5noop", tun=True)
     out["model"] = ("examples/catalog.yaml with a generated key for alice, test-only passwords "
                     "from the environment")
+    return out
+
+
+# ---------------------------------------------------------------- figure 7
+
+def figure7(runs: int, deploy: str) -> dict[str, Any]:
+    """The association example (three members: two PHP sites with a database each, one
+    static site): first converge vs its apt floor."""
+    for k, v in {**BENCH_SECRETS, **ASSOCIATION_SECRETS}.items():
+        os.environ.setdefault(k, v)
+    out = converge_vs_floor(ASSOCIATION, runs, deploy, "f7")
+    out["model"] = "examples/association.yaml, test-only passwords from the environment"
     return out
 
 
@@ -754,7 +774,7 @@ def figure4(runs: int, quick: bool) -> dict[str, Any]:
     log("figure 4: validation + compile of generated models")
     args = [PY, str(BENCH / "compile_bench.py"), "--runs", str(max(runs, 1)),
             "--sites", "10,100,200,1000", "--servers", "10,100,1000",
-            "--fleet", "50,100,200,400"]
+            "--fleet", "50,100,200,400", "--members", "3,50,200,400"]
     if quick:
         args += ["--mem-max-servers", "100"]
     p = sh(args, timeout=1500, env={**os.environ, "BENCH_SRC": str(SRC)})
@@ -895,7 +915,8 @@ def table(res: dict[str, Any]) -> str:
     if "4" in f:
         r = f["4"]
         for dim, label in (("sites", "sites in 1 server"), ("servers", "servers"),
-                           ("fleet", "hosts in 1 fleet file")):
+                           ("fleet", "hosts in 1 fleet file"),
+                           ("members", "members in 1 association server")):
             d = r.get(dim, {})
             for n, v in d.items():
                 mem = (f"{v['peak_bytes'] / 1e6:.1f} MB" if v.get("peak_bytes") is not None
@@ -905,6 +926,8 @@ def table(res: dict[str, Any]) -> str:
                     goal, ok = "<= 1 s", v["median_s"] <= 1
                 if dim == "fleet" and n == "200":
                     goal, ok = "<= 2 s", v["median_s"] <= 2
+                if dim == "members" and n == "200":
+                    goal, ok = "<= 1 s", v["median_s"] <= 1
                 extra = ""
                 if dim == "fleet":
                     extra = (f" (load+validate {fmt_s(v['load_median_s'])}; CPU "
@@ -923,7 +946,7 @@ def table(res: dict[str, Any]) -> str:
                                        for a, b, w, c in steps_),
                              "<= x1.5 (linear, on CPU time)",
                              verdict(all(c <= 1.5 for _, _, _, c in steps_))))
-            elif len(ns) >= 2:
+            elif len(ns) >= 2 and dim != "members":  # members: milliseconds, noise only
                 a, b = ns[-2], ns[-1]
                 growth = d[b]["per_item_s"] / d[a]["per_item_s"]
                 rows.append((f"4. {dim}: per-item time {b} vs {a}", f"x{growth:.2f}",
@@ -932,6 +955,9 @@ def table(res: dict[str, Any]) -> str:
         rows.append(converge_row("5. catalog.yaml: first converge vs floor", f["5"]))
         rows += [(label.replace("2. ", "5. ", 1), *rest)
                  for label, *rest in noop_rows("catalog.yaml ", f["5"]["noop"], 2.0, None)]
+    if "7" in f:
+        rows.append(converge_row("7. association.yaml (3 members): first converge vs floor",
+                                 f["7"]))
     if "6" in f:
         r = f["6"]
         n = r["messages"]
@@ -959,7 +985,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="runs per figure (median; default 3)")
     ap.add_argument("--quick", action="store_true",
                     help="1 run, fleets of 1 and 4 hosts, no fleet floor (about 8 minutes)")
-    ap.add_argument("--only", default="1,2,3,4,5,6", help="figures to run, e.g. 2,4")
+    ap.add_argument("--only", default="1,2,3,4,5,6,7", help="figures to run, e.g. 2,4")
     ap.add_argument("--fleet", default=None, help="fleet sizes (default 1,2,4,8)")
     ap.add_argument("--fleet-runs", type=int, default=1,
                     help="runs per fleet size above 1 host (default 1: an 8-host converge "
@@ -996,7 +1022,7 @@ def main() -> int:
     }
     try:
         res["code"] = snapshot_code()
-        if only & {"1", "2", "3", "5", "6"}:
+        if only & {"1", "2", "3", "5", "6", "7"}:
             log("images/build bookworm (cached) ...")
             sh([str(ROOT / "images" / "build"), "bookworm"], timeout=1800)
             deploy, deploy_note = pick_deploy()
@@ -1021,6 +1047,8 @@ def main() -> int:
             res["figures"]["5"] = figure5(runs, deploy)
         if "6" in only:
             res["figures"]["6"] = figure6(runs, deploy)
+        if "7" in only:
+            res["figures"]["7"] = figure7(runs, deploy)
     finally:
         cleanup()
         res["loadavg_end"] = loadavg()

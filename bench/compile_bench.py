@@ -13,7 +13,9 @@ outside the measurement):
   it): ``defaults:`` holds the shared domain, time zone and admins, each host is the example's
   server with its own host name and LAN address, and every 10th host backs up to the next host with an sftp
   ``peer`` (as examples/backup.yaml) -> ``load_fleet_text`` of the YAML text (parsing,
-  defaults, Pydantic validation, ``validate_fleet``) + ``compile_fleet`` of every host.
+  defaults, Pydantic validation, ``validate_fleet``) + ``compile_fleet`` of every host;
+- ``members``: ONE association server (examples/association.yaml) with N members, half of them
+  with a PHP site and a database, half with a static site -> validation + compile.
 
 Time is the median of ``--runs`` runs (wall clock, perf_counter). Peak memory is measured in a
 separate run under tracemalloc (which slows Python down): the peak of Python allocations during
@@ -58,6 +60,27 @@ def gen_sites(base: dict[str, Any], n: int) -> list[dict[str, Any]]:
     d = copy.deepcopy(base)
     site = dict(d["services"]["web"]["sites"][0])
     d["services"]["web"]["sites"] = [{**site, "host": f"s{j}"} for j in range(n)]
+    return [d]
+
+
+ASSOCIATION = ROOT / "examples" / "association.yaml"
+
+
+def gen_members(n: int) -> list[dict[str, Any]]:
+    """ONE server of examples/association.yaml with ``n`` members: every other member on the
+    "php" plan (a PHP site and a database), the others on "small" (a static site)."""
+    d = YAML(typ="safe").load(ASSOCIATION.read_text())
+    members = []
+    for j in range(n):
+        if j % 2 == 0:
+            members.append({"name": f"m{j}", "email": f"contact@m{j}.example", "plan": "php",
+                            "sites": [{"domain": f"m{j}.asso.example", "php": True}],
+                            "databases": [f"m{j}_site"],
+                            "database_password": {"env": "ASSO_BENCH_DB_PASSWORD"}})
+        else:
+            members.append({"name": f"m{j}", "email": f"contact@m{j}.example",
+                            "sites": [{"domain": f"m{j}.asso.example"}]})
+    d["services"]["association"]["members"] = members
     return [d]
 
 
@@ -182,6 +205,8 @@ def main() -> None:
     ap.add_argument("--servers", default="10,100,1000")
     ap.add_argument("--fleet", default="50,100,200,400",
                     help="host counts of the generated fleet files")
+    ap.add_argument("--members", default="",
+                    help="member counts of one association server (examples/association.yaml)")
     ap.add_argument("--mem-max-servers", type=int, default=None,
                     help="skip the (slow, tracemalloc) memory run above this many servers")
     a = ap.parse_args()
@@ -189,7 +214,9 @@ def main() -> None:
     work([base])  # warm up imports and pydantic's schema building once
     os.environ.setdefault("SELFHOST_BACKUP_BENCH_PASSWORD", "bench-only-not-a-secret-1")
     work_fleet(gen_fleet(base, 2))
-    out: dict[str, Any] = {"sites": {}, "servers": {}, "fleet": {}}
+    os.environ.setdefault("ASSO_BENCH_DB_PASSWORD", "bench-only-not-a-secret-2")
+    os.environ.setdefault("SELFHOST_BACKUP_USB_PASSWORD", "bench-only-not-a-secret-3")
+    out: dict[str, Any] = {"sites": {}, "servers": {}, "fleet": {}, "members": {}}
     for n in (int(x) for x in a.sites.split(",") if x):
         r = measure(gen_sites(base, n), a.runs)
         out["sites"][str(n)] = {**r, "per_item_s": r["median_s"] / n}
@@ -201,6 +228,9 @@ def main() -> None:
         mem = a.mem_max_servers is None or n <= a.mem_max_servers
         r = measure_fleet(gen_fleet(base, n), a.runs, memory=mem)
         out["fleet"][str(n)] = {**r, "per_item_s": r["median_s"] / n}
+    for n in (int(x) for x in a.members.split(",") if x):
+        r = measure(gen_members(n), a.runs)
+        out["members"][str(n)] = {**r, "per_item_s": r["median_s"] / n}
     json.dump(out, sys.stdout)
 
 
