@@ -454,8 +454,10 @@ def main(argv: list[str] | None = None) -> int:
 
 VM_TIMINGS = ("build image", "boot to ssh", "lynis untouched", "deploy", "redeploy", "checks",
               "lynis deployed", "ssh-audit")
-VM_DEPLOY_TIMEOUT = 1800
-VM_LYNIS_TIMEOUT = 1800
+# Generous: on the shared 2-core machine at load 30, aide-common's postinst alone ran over 19 min
+# of a first deploy under TCG (2026-11-30); an unloaded run's first deploy took 23 min.
+VM_DEPLOY_TIMEOUT = 5400
+VM_LYNIS_TIMEOUT = 3600
 
 
 @dataclass
@@ -620,9 +622,13 @@ def main_vm(args: argparse.Namespace) -> int:
     out = RESULTS / "hardening-vm"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
+    results: list[VMRelease] = []
     with tempfile.TemporaryDirectory(prefix="selfhost-hr-src-") as src:
         code = vm_snapshot(Path(src))
-        results = [one_vm(rel, out) for rel in releases]  # one VM at a time: TCG wants the cores
+        for rel in releases:  # one VM at a time: TCG wants the cores
+            results.append(one_vm(rel, out))
+            # Each finished release is kept at once: a run stopped later keeps the ones done.
+            write_vm_json(json_path, code, round(time.monotonic() - t0, 1), results)
     total = round(time.monotonic() - t0, 1)
 
     print(table(results, title="VM (qemu TCG)", timings=VM_TIMINGS, estimate=False))
@@ -639,6 +645,15 @@ def main_vm(args: argparse.Namespace) -> int:
         lost = ", ".join(f"{t} -{n}" for t, n in r.lynis_lost_after.items())
         print(f"{r.release}: Lynis points not awarded after deploy: {lost}")
 
+    write_vm_json(json_path, code, total, results)
+    print(f"\nJSON: {shown(json_path)}")
+    ok = all(r.ssh_audit_passed and not r.errors and r.redeploy_changed == 0
+             and all(c["passed"] for c in r.checks) for r in results)
+    return 0 if ok else 1
+
+
+def write_vm_json(json_path: Path, code: dict[str, Any], total: float,
+                  results: list[VMRelease]) -> None:
     doc = {
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "target": "qemu-system-x86_64 -accel tcg -m 2048 -smp 2, images/build-vm image "
@@ -655,10 +670,6 @@ def main_vm(args: argparse.Namespace) -> int:
         json.dump(doc, f, indent=2)
         f.write("\n")
     Path(f.name).replace(json_path)
-    print(f"\nJSON: {shown(json_path)}")
-    ok = all(r.ssh_audit_passed and not r.errors and r.redeploy_changed == 0
-             and all(c["passed"] for c in r.checks) for r in results)
-    return 0 if ok else 1
 
 
 if __name__ == "__main__":
