@@ -1434,7 +1434,8 @@ class Box:
                               timeout=30, env=self.env)
 
     def deploy(self, content: bytes, action: str = "reload", mode: str = "0640",
-               unit: str = "web.service") -> subprocess.CompletedProcess[str]:
+               unit: str = "web.service", staged: bool = False,
+               ) -> subprocess.CompletedProcess[str]:
         """What a deploy sends for a changed file that calls for a reload: the pending
         marker and the kept version, the file (validated, moved into place), the reload."""
         path = str(self.conf)
@@ -1444,6 +1445,13 @@ class Box:
                  ]
         res = self.run(backend._join(files))
         assert res.returncode == 0, res.stderr
+        if staged:  # the restart, then its window shared with the phase's other restarts
+            args = (unit, action, (path,), f"reload-{unit}", (path,), str(self.prev),
+                    str(self.pending))
+            return self.run(backend._join([
+                backend.reload_with_rollback(*args, stage="restart"),
+                f"sleep {backend.RESTART_WINDOW}",
+                backend.reload_with_rollback(*args, stage="window")]))
         return self.run(backend._join([backend.reload_with_rollback(
             unit, action, (path,), f"reload-{unit}", (path,),
             prev_dir=str(self.prev), pending_dir=str(self.pending))]))
@@ -1522,6 +1530,50 @@ def test_a_unit_that_is_not_active_after_a_successful_restart_is_rolled_back(
     assert res.returncode == 1
     assert box.conf.read_text() == "site v1\n"
     assert "web.service failed after its restart" in res.stderr
+
+
+@pytest.mark.parametrize("exit_ok", ["0", "1"])
+def test_a_restart_checked_in_the_shared_window_is_rolled_back(box: Box, exit_ok: str) -> None:
+    # The phase's restarts share one window: each unit is restarted (rolled back at once
+    # when the restart fails), then, after one sleep, each must still be active.
+    box.conf.parent.mkdir(parents=True)
+    box.conf.write_text("site v1\n")
+    box.env["FAKE_EXIT_OK"] = exit_ok
+    res = box.deploy(b"BAD\n", action="restart", staged=True)
+    assert res.returncode == 1
+    assert box.conf.read_text() == "site v1\n"
+    assert "web.service failed after its restart" in res.stderr
+    assert "address already in use" in res.stderr
+    assert (box.pending / "reload-web.service").exists()  # still owed
+    assert not [p for p in box.prev.rglob("*") if p.is_file()]
+
+
+def test_a_restart_that_lasts_the_shared_window_forgets_the_previous_version(
+        box: Box) -> None:
+    box.conf.parent.mkdir(parents=True)
+    box.conf.write_text("site v1\n")
+    res = box.deploy(b"site v2\n", action="restart", staged=True)
+    assert res.returncode == 0, res.stderr
+    assert box.conf.read_text() == "site v2\n"
+    assert box.calls() == ["restart web.service site v2"]
+    assert not (box.pending / "reload-web.service").exists()
+    assert not [p for p in box.prev.rglob("*") if p.is_file()]
+
+
+def test_the_restarts_of_a_phase_share_one_window(pyinfra_host: Any) -> None:
+    steps = [Reload("a.service", ("/etc/a",), "restart"), Reload("n.service", ("/etc/n",)),
+             Reload("b.service", ("/etc/b",), "restart")]
+    cmds = list(backend._phase_commands(steps, {}, State(), {"/etc/a", "/etc/n", "/etc/b"},
+                                        backend.owed_by_file(steps)))
+    assert len(cmds) == 6
+    # No wait after each restart: one for all, then each unit is checked.
+    assert ("if selfhost_job a.service restart && selfhost_settled a.service >/dev/null; "
+            "then date +%s") in cmds[0]
+    assert "selfhost_job n.service reload-or-restart &&" in cmds[1]
+    assert cmds[3] == "sleep 1"
+    assert "if wedged=0; selfhost_settled a.service >/dev/null; then rm -f" in cmds[4]
+    assert "rm -f /var/lib/selfhost/pending/reload-a.service" in cmds[4]
+    assert "rm -f /var/lib/selfhost/pending/reload-a.service" not in cmds[0]
 
 
 def test_a_new_file_that_breaks_its_unit_is_removed(box: Box) -> None:

@@ -330,17 +330,26 @@ def keep_prev_cmd(path: str, prev_dir: str = PREV_DIR) -> str:
 
 def reload_with_rollback(unit: str, action: str, files: tuple[str, ...], marker: str,
                          drop_prev: tuple[str, ...], prev_dir: str = PREV_DIR,
-                         pending_dir: str = PENDING_DIR) -> str:
+                         pending_dir: str = PENDING_DIR, stage: str = "all") -> str:
     """Shell: reload (or restart) ``unit``; once it is active, forget the previous versions
     of ``drop_prev`` and the pending ``marker``. When the reload fails or the unit is not
     active afterwards, put back the previous versions of ``files`` (those kept in
     :data:`PREV_DIR`), reload the unit again (restart it if it is stuck reloading, except
     :data:`NEVER_RESTARTED`), say which unit, which files and what the journal says, and fail
     (the deploy stops). The marker stays: the next deploy reloads the unit again, and replaces
-    the files again if the model still asks for them."""
+    the files again if the model still asks for them.
+
+    ``stage`` splits a restart in two, so that the units restarted by one deploy share one
+    :data:`RESTART_WINDOW` instead of waiting it out one after the other: ``"restart"``
+    restarts the unit and checks that it settled (rolling back at once if not), then writes
+    the time into the pending marker, which stays; ``"window"`` (sent after every restart of
+    the phase, after one ``sleep``) checks that the unit is still active, then forgets the
+    previous versions and the marker, or rolls back. ``"all"`` does both, with its own wait."""
     verb = "reload-or-restart" if action == "reload" else "restart"
     done = "reload" if action == "reload" else "restart"
-    window = f" && sleep {RESTART_WINDOW}" if action != "reload" else ""
+    window = f" && sleep {RESTART_WINDOW}" if action != "reload" and stage == "all" else ""
+    mark = q(pending_dir + "/" + marker)
+    again_window = f" && sleep {RESTART_WINDOW}" if action != "reload" else ""
     u = q(unit)
     restore = []
     for path in files:
@@ -359,16 +368,24 @@ def reload_with_rollback(unit: str, action: str, files: tuple[str, ...], marker:
     else:
         again = (f"if [ \"$wedged\" = 1 ]; then systemctl restart {u}; how='restarted (it was "
                  f"stuck reloading)'; else selfhost_job {u} {verb}; how='{done}ed again'; fi")
+    attempt = f"selfhost_job {u} {verb}{window} && selfhost_settled {u} >/dev/null"
+    start = "t0=$(date +%s)"
+    if stage == "restart":
+        ok = f"date +%s 2>/dev/null > {mark} || :"
+    elif stage == "window":
+        # The time of the restart, written by its "restart" stage (for the journal's lines).
+        attempt = f"wedged=0; selfhost_settled {u} >/dev/null"
+        start = f"t0=$(cat {mark} 2>/dev/null | grep -x '[0-9]*' || date +%s)"
     return "\n".join([
         _SHELL_FUNCTIONS,
-        "t0=$(date +%s)",
-        f"if selfhost_job {u} {verb}{window} && selfhost_settled {u} >/dev/null; then {ok}; else",
+        start,
+        f"if {attempt}; then {ok}; else",
         "back=''",
         *restore,
         # A unit file put back is read again before the unit is.
         *(["case \"$back\" in *' /etc/systemd/'*) systemctl daemon-reload;; esac"]
           if any(p.startswith("/etc/systemd/") for p in files) else []),
-        f"{again}{window}; if [ \"$wedged\" = 1 ]; then now=$(systemctl is-active {u}); "
+        f"{again}{again_window}; if [ \"$wedged\" = 1 ]; then now=$(systemctl is-active {u}); "
         f"else now=$(selfhost_settled {u}); fi",
         f"if [ -n \"$back\" ]; then did=\"the previous version of$back was put back and "
         f"{unit} $how (now $now)\"; else did=\"no previous version was kept to put "
@@ -653,6 +670,7 @@ def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State, cha
                     owed: dict[str, list[str]],
                     ) -> Generator[str | StringCommand | FileUploadCommand, None, None]:
     installing = not all(state.packages.values())
+    windows: list[str] = []  # the restarts' shared window, checked after the last one
     for step in steps:
         if isinstance(step, Packages):
             yield from packages._inner(names=step.names, state=state)
@@ -708,8 +726,17 @@ def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State, cha
             # may have started it with the package's default configuration.
             later = {p for s in steps[steps.index(step) + 1:] if isinstance(s, Reload)
                      for p in s.when}
-            yield reload_with_rollback(step.unit, step.action, step.when, _marker(step),
-                                       tuple(p for p in step.when if p not in later))
+            drop = tuple(p for p in step.when if p not in later)
+            if step.action == "reload":
+                yield reload_with_rollback(step.unit, step.action, step.when, _marker(step), drop)
+                continue
+            yield reload_with_rollback(step.unit, step.action, step.when, _marker(step), drop,
+                                       stage="restart")
+            windows.append(reload_with_rollback(step.unit, step.action, step.when,
+                                                _marker(step), drop, stage="window"))
+    if windows:
+        yield f"sleep {RESTART_WINDOW}"
+        yield from windows
 
 
 def _file(path: str, content: bytes, mode: str, owner: str, group: str, validate: str | None,
