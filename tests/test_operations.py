@@ -582,6 +582,21 @@ def test_unit_state(pyinfra_host: Any, current: tuple[str, str], expected: list[
                     state=State(units={"ssh.service": current})) == expected
 
 
+def test_the_units_phase_enables_units_in_one_call(pyinfra_host: Any) -> None:
+    # One `systemctl enable` (one reload of systemd's configuration), then each start.
+    state = State(units={"a.service": ("disabled", "inactive"), "b.timer": ("masked", ""),
+                         "c.service": ("enabled", "active"), "d.service": ("enabled", "failed"),
+                         "e.service": ("disabled", "active")})
+    steps = [UnitState(n, True, True) for n in ("a.service", "b.timer", "c.service",
+                                               "d.service", "e.service")]
+    assert list(backend._phase_commands(steps, {}, state, set(), {})) == [
+        "systemctl unmask b.timer >/dev/null && systemctl enable a.service b.timer e.service "
+        ">/dev/null 2>&1 && systemctl start a.service && systemctl start b.timer && "
+        "systemctl start d.service"]
+    done = State(units=dict.fromkeys(state.units, ("enabled", "active")))
+    assert list(backend._phase_commands(steps, {}, done, set(), {})) == []
+
+
 def test_unit_state_not_enabled_not_running(pyinfra_host: Any) -> None:
     assert commands(backend.unit_state, unit="x.timer", enabled=False, running=False,
                     state=State(units={"x.timer": ("disabled", "inactive")})) == []

@@ -279,6 +279,29 @@ def unit_state(unit: str, enabled: bool, running: bool,
     yield " && ".join(cmds)
 
 
+def units_state(units: list[tuple[str, bool, bool]],
+                state: State) -> Generator[str, None, None]:
+    """Shell: what :func:`unit_state` does for each of ``units`` (name, enabled, running), as
+    one command: the units to enable in one ``systemctl enable`` (one reload of systemd's
+    configuration instead of one per unit), then each start, in the plan's order."""
+    unmask, enable, start = [], [], []
+    for name, enabled, running in units:
+        kinds = [c.kind for c in unit_changes(name, enabled, running, state)]
+        if kinds and state.units.get(name, ("", ""))[0] == "masked":
+            unmask.append(q(name))
+        if "enable-unit" in kinds:
+            enable.append(q(name))
+        if any(k != "enable-unit" for k in kinds):
+            start.append(f"systemctl start {q(name)}")
+    if not (unmask or enable or start):
+        host.noop(f"{len(units)} units enabled and active as planned")
+        return
+    yield " && ".join([*([f"systemctl unmask {' '.join(unmask)} >/dev/null"] if unmask else []),
+                       *([f"systemctl enable {' '.join(enable)} >/dev/null 2>&1"]
+                         if enable else []),
+                       *start])
+
+
 @operation()
 def reload_unit(unit: str, action: str) -> Generator[str, None, None]:
     yield f"systemctl {'reload-or-restart' if action == 'reload' else 'restart'} {q(unit)}"
@@ -671,6 +694,7 @@ def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State, cha
                     ) -> Generator[str | StringCommand | FileUploadCommand, None, None]:
     installing = not all(state.packages.values())
     windows: list[str] = []  # the restarts' shared window, checked after the last one
+    units: list[tuple[str, bool, bool]] = []
     for step in steps:
         if isinstance(step, Packages):
             yield from packages._inner(names=step.names, state=state)
@@ -717,9 +741,7 @@ def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State, cha
             marker = f"reload-{step.name}"
             owed_reload = marker in state.pending or any(
                 marker in owed.get(p, []) for p in changed)
-            yield from unit_state._inner(unit=step.name, enabled=step.enabled,
-                                         running=step.running and not owed_reload,
-                                         state=state)
+            units.append((step.name, step.enabled, step.running and not owed_reload))
         elif isinstance(step, Reload) and (changed.intersection(step.when)
                                            or _marker(step) in state.pending):
             # Even for a unit that was not running before this deploy: installing its package
@@ -734,6 +756,8 @@ def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State, cha
                                        stage="restart")
             windows.append(reload_with_rollback(step.unit, step.action, step.when,
                                                 _marker(step), drop, stage="window"))
+    if units:
+        yield from units_state(units, state)
     if windows:
         yield f"sleep {RESTART_WINDOW}"
         yield from windows
