@@ -20,6 +20,7 @@ import os
 import pwd
 import re
 import shlex
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -1735,3 +1736,66 @@ def test_the_sftp_channel_is_closed_after_the_askpass_upload() -> None:
     assert closed == ["sftp"]
     assert c.get_file_transfer_connection() is not first  # a new one when needed
     backend.close_file_transfer(object())  # another connector: nothing to do
+
+
+@pytest.mark.parametrize("status", [0, 3])
+def test_early_commands_run_while_packages_install_and_are_waited_for(
+        tmp_path: Path, status: int) -> None:
+    # Command.during_packages: in the background of the apt command, which it does not slow
+    # down nor change the status of; the command returns only once they are done.
+    done = tmp_path / "early"
+    script = backend.with_early(f"sleep 0.2; echo apt; exit {status}",
+                                [f"sleep 1; echo bg; touch {done}", "exit 1"])
+    res = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, timeout=30)
+    assert res.returncode == status
+    assert res.stdout == "apt\n"  # the early commands' output is discarded
+    assert done.exists()
+    assert backend.with_early("apt", []) == "apt"
+
+
+def test_the_early_part_of_a_command_starts_only_with_packages_to_install(
+        pyinfra_host: Any) -> None:
+    from selfhost.hardening.ssh import HOST_KEYS_CMD
+
+    early = [HOST_KEYS_CMD.during_packages or ""]
+    step = Packages(("openssh-server",))
+    missing = State(packages={"openssh-server": False})
+    [cmd] = backend._phase_commands([step], {}, missing, set(), {}, early)
+    assert isinstance(cmd, str) and early[0] in cmd and "apt-get install" in cmd
+    assert cmd.index(early[0]) < cmd.index("apt-get install")
+    present = State(packages={"openssh-server": True})
+    assert list(backend._phase_commands([step], {}, present, set(), {}, early)) == []
+
+
+def test_the_host_keys_command_takes_the_early_key_only_when_complete(tmp_path: Path) -> None:
+    # The RSA key made while packages installed is taken when the pair matches and is 4096
+    # bits; a cut or mismatched one is discarded and a new key is made in place.
+    from selfhost.hardening import ssh
+
+    if not shutil.which("ssh-keygen"):
+        pytest.skip("no ssh-keygen")
+    etc = tmp_path / "ssh"
+    etc.mkdir()
+
+    def local(text: str) -> str:
+        return text.replace("/etc/ssh", str(etc))
+
+    early = local(ssh.RSA_EARLY)
+    assert subprocess.run(["/bin/sh", "-c", local(ssh.HOST_KEYS_CMD.during_packages or "")],
+                          timeout=120).returncode == 0
+    made = Path(early + ".pub").read_text()
+    assert subprocess.run(["/bin/sh", "-c", local(ssh.HOST_KEYS_CMD.command)],
+                          timeout=120).returncode == 0
+    assert (etc / "ssh_host_rsa_key.pub").read_text() == made
+    assert not Path(early).exists() and not Path(early + ".pub").exists()
+    assert subprocess.run(["/bin/sh", "-c", local(ssh.HOST_KEYS_CMD.unless or "")]).returncode == 0
+    # A cut one (its private half empty): not taken.
+    for f in etc.glob("ssh_host_rsa_key*"):
+        f.unlink()
+    Path(early).write_text("")
+    Path(early + ".pub").write_text(made)
+    assert subprocess.run(["/bin/sh", "-c", local(ssh.HOST_KEYS_CMD.command)],
+                          timeout=120).returncode == 0
+    assert (etc / "ssh_host_rsa_key.pub").read_text() != made
+    assert subprocess.run(["/bin/sh", "-c", local(ssh.HOST_KEYS_CMD.unless or "")]).returncode == 0
+    assert not Path(early).exists()

@@ -230,6 +230,17 @@ def apt_install_cmd(names: list[str] | tuple[str, ...]) -> str:
                      *(q(n) for n in names)])
 
 
+def with_early(apt_cmd: str, early: list[str]) -> str:
+    """Shell: ``apt_cmd``, with the ``early`` commands (see ``Command.during_packages``) run in
+    the background meanwhile, each in its own subshell, their output discarded; it waits for
+    them (nothing outlives the deploy's command) and exits with ``apt_cmd``'s status."""
+    if not early:
+        return apt_cmd
+    bg = "; ".join(f"( {e}\n)" for e in early)
+    return (f"( {bg} ) </dev/null >/dev/null 2>&1 & selfhost_early=$!\n"
+            f"( {apt_cmd}\n); r=$?; wait $selfhost_early; (exit $r)")
+
+
 @operation()
 def packages(names: tuple[str, ...], state: State) -> Generator[str, None, None]:
     """Install missing packages; run ``apt-get update`` only when something is missing.
@@ -661,6 +672,7 @@ def owed_by_file(steps: list[Any]) -> dict[str, list[str]]:
 @operation()
 def plan_phase(phase: str, steps: list[Any], files: dict[str, bytes], state: State,
                changed: set[str], owed: dict[str, list[str]] | None = None,
+               early: list[str] | None = None,
                ) -> Generator[str | StringCommand | FileUploadCommand, None, None]:
     """Apply the steps of one phase of the plan. ``changed`` collects the managed files that
     this deploy rewrites, so that reloads and on-change commands of later phases know.
@@ -670,10 +682,13 @@ def plan_phase(phase: str, steps: list[Any], files: dict[str, bytes], state: Sta
     it has run. A deploy interrupted in between leaves the marker, and the next one runs what
     it names (``state.pending``) even though the file no longer changes.
 
+    ``early``: the ``during_packages`` commands of the commands that will run (their guard
+    does not hold), started in the background while packages install.
+
     Consecutive plain commands are sent as one script (each in its own subshell, stopping at
     the first failure): one round trip instead of one per step."""
     batch: list[str] = []
-    for cmd in _phase_commands(steps, files, state, changed, owed or {}):
+    for cmd in _phase_commands(steps, files, state, changed, owed or {}, early or []):
         if isinstance(cmd, str):
             batch.append(cmd)
             continue
@@ -690,14 +705,16 @@ def _join(commands: list[str]) -> str:
 
 
 def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State, changed: set[str],
-                    owed: dict[str, list[str]],
+                    owed: dict[str, list[str]], early: list[str] | None = None,
                     ) -> Generator[str | StringCommand | FileUploadCommand, None, None]:
     installing = not all(state.packages.values())
     windows: list[str] = []  # the restarts' shared window, checked after the last one
     units: list[tuple[str, bool, bool]] = []
     for step in steps:
         if isinstance(step, Packages):
-            yield from packages._inner(names=step.names, state=state)
+            for cmd in packages._inner(names=step.names, state=state):
+                yield with_early(cmd, early or []) if missing_packages(step.names, state) \
+                    else cmd
         elif isinstance(step, Removals):
             for r in removed(state.manifest, step.manifest):
                 logging.getLogger("pyinfra").warning(f"selfhost: {r.describe()}")
@@ -831,10 +848,13 @@ def apply_plan(plan: Plan, server: Server, keys: KeyStore | None = None) -> None
                  for s in plan.steps]
     changed: set[str] = set()
     owed = owed_by_file(all_steps)
+    early = [s.command.during_packages for s in all_steps
+             if isinstance(s, Run) and s.command.during_packages and not s.command.late
+             and not (s.command.unless and state.guards.get(s.command.unless))]
     for phase in PHASES:
         steps = [s for s in all_steps if _phase_of(s) == phase]
         plan_phase(name=f"selfhost {phase}", phase=phase, steps=steps, files=files, state=state,
-                   changed=changed, owed=owed)
+                   changed=changed, owed=owed, early=early if phase == "packages" else None)
 
 
 # ------------------------------------------------------------------ what the target can do

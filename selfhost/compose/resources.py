@@ -105,6 +105,11 @@ class Command:
     on_change: tuple[str, ...] = ()
     after_files: bool = False
     """Run after the managed files are written (always true when ``on_change`` is set)."""
+    during_packages: str | None = None
+    """A slow part of ``command`` (e.g. making an RSA key pair) started in the background while
+    the packages phase installs packages, when the guard does not hold: it may use only the
+    base system, must write only files of its own (``command`` then takes them, after checking
+    them) and may fail or be cut at any point. Without packages to install it is not run."""
 
     @property
     def late(self) -> bool:
