@@ -207,10 +207,12 @@ def script(q: Query) -> str:
         # The guards and the units are read at the same time (each a background job writing
         # its own file, printed once all are done): one after the other, they were most of a
         # no-op deploy's time. Without a temporary directory, one after the other.
-        parts.append("d=$(mktemp -d /dev/shm/selfhost-par.XXXXXXXX 2>/dev/null || mktemp -d "
-                     "2>/dev/null) || d=''; n=0\n"
-                     "par() { n=$((n+1)); if [ -n \"$d\" ]; then eval \"$1\" > \"$d/$n\" "
-                     "2>/dev/null & else eval \"$1\"; fi; }")
+        # (Names of their own: other parts of the script set $d.)
+        parts.append("selfhost_pd=$(mktemp -d /dev/shm/selfhost-par.XXXXXXXX 2>/dev/null || "
+                     "mktemp -d 2>/dev/null) || selfhost_pd=''; selfhost_pn=0\n"
+                     "par() { selfhost_pn=$((selfhost_pn+1)); if [ -n \"$selfhost_pd\" ]; then "
+                     "eval \"$1\" > \"$selfhost_pd/$selfhost_pn\" 2>/dev/null & "
+                     "else eval \"$1\"; fi; }")
     for i, guard in enumerate(q.guards):
         parts.append("par " + q_(
             f"if ( {guard} ) >/dev/null 2>&1; then printf 'G\\t{i}\\t1\\n'; "
@@ -256,7 +258,9 @@ def script(q: Query) -> str:
     for i, path in enumerate(q.space):
         parts.append(_SPACE_SCRIPT.format(path=q_(path), i=i))
     if q.guards or q.units:
-        parts.append('wait; if [ -n "$d" ]; then cat "$d"/* 2>/dev/null; rm -rf "$d"; fi')
+        parts.append('wait; case $selfhost_pd in */selfhost-par.*) '
+                     'cat "$selfhost_pd"/* 2>/dev/null; rm -f "$selfhost_pd"/*; '
+                     'rmdir "$selfhost_pd";; esac')
     parts.append("true")
     return "\n".join(parts)
 

@@ -134,6 +134,19 @@ def test_guards_are_read_at_the_same_time(tmp_path: Path, parallel: bool) -> Non
     assert (took < 3) if parallel else (took >= 4)
 
 
+def test_the_parallel_reads_clean_up_only_their_own_directory(tmp_path: Path) -> None:
+    # The space check sets $d to an existing directory: the guards' temporary directory has
+    # a name of its own (an earlier version removed "$d" at the end: here, tmp_path).
+    keep = tmp_path / "keep"
+    keep.write_text("x")
+    before = set(Path("/dev/shm").glob("selfhost-par.*"))
+    q = Query(guards=("true",), space=(str(tmp_path / "sub" / "file"),))
+    _, st = run(q)
+    assert st.guards["true"] and st.space[str(tmp_path / "sub" / "file")] is not None
+    assert keep.read_text() == "x"
+    assert set(Path("/dev/shm").glob("selfhost-par.*")) <= before
+
+
 def test_one_round_trip_for_everything(tmp_path: Path) -> None:
     """Many entries of every kind in one script; indexes past 9 map back correctly."""
     files = []

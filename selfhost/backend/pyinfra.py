@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
 import shlex
 from collections.abc import Generator
 from io import BytesIO
@@ -700,8 +701,24 @@ def plan_phase(phase: str, steps: list[Any], files: dict[str, bytes], state: Sta
         yield _join(batch)
 
 
+TIMINGS_ENV = "SELFHOST_TIMINGS"
+"""Set (to a file path on the target, e.g. /run/selfhost-timings) to profile a deploy: each
+command of a batched script appends its milliseconds and its first line to that file."""
+
+
+def _timed(c: str) -> str:
+    log = os.environ.get(TIMINGS_ENV)
+    if not log:
+        return c
+    label = q(c.strip().splitlines()[0][:100] if c.strip() else "")
+    return (f"s=$(date +%s%N); ( {c}\n); r=$?; echo \"$(( ($(date +%s%N) - s) / 1000000 )) "
+            f"ms\"' '{label} >> {q(log)}; (exit $r)")
+
+
 def _join(commands: list[str]) -> str:
-    return commands[0] if len(commands) == 1 else " && ".join(f"( {c}\n)" for c in commands)
+    if len(commands) == 1:
+        return _timed(commands[0])
+    return " && ".join(f"( {_timed(c)}\n)" for c in commands)
 
 
 def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State, changed: set[str],
