@@ -183,8 +183,8 @@ def script(q: Query) -> str:
     if listed:
         parts.append(
             "while IFS= read -r l; do i=${l%%/*}; p=/${l#*/}; "
-            "if [ -f \"$p\" ]; then printf 'F\\t%s\\t%s\\t%s\\n' \"$i\" "
-            "\"$(sha1sum < \"$p\" | cut -c1-40)\" \"$(stat -L -c '%a %U %G' \"$p\")\"; "
+            "if [ -f \"$p\" ]; then h=$(sha1sum < \"$p\"); printf 'F\\t%s\\t%s\\t%s\\n' \"$i\" "
+            "\"${h%% *}\" \"$(stat -L -c '%a %U %G' \"$p\")\"; "
             "else printf 'F\\t%s\\t-\\n' \"$i\"; fi; "
             # A staged copy left by a deploy cut between its upload and its rename.
             "[ ! -e \"$p.selfhost-new\" ] || printf 'T\\t%s\\t1\\n' \"$i\"; "
@@ -255,8 +255,21 @@ def script(q: Query) -> str:
                      "printf 'N\\t0\\t%s\\n' \"${m##*/}\"; done")
     if q.prechecks:
         parts.append(_PRECHECKS_SCRIPT)
-    for i, path in enumerate(q.space):
-        parts.append(_SPACE_SCRIPT.format(path=q_(path), i=i))
+    if q.space:
+        # One df for all the paths (a df, a dirname and their subshells per path were a
+        # quarter of the no-op's state read): each path's nearest existing directory, by the
+        # shell alone, then df -k and df -i of them all, matched line by line (nothing is
+        # printed if a df did not answer for every path).
+        parts.append(
+            "set --; for p in " + " ".join(q_(p) for p in q.space) + "; do "
+            "d=$p; while [ ! -e \"$d\" ]; do d=${d%/*}; [ -n \"$d\" ] || d=/; done; "
+            "set -- \"$@\" \"$d\"; done\n"
+            "{ df -P -k \"$@\" 2>/dev/null; echo '--'; df -P -i \"$@\" 2>/dev/null; } | "
+            f"awk -v n={len(q.space)} " + q_(
+                "$0 == \"--\" {sec = 1; r = 0; next} {r++} r == 1 {next} "
+                "!sec {k[r - 2] = $4 \"\\t\" $6; nk++} sec {i[r - 2] = $2 \"\\t\" $4; ni++} "
+                "END {if (nk == n) for (j = 0; j < n; j++) "
+                "printf \"S\\t%d\\t%s\\t%s\\n\", j, k[j], (ni == n ? i[j] : \"\")}"))
     if q.guards or q.units:
         parts.append('wait; case $selfhost_pd in */selfhost-par.*) '
                      'cat "$selfhost_pd"/* 2>/dev/null; rm -f "$selfhost_pd"/*; '

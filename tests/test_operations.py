@@ -1799,3 +1799,36 @@ def test_the_host_keys_command_takes_the_early_key_only_when_complete(tmp_path: 
     assert (etc / "ssh_host_rsa_key.pub").read_text() != made
     assert subprocess.run(["/bin/sh", "-c", local(ssh.HOST_KEYS_CMD.unless or "")]).returncode == 0
     assert not Path(early).exists()
+
+
+def test_units_enabled_by_their_package_are_not_enabled_again(tmp_path: Path) -> None:
+    # After installing packages the state read is stale: only the units still not enabled
+    # (by the same test as unit_changes) are passed to one `systemctl enable`.
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "systemctl").write_text(
+        "#!/bin/sh\ncase $1 in is-enabled) case $2 in a.service) echo enabled;; "
+        "b.service) echo disabled;; c.service) echo static;; d.service) echo indirect;; "
+        "esac;; *) echo \"$*\" >> " + str(tmp_path / "calls") + ";; esac\n")
+    (bin_ / "systemctl").chmod(0o755)
+    units = [(n, True, False) for n in ("a.service", "b.service", "c.service", "d.service")]
+    [cmd] = list(backend.units_state(units, State(), recheck=True))
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}"}
+    assert subprocess.run(["/bin/sh", "-c", cmd], env=env, timeout=30).returncode == 0
+    assert (tmp_path / "calls").read_text() == "enable b.service d.service\n"
+    (tmp_path / "calls").unlink()
+    done = [(n, True, False) for n in ("a.service", "c.service")]
+    [cmd] = list(backend.units_state(done, State(), recheck=True))
+    assert subprocess.run(["/bin/sh", "-c", cmd], env=env, timeout=30).returncode == 0
+    assert not (tmp_path / "calls").exists()
+
+
+def test_a_guarded_command_s_package_joins_the_one_apt_run(pyinfra_host: Any) -> None:
+    step = Packages(("openssh-server",))
+    missing = State(packages={"openssh-server": False})
+    [cmd] = backend._phase_commands([step], {}, missing, set(), {}, [], ["systemd-timesyncd"])
+    assert isinstance(cmd, str)
+    assert cmd.endswith(f"{backend.LOCK_TIMEOUT} openssh-server systemd-timesyncd")
+    present = State(packages={"openssh-server": True})
+    assert list(backend._phase_commands([step], {}, present, set(), {}, [],
+                                        ["systemd-timesyncd"])) == []

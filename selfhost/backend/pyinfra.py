@@ -291,11 +291,15 @@ def unit_state(unit: str, enabled: bool, running: bool,
     yield " && ".join(cmds)
 
 
-def units_state(units: list[tuple[str, bool, bool]],
-                state: State) -> Generator[str, None, None]:
+def units_state(units: list[tuple[str, bool, bool]], state: State,
+                recheck: bool = False) -> Generator[str, None, None]:
     """Shell: what :func:`unit_state` does for each of ``units`` (name, enabled, running), as
     one command: the units to enable in one ``systemctl enable`` (one reload of systemd's
-    configuration instead of one per unit), then each start, in the plan's order."""
+    configuration instead of one per unit), then each start, in the plan's order.
+
+    With ``recheck`` (this deploy installed packages: the state read before is stale, and a
+    package's postinst enables its units itself), a unit is enabled only if it still is not
+    (``systemctl enable`` of a unit with an init script also runs ``update-rc.d``)."""
     unmask, enable, start = [], [], []
     for name, enabled, running in units:
         kinds = [c.kind for c in unit_changes(name, enabled, running, state)]
@@ -308,9 +312,15 @@ def units_state(units: list[tuple[str, bool, bool]],
     if not (unmask or enable or start):
         host.noop(f"{len(units)} units enabled and active as planned")
         return
+    enable_cmd = f"systemctl enable {' '.join(enable)} >/dev/null 2>&1"
+    if recheck and enable:
+        # The same test as selfhost.compile.diff.unit_changes.
+        enable_cmd = ("{ set --; for u in " + " ".join(enable) + "; do case "
+                      "\"$(systemctl is-enabled \"$u\" 2>/dev/null)\" in enabled|static|alias) "
+                      ";; *) set -- \"$@\" \"$u\";; esac; done; [ $# -eq 0 ] || "
+                      "systemctl enable \"$@\" >/dev/null 2>&1; }")
     yield " && ".join([*([f"systemctl unmask {' '.join(unmask)} >/dev/null"] if unmask else []),
-                       *([f"systemctl enable {' '.join(enable)} >/dev/null 2>&1"]
-                         if enable else []),
+                       *([enable_cmd] if enable else []),
                        *start])
 
 
@@ -673,7 +683,7 @@ def owed_by_file(steps: list[Any]) -> dict[str, list[str]]:
 @operation()
 def plan_phase(phase: str, steps: list[Any], files: dict[str, bytes], state: State,
                changed: set[str], owed: dict[str, list[str]] | None = None,
-               early: list[str] | None = None,
+               early: list[str] | None = None, extra: list[str] | None = None,
                ) -> Generator[str | StringCommand | FileUploadCommand, None, None]:
     """Apply the steps of one phase of the plan. ``changed`` collects the managed files that
     this deploy rewrites, so that reloads and on-change commands of later phases know.
@@ -684,12 +694,14 @@ def plan_phase(phase: str, steps: list[Any], files: dict[str, bytes], state: Sta
     it names (``state.pending``) even though the file no longer changes.
 
     ``early``: the ``during_packages`` commands of the commands that will run (their guard
-    does not hold), started in the background while packages install.
+    does not hold), started in the background while packages install; ``extra``: the
+    ``with_packages`` of those commands, installed with the missing packages, if any.
 
     Consecutive plain commands are sent as one script (each in its own subshell, stopping at
     the first failure): one round trip instead of one per step."""
     batch: list[str] = []
-    for cmd in _phase_commands(steps, files, state, changed, owed or {}, early or []):
+    for cmd in _phase_commands(steps, files, state, changed, owed or {}, early or [],
+                               extra or []):
         if isinstance(cmd, str):
             batch.append(cmd)
             continue
@@ -723,15 +735,19 @@ def _join(commands: list[str]) -> str:
 
 def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State, changed: set[str],
                     owed: dict[str, list[str]], early: list[str] | None = None,
+                    extra: list[str] | None = None,
                     ) -> Generator[str | StringCommand | FileUploadCommand, None, None]:
     installing = not all(state.packages.values())
     windows: list[str] = []  # the restarts' shared window, checked after the last one
     units: list[tuple[str, bool, bool]] = []
     for step in steps:
         if isinstance(step, Packages):
-            for cmd in packages._inner(names=step.names, state=state):
-                yield with_early(cmd, early or []) if missing_packages(step.names, state) \
-                    else cmd
+            missing = missing_packages(step.names, state)
+            if missing:
+                more = [n for n in extra or [] if n not in missing]
+                yield with_early(apt_install_cmd([*missing, *more]), early or [])
+            else:
+                yield from packages._inner(names=step.names, state=state)
         elif isinstance(step, Removals):
             for r in removed(state.manifest, step.manifest):
                 logging.getLogger("pyinfra").warning(f"selfhost: {r.describe()}")
@@ -791,7 +807,7 @@ def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State, cha
             windows.append(reload_with_rollback(step.unit, step.action, step.when,
                                                 _marker(step), drop, stage="window"))
     if units:
-        yield from units_state(units, state)
+        yield from units_state(units, state, recheck=installing)
     if windows:
         yield f"sleep {RESTART_WINDOW}"
         yield from windows
@@ -865,13 +881,16 @@ def apply_plan(plan: Plan, server: Server, keys: KeyStore | None = None) -> None
                  for s in plan.steps]
     changed: set[str] = set()
     owed = owed_by_file(all_steps)
-    early = [s.command.during_packages for s in all_steps
-             if isinstance(s, Run) and s.command.during_packages and not s.command.late
-             and not (s.command.unless and state.guards.get(s.command.unless))]
+    due = [s.command for s in all_steps if isinstance(s, Run) and not s.command.late
+           and not s.command.on_change and not (s.command.unless
+                                                and state.guards.get(s.command.unless))]
+    early = [c.during_packages for c in due if c.during_packages]
+    extra = [n for c in due for n in c.with_packages]
     for phase in PHASES:
         steps = [s for s in all_steps if _phase_of(s) == phase]
         plan_phase(name=f"selfhost {phase}", phase=phase, steps=steps, files=files, state=state,
-                   changed=changed, owed=owed, early=early if phase == "packages" else None)
+                   changed=changed, owed=owed, early=early if phase == "packages" else None,
+                   extra=extra if phase == "packages" else None)
 
 
 # ------------------------------------------------------------------ what the target can do
