@@ -183,8 +183,8 @@ def script(q: Query) -> str:
     if listed:
         parts.append(
             "while IFS= read -r l; do i=${l%%/*}; p=/${l#*/}; "
-            "if [ -f \"$p\" ]; then printf 'F\\t%s\\t%s\\t%s\\n' \"$i\" "
-            "\"$(sha1sum < \"$p\" | cut -c1-40)\" \"$(stat -L -c '%a %U %G' \"$p\")\"; "
+            "if [ -f \"$p\" ]; then h=$(sha1sum < \"$p\"); printf 'F\\t%s\\t%s\\t%s\\n' \"$i\" "
+            "\"${h%% *}\" \"$(stat -L -c '%a %U %G' \"$p\")\"; "
             "else printf 'F\\t%s\\t-\\n' \"$i\"; fi; "
             # A staged copy left by a deploy cut between its upload and its rename.
             "[ ! -e \"$p.selfhost-new\" ] || printf 'T\\t%s\\t1\\n' \"$i\"; "
@@ -203,11 +203,21 @@ def script(q: Query) -> str:
             f"if [ -d {q_(path)} ]; then printf 'D\\t{i}\\t-\\t%s\\n' "
             f"\"$(stat -L -c '%a %U %G' {q_(path)})\"; else printf 'D\\t{i}\\t-\\n'; fi"
         )
+    if q.guards or q.units:
+        # The guards and the units are read at the same time (each a background job writing
+        # its own file, printed once all are done): one after the other, they were most of a
+        # no-op deploy's time. Without a temporary directory, one after the other.
+        # (Names of their own: other parts of the script set $d.)
+        parts.append("selfhost_pd=$(mktemp -d /dev/shm/selfhost-par.XXXXXXXX 2>/dev/null || "
+                     "mktemp -d 2>/dev/null) || selfhost_pd=''; selfhost_pn=0\n"
+                     "par() { selfhost_pn=$((selfhost_pn+1)); if [ -n \"$selfhost_pd\" ]; then "
+                     "eval \"$1\" > \"$selfhost_pd/$selfhost_pn\" 2>/dev/null & "
+                     "else eval \"$1\"; fi; }")
     for i, guard in enumerate(q.guards):
-        parts.append(
+        parts.append("par " + q_(
             f"if ( {guard} ) >/dev/null 2>&1; then printf 'G\\t{i}\\t1\\n'; "
             f"else printf 'G\\t{i}\\t0\\n'; fi"
-        )
+        ))
     if q.units:
         # A unit still starting or reloading (a deploy's restart a moment ago) is read again
         # once it settles, for up to 10 s: "activating" is not a reason to start it again.
@@ -215,10 +225,10 @@ def script(q: Query) -> str:
                      "2>/dev/null); case $s in activating|reloading|deactivating) sleep 0.5;; "
                      "*) break;; esac; done; echo \"$s\"; }")
     for i, unit in enumerate(q.units):
-        parts.append(
+        parts.append("par " + q_(
             f"printf 'U\\t{i}\\t%s\\t%s\\n' \"$(systemctl is-enabled {q_(unit)} 2>/dev/null)\" "
             f"\"$(active {q_(unit)})\""
-        )
+        ))
     if q.packages:
         names = " ".join(q_(p) for p in q.packages)
         parts.append(
@@ -245,8 +255,25 @@ def script(q: Query) -> str:
                      "printf 'N\\t0\\t%s\\n' \"${m##*/}\"; done")
     if q.prechecks:
         parts.append(_PRECHECKS_SCRIPT)
-    for i, path in enumerate(q.space):
-        parts.append(_SPACE_SCRIPT.format(path=q_(path), i=i))
+    if q.space:
+        # One df for all the paths (a df, a dirname and their subshells per path were a
+        # quarter of the no-op's state read): each path's nearest existing directory, by the
+        # shell alone, then df -k and df -i of them all, matched line by line (nothing is
+        # printed if a df did not answer for every path).
+        parts.append(
+            "set --; for p in " + " ".join(q_(p) for p in q.space) + "; do "
+            "d=$p; while [ ! -e \"$d\" ]; do d=${d%/*}; [ -n \"$d\" ] || d=/; done; "
+            "set -- \"$@\" \"$d\"; done\n"
+            "{ df -P -k \"$@\" 2>/dev/null; echo '--'; df -P -i \"$@\" 2>/dev/null; } | "
+            f"awk -v n={len(q.space)} " + q_(
+                "$0 == \"--\" {sec = 1; r = 0; next} {r++} r == 1 {next} "
+                "!sec {k[r - 2] = $4 \"\\t\" $6; nk++} sec {i[r - 2] = $2 \"\\t\" $4; ni++} "
+                "END {if (nk == n) for (j = 0; j < n; j++) "
+                "printf \"S\\t%d\\t%s\\t%s\\n\", j, k[j], (ni == n ? i[j] : \"\")}"))
+    if q.guards or q.units:
+        parts.append('wait; case $selfhost_pd in */selfhost-par.*) '
+                     'cat "$selfhost_pd"/* 2>/dev/null; rm -f "$selfhost_pd"/*; '
+                     'rmdir "$selfhost_pd";; esac')
     parts.append("true")
     return "\n".join(parts)
 

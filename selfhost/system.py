@@ -79,6 +79,7 @@ def base_contribution(server: Server) -> Contribution:
             f"$i >/dev/null 2>&1 || {{ {APT_GET} update -qq && $i >/dev/null; }}",
             unless=f"dpkg-query -W -f='${{Status}}\\n' {' '.join(TIME_DAEMONS)} "
             "2>/dev/null | grep -q 'ok installed'",
+            with_packages=("systemd-timesyncd",),
         ))
     name = server.hostname
     c.commands.append(Command(

@@ -20,6 +20,7 @@ import os
 import pwd
 import re
 import shlex
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -580,6 +581,21 @@ def test_apply_plan_rechecks_guards_only_when_it_installs_packages(
 def test_unit_state(pyinfra_host: Any, current: tuple[str, str], expected: list[str]) -> None:
     assert commands(backend.unit_state, unit="ssh.service", enabled=True, running=True,
                     state=State(units={"ssh.service": current})) == expected
+
+
+def test_the_units_phase_enables_units_in_one_call(pyinfra_host: Any) -> None:
+    # One `systemctl enable` (one reload of systemd's configuration), then each start.
+    state = State(units={"a.service": ("disabled", "inactive"), "b.timer": ("masked", ""),
+                         "c.service": ("enabled", "active"), "d.service": ("enabled", "failed"),
+                         "e.service": ("disabled", "active")})
+    steps = [UnitState(n, True, True) for n in ("a.service", "b.timer", "c.service",
+                                               "d.service", "e.service")]
+    assert list(backend._phase_commands(steps, {}, state, set(), {})) == [
+        "systemctl unmask b.timer >/dev/null && systemctl enable a.service b.timer e.service "
+        ">/dev/null 2>&1 && systemctl start a.service && systemctl start b.timer && "
+        "systemctl start d.service"]
+    done = State(units=dict.fromkeys(state.units, ("enabled", "active")))
+    assert list(backend._phase_commands(steps, {}, done, set(), {})) == []
 
 
 def test_unit_state_not_enabled_not_running(pyinfra_host: Any) -> None:
@@ -1434,7 +1450,8 @@ class Box:
                               timeout=30, env=self.env)
 
     def deploy(self, content: bytes, action: str = "reload", mode: str = "0640",
-               unit: str = "web.service") -> subprocess.CompletedProcess[str]:
+               unit: str = "web.service", staged: bool = False,
+               ) -> subprocess.CompletedProcess[str]:
         """What a deploy sends for a changed file that calls for a reload: the pending
         marker and the kept version, the file (validated, moved into place), the reload."""
         path = str(self.conf)
@@ -1444,6 +1461,13 @@ class Box:
                  ]
         res = self.run(backend._join(files))
         assert res.returncode == 0, res.stderr
+        if staged:  # the restart, then its window shared with the phase's other restarts
+            args = (unit, action, (path,), f"reload-{unit}", (path,), str(self.prev),
+                    str(self.pending))
+            return self.run(backend._join([
+                backend.reload_with_rollback(*args, stage="restart"),
+                f"sleep {backend.RESTART_WINDOW}",
+                backend.reload_with_rollback(*args, stage="window")]))
         return self.run(backend._join([backend.reload_with_rollback(
             unit, action, (path,), f"reload-{unit}", (path,),
             prev_dir=str(self.prev), pending_dir=str(self.pending))]))
@@ -1522,6 +1546,50 @@ def test_a_unit_that_is_not_active_after_a_successful_restart_is_rolled_back(
     assert res.returncode == 1
     assert box.conf.read_text() == "site v1\n"
     assert "web.service failed after its restart" in res.stderr
+
+
+@pytest.mark.parametrize("exit_ok", ["0", "1"])
+def test_a_restart_checked_in_the_shared_window_is_rolled_back(box: Box, exit_ok: str) -> None:
+    # The phase's restarts share one window: each unit is restarted (rolled back at once
+    # when the restart fails), then, after one sleep, each must still be active.
+    box.conf.parent.mkdir(parents=True)
+    box.conf.write_text("site v1\n")
+    box.env["FAKE_EXIT_OK"] = exit_ok
+    res = box.deploy(b"BAD\n", action="restart", staged=True)
+    assert res.returncode == 1
+    assert box.conf.read_text() == "site v1\n"
+    assert "web.service failed after its restart" in res.stderr
+    assert "address already in use" in res.stderr
+    assert (box.pending / "reload-web.service").exists()  # still owed
+    assert not [p for p in box.prev.rglob("*") if p.is_file()]
+
+
+def test_a_restart_that_lasts_the_shared_window_forgets_the_previous_version(
+        box: Box) -> None:
+    box.conf.parent.mkdir(parents=True)
+    box.conf.write_text("site v1\n")
+    res = box.deploy(b"site v2\n", action="restart", staged=True)
+    assert res.returncode == 0, res.stderr
+    assert box.conf.read_text() == "site v2\n"
+    assert box.calls() == ["restart web.service site v2"]
+    assert not (box.pending / "reload-web.service").exists()
+    assert not [p for p in box.prev.rglob("*") if p.is_file()]
+
+
+def test_the_restarts_of_a_phase_share_one_window(pyinfra_host: Any) -> None:
+    steps = [Reload("a.service", ("/etc/a",), "restart"), Reload("n.service", ("/etc/n",)),
+             Reload("b.service", ("/etc/b",), "restart")]
+    cmds = list(backend._phase_commands(steps, {}, State(), {"/etc/a", "/etc/n", "/etc/b"},
+                                        backend.owed_by_file(steps)))
+    assert len(cmds) == 6
+    # No wait after each restart: one for all, then each unit is checked.
+    assert ("if selfhost_job a.service restart && selfhost_settled a.service >/dev/null; "
+            "then date +%s") in cmds[0]
+    assert "selfhost_job n.service reload-or-restart &&" in cmds[1]
+    assert cmds[3] == "sleep 1"
+    assert "if wedged=0; selfhost_settled a.service >/dev/null; then rm -f" in cmds[4]
+    assert "rm -f /var/lib/selfhost/pending/reload-a.service" in cmds[4]
+    assert "rm -f /var/lib/selfhost/pending/reload-a.service" not in cmds[0]
 
 
 def test_a_new_file_that_breaks_its_unit_is_removed(box: Box) -> None:
@@ -1668,3 +1736,99 @@ def test_the_sftp_channel_is_closed_after_the_askpass_upload() -> None:
     assert closed == ["sftp"]
     assert c.get_file_transfer_connection() is not first  # a new one when needed
     backend.close_file_transfer(object())  # another connector: nothing to do
+
+
+@pytest.mark.parametrize("status", [0, 3])
+def test_early_commands_run_while_packages_install_and_are_waited_for(
+        tmp_path: Path, status: int) -> None:
+    # Command.during_packages: in the background of the apt command, which it does not slow
+    # down nor change the status of; the command returns only once they are done.
+    done = tmp_path / "early"
+    script = backend.with_early(f"sleep 0.2; echo apt; exit {status}",
+                                [f"sleep 1; echo bg; touch {done}", "exit 1"])
+    res = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, timeout=30)
+    assert res.returncode == status
+    assert res.stdout == "apt\n"  # the early commands' output is discarded
+    assert done.exists()
+    assert backend.with_early("apt", []) == "apt"
+
+
+def test_the_early_part_of_a_command_starts_only_with_packages_to_install(
+        pyinfra_host: Any) -> None:
+    from selfhost.hardening.ssh import HOST_KEYS_CMD
+
+    early = [HOST_KEYS_CMD.during_packages or ""]
+    step = Packages(("openssh-server",))
+    missing = State(packages={"openssh-server": False})
+    [cmd] = backend._phase_commands([step], {}, missing, set(), {}, early)
+    assert isinstance(cmd, str) and early[0] in cmd and "apt-get install" in cmd
+    assert cmd.index(early[0]) < cmd.index("apt-get install")
+    present = State(packages={"openssh-server": True})
+    assert list(backend._phase_commands([step], {}, present, set(), {}, early)) == []
+
+
+def test_the_host_keys_command_takes_the_early_key_only_when_complete(tmp_path: Path) -> None:
+    # The RSA key made while packages installed is taken when the pair matches and is 4096
+    # bits; a cut or mismatched one is discarded and a new key is made in place.
+    from selfhost.hardening import ssh
+
+    if not shutil.which("ssh-keygen"):
+        pytest.skip("no ssh-keygen")
+    etc = tmp_path / "ssh"
+    etc.mkdir()
+
+    def local(text: str) -> str:
+        return text.replace("/etc/ssh", str(etc))
+
+    early = local(ssh.RSA_EARLY)
+    assert subprocess.run(["/bin/sh", "-c", local(ssh.HOST_KEYS_CMD.during_packages or "")],
+                          timeout=120).returncode == 0
+    made = Path(early + ".pub").read_text()
+    assert subprocess.run(["/bin/sh", "-c", local(ssh.HOST_KEYS_CMD.command)],
+                          timeout=120).returncode == 0
+    assert (etc / "ssh_host_rsa_key.pub").read_text() == made
+    assert not Path(early).exists() and not Path(early + ".pub").exists()
+    assert subprocess.run(["/bin/sh", "-c", local(ssh.HOST_KEYS_CMD.unless or "")]).returncode == 0
+    # A cut one (its private half empty): not taken.
+    for f in etc.glob("ssh_host_rsa_key*"):
+        f.unlink()
+    Path(early).write_text("")
+    Path(early + ".pub").write_text(made)
+    assert subprocess.run(["/bin/sh", "-c", local(ssh.HOST_KEYS_CMD.command)],
+                          timeout=120).returncode == 0
+    assert (etc / "ssh_host_rsa_key.pub").read_text() != made
+    assert subprocess.run(["/bin/sh", "-c", local(ssh.HOST_KEYS_CMD.unless or "")]).returncode == 0
+    assert not Path(early).exists()
+
+
+def test_units_enabled_by_their_package_are_not_enabled_again(tmp_path: Path) -> None:
+    # After installing packages the state read is stale: only the units still not enabled
+    # (by the same test as unit_changes) are passed to one `systemctl enable`.
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "systemctl").write_text(
+        "#!/bin/sh\ncase $1 in is-enabled) case $2 in a.service) echo enabled;; "
+        "b.service) echo disabled;; c.service) echo static;; d.service) echo indirect;; "
+        "esac;; *) echo \"$*\" >> " + str(tmp_path / "calls") + ";; esac\n")
+    (bin_ / "systemctl").chmod(0o755)
+    units = [(n, True, False) for n in ("a.service", "b.service", "c.service", "d.service")]
+    [cmd] = list(backend.units_state(units, State(), recheck=True))
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}"}
+    assert subprocess.run(["/bin/sh", "-c", cmd], env=env, timeout=30).returncode == 0
+    assert (tmp_path / "calls").read_text() == "enable b.service d.service\n"
+    (tmp_path / "calls").unlink()
+    done = [(n, True, False) for n in ("a.service", "c.service")]
+    [cmd] = list(backend.units_state(done, State(), recheck=True))
+    assert subprocess.run(["/bin/sh", "-c", cmd], env=env, timeout=30).returncode == 0
+    assert not (tmp_path / "calls").exists()
+
+
+def test_a_guarded_command_s_package_joins_the_one_apt_run(pyinfra_host: Any) -> None:
+    step = Packages(("openssh-server",))
+    missing = State(packages={"openssh-server": False})
+    [cmd] = backend._phase_commands([step], {}, missing, set(), {}, [], ["systemd-timesyncd"])
+    assert isinstance(cmd, str)
+    assert cmd.endswith(f"{backend.LOCK_TIMEOUT} openssh-server systemd-timesyncd")
+    present = State(packages={"openssh-server": True})
+    assert list(backend._phase_commands([step], {}, present, set(), {}, [],
+                                        ["systemd-timesyncd"])) == []

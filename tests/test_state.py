@@ -10,6 +10,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,41 @@ def test_guards(tmp_path: Path) -> None:
     lines, st = run(Query(guards=guards))
     assert [st.guards[g] for g in guards] == [True, False, True, False, True, False, True, False]
     assert not [ln for ln in lines if "noise" in ln]  # guard output never reaches the parser
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_guards_are_read_at_the_same_time(tmp_path: Path, parallel: bool) -> None:
+    # Eight guards of 0.5 s each: together about 0.5 s, not 4 s. Without a temporary
+    # directory (mktemp fails), one after the other, with the same answers.
+    guards = tuple(f"sleep 0.5; test {i} -lt 4" for i in range(8))
+    env = dict(os.environ)
+    if not parallel:
+        stub = tmp_path / "bin"
+        stub.mkdir()
+        (stub / "mktemp").write_text("#!/bin/sh\nexit 1\n")
+        (stub / "mktemp").chmod(0o755)
+        env["PATH"] = f"{stub}:{env['PATH']}"
+    t0 = time.monotonic()
+    res = subprocess.run(["/bin/sh", "-c", script(Query(guards=guards))], capture_output=True,
+                         text=True, timeout=30, env=env)
+    took = time.monotonic() - t0
+    assert res.returncode == 0, res.stderr
+    st = parse(Query(guards=guards), res.stdout.splitlines())
+    assert [st.guards[g] for g in guards] == [True] * 4 + [False] * 4
+    assert (took < 3) if parallel else (took >= 4)
+
+
+def test_the_parallel_reads_clean_up_only_their_own_directory(tmp_path: Path) -> None:
+    # The space check sets $d to an existing directory: the guards' temporary directory has
+    # a name of its own (an earlier version removed "$d" at the end: here, tmp_path).
+    keep = tmp_path / "keep"
+    keep.write_text("x")
+    before = set(Path("/dev/shm").glob("selfhost-par.*"))
+    q = Query(guards=("true",), space=(str(tmp_path / "sub" / "file"),))
+    _, st = run(q)
+    assert st.guards["true"] and st.space[str(tmp_path / "sub" / "file")] is not None
+    assert keep.read_text() == "x"
+    assert set(Path("/dev/shm").glob("selfhost-par.*")) <= before
 
 
 def test_one_round_trip_for_everything(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
 import shlex
 from collections.abc import Generator
 from io import BytesIO
@@ -230,6 +231,17 @@ def apt_install_cmd(names: list[str] | tuple[str, ...]) -> str:
                      *(q(n) for n in names)])
 
 
+def with_early(apt_cmd: str, early: list[str]) -> str:
+    """Shell: ``apt_cmd``, with the ``early`` commands (see ``Command.during_packages``) run in
+    the background meanwhile, each in its own subshell, their output discarded; it waits for
+    them (nothing outlives the deploy's command) and exits with ``apt_cmd``'s status."""
+    if not early:
+        return apt_cmd
+    bg = "; ".join(f"( {e}\n)" for e in early)
+    return (f"( {bg} ) </dev/null >/dev/null 2>&1 & selfhost_early=$!\n"
+            f"( {apt_cmd}\n); r=$?; wait $selfhost_early; (exit $r)")
+
+
 @operation()
 def packages(names: tuple[str, ...], state: State) -> Generator[str, None, None]:
     """Install missing packages; run ``apt-get update`` only when something is missing.
@@ -277,6 +289,39 @@ def unit_state(unit: str, enabled: bool, running: bool,
         # Masked by hand (a unit masked cannot be enabled nor started): the model wins.
         cmds.insert(0, f"systemctl unmask {q(name)} >/dev/null")
     yield " && ".join(cmds)
+
+
+def units_state(units: list[tuple[str, bool, bool]], state: State,
+                recheck: bool = False) -> Generator[str, None, None]:
+    """Shell: what :func:`unit_state` does for each of ``units`` (name, enabled, running), as
+    one command: the units to enable in one ``systemctl enable`` (one reload of systemd's
+    configuration instead of one per unit), then each start, in the plan's order.
+
+    With ``recheck`` (this deploy installed packages: the state read before is stale, and a
+    package's postinst enables its units itself), a unit is enabled only if it still is not
+    (``systemctl enable`` of a unit with an init script also runs ``update-rc.d``)."""
+    unmask, enable, start = [], [], []
+    for name, enabled, running in units:
+        kinds = [c.kind for c in unit_changes(name, enabled, running, state)]
+        if kinds and state.units.get(name, ("", ""))[0] == "masked":
+            unmask.append(q(name))
+        if "enable-unit" in kinds:
+            enable.append(q(name))
+        if any(k != "enable-unit" for k in kinds):
+            start.append(f"systemctl start {q(name)}")
+    if not (unmask or enable or start):
+        host.noop(f"{len(units)} units enabled and active as planned")
+        return
+    enable_cmd = f"systemctl enable {' '.join(enable)} >/dev/null 2>&1"
+    if recheck and enable:
+        # The same test as selfhost.compile.diff.unit_changes.
+        enable_cmd = ("{ set --; for u in " + " ".join(enable) + "; do case "
+                      "\"$(systemctl is-enabled \"$u\" 2>/dev/null)\" in enabled|static|alias) "
+                      ";; *) set -- \"$@\" \"$u\";; esac; done; [ $# -eq 0 ] || "
+                      "systemctl enable \"$@\" >/dev/null 2>&1; }")
+    yield " && ".join([*([f"systemctl unmask {' '.join(unmask)} >/dev/null"] if unmask else []),
+                       *([enable_cmd] if enable else []),
+                       *start])
 
 
 @operation()
@@ -330,17 +375,26 @@ def keep_prev_cmd(path: str, prev_dir: str = PREV_DIR) -> str:
 
 def reload_with_rollback(unit: str, action: str, files: tuple[str, ...], marker: str,
                          drop_prev: tuple[str, ...], prev_dir: str = PREV_DIR,
-                         pending_dir: str = PENDING_DIR) -> str:
+                         pending_dir: str = PENDING_DIR, stage: str = "all") -> str:
     """Shell: reload (or restart) ``unit``; once it is active, forget the previous versions
     of ``drop_prev`` and the pending ``marker``. When the reload fails or the unit is not
     active afterwards, put back the previous versions of ``files`` (those kept in
     :data:`PREV_DIR`), reload the unit again (restart it if it is stuck reloading, except
     :data:`NEVER_RESTARTED`), say which unit, which files and what the journal says, and fail
     (the deploy stops). The marker stays: the next deploy reloads the unit again, and replaces
-    the files again if the model still asks for them."""
+    the files again if the model still asks for them.
+
+    ``stage`` splits a restart in two, so that the units restarted by one deploy share one
+    :data:`RESTART_WINDOW` instead of waiting it out one after the other: ``"restart"``
+    restarts the unit and checks that it settled (rolling back at once if not), then writes
+    the time into the pending marker, which stays; ``"window"`` (sent after every restart of
+    the phase, after one ``sleep``) checks that the unit is still active, then forgets the
+    previous versions and the marker, or rolls back. ``"all"`` does both, with its own wait."""
     verb = "reload-or-restart" if action == "reload" else "restart"
     done = "reload" if action == "reload" else "restart"
-    window = f" && sleep {RESTART_WINDOW}" if action != "reload" else ""
+    window = f" && sleep {RESTART_WINDOW}" if action != "reload" and stage == "all" else ""
+    mark = q(pending_dir + "/" + marker)
+    again_window = f" && sleep {RESTART_WINDOW}" if action != "reload" else ""
     u = q(unit)
     restore = []
     for path in files:
@@ -359,16 +413,24 @@ def reload_with_rollback(unit: str, action: str, files: tuple[str, ...], marker:
     else:
         again = (f"if [ \"$wedged\" = 1 ]; then systemctl restart {u}; how='restarted (it was "
                  f"stuck reloading)'; else selfhost_job {u} {verb}; how='{done}ed again'; fi")
+    attempt = f"selfhost_job {u} {verb}{window} && selfhost_settled {u} >/dev/null"
+    start = "t0=$(date +%s)"
+    if stage == "restart":
+        ok = f"date +%s 2>/dev/null > {mark} || :"
+    elif stage == "window":
+        # The time of the restart, written by its "restart" stage (for the journal's lines).
+        attempt = f"wedged=0; selfhost_settled {u} >/dev/null"
+        start = f"t0=$(cat {mark} 2>/dev/null | grep -x '[0-9]*' || date +%s)"
     return "\n".join([
         _SHELL_FUNCTIONS,
-        "t0=$(date +%s)",
-        f"if selfhost_job {u} {verb}{window} && selfhost_settled {u} >/dev/null; then {ok}; else",
+        start,
+        f"if {attempt}; then {ok}; else",
         "back=''",
         *restore,
         # A unit file put back is read again before the unit is.
         *(["case \"$back\" in *' /etc/systemd/'*) systemctl daemon-reload;; esac"]
           if any(p.startswith("/etc/systemd/") for p in files) else []),
-        f"{again}{window}; if [ \"$wedged\" = 1 ]; then now=$(systemctl is-active {u}); "
+        f"{again}{again_window}; if [ \"$wedged\" = 1 ]; then now=$(systemctl is-active {u}); "
         f"else now=$(selfhost_settled {u}); fi",
         f"if [ -n \"$back\" ]; then did=\"the previous version of$back was put back and "
         f"{unit} $how (now $now)\"; else did=\"no previous version was kept to put "
@@ -621,6 +683,7 @@ def owed_by_file(steps: list[Any]) -> dict[str, list[str]]:
 @operation()
 def plan_phase(phase: str, steps: list[Any], files: dict[str, bytes], state: State,
                changed: set[str], owed: dict[str, list[str]] | None = None,
+               early: list[str] | None = None, extra: list[str] | None = None,
                ) -> Generator[str | StringCommand | FileUploadCommand, None, None]:
     """Apply the steps of one phase of the plan. ``changed`` collects the managed files that
     this deploy rewrites, so that reloads and on-change commands of later phases know.
@@ -630,10 +693,15 @@ def plan_phase(phase: str, steps: list[Any], files: dict[str, bytes], state: Sta
     it has run. A deploy interrupted in between leaves the marker, and the next one runs what
     it names (``state.pending``) even though the file no longer changes.
 
+    ``early``: the ``during_packages`` commands of the commands that will run (their guard
+    does not hold), started in the background while packages install; ``extra``: the
+    ``with_packages`` of those commands, installed with the missing packages, if any.
+
     Consecutive plain commands are sent as one script (each in its own subshell, stopping at
     the first failure): one round trip instead of one per step."""
     batch: list[str] = []
-    for cmd in _phase_commands(steps, files, state, changed, owed or {}):
+    for cmd in _phase_commands(steps, files, state, changed, owed or {}, early or [],
+                               extra or []):
         if isinstance(cmd, str):
             batch.append(cmd)
             continue
@@ -645,17 +713,41 @@ def plan_phase(phase: str, steps: list[Any], files: dict[str, bytes], state: Sta
         yield _join(batch)
 
 
+TIMINGS_ENV = "SELFHOST_TIMINGS"
+"""Set (to a file path on the target, e.g. /run/selfhost-timings) to profile a deploy: each
+command of a batched script appends its milliseconds and its first line to that file."""
+
+
+def _timed(c: str) -> str:
+    log = os.environ.get(TIMINGS_ENV)
+    if not log:
+        return c
+    label = q(c.strip().splitlines()[0][:100] if c.strip() else "")
+    return (f"s=$(date +%s%N); ( {c}\n); r=$?; echo \"$(( ($(date +%s%N) - s) / 1000000 )) "
+            f"ms\"' '{label} >> {q(log)}; (exit $r)")
+
+
 def _join(commands: list[str]) -> str:
-    return commands[0] if len(commands) == 1 else " && ".join(f"( {c}\n)" for c in commands)
+    if len(commands) == 1:
+        return _timed(commands[0])
+    return " && ".join(f"( {_timed(c)}\n)" for c in commands)
 
 
 def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State, changed: set[str],
-                    owed: dict[str, list[str]],
+                    owed: dict[str, list[str]], early: list[str] | None = None,
+                    extra: list[str] | None = None,
                     ) -> Generator[str | StringCommand | FileUploadCommand, None, None]:
     installing = not all(state.packages.values())
+    windows: list[str] = []  # the restarts' shared window, checked after the last one
+    units: list[tuple[str, bool, bool]] = []
     for step in steps:
         if isinstance(step, Packages):
-            yield from packages._inner(names=step.names, state=state)
+            missing = missing_packages(step.names, state)
+            if missing:
+                more = [n for n in extra or [] if n not in missing]
+                yield with_early(apt_install_cmd([*missing, *more]), early or [])
+            else:
+                yield from packages._inner(names=step.names, state=state)
         elif isinstance(step, Removals):
             for r in removed(state.manifest, step.manifest):
                 logging.getLogger("pyinfra").warning(f"selfhost: {r.describe()}")
@@ -699,17 +791,26 @@ def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State, cha
             marker = f"reload-{step.name}"
             owed_reload = marker in state.pending or any(
                 marker in owed.get(p, []) for p in changed)
-            yield from unit_state._inner(unit=step.name, enabled=step.enabled,
-                                         running=step.running and not owed_reload,
-                                         state=state)
+            units.append((step.name, step.enabled, step.running and not owed_reload))
         elif isinstance(step, Reload) and (changed.intersection(step.when)
                                            or _marker(step) in state.pending):
             # Even for a unit that was not running before this deploy: installing its package
             # may have started it with the package's default configuration.
             later = {p for s in steps[steps.index(step) + 1:] if isinstance(s, Reload)
                      for p in s.when}
-            yield reload_with_rollback(step.unit, step.action, step.when, _marker(step),
-                                       tuple(p for p in step.when if p not in later))
+            drop = tuple(p for p in step.when if p not in later)
+            if step.action == "reload":
+                yield reload_with_rollback(step.unit, step.action, step.when, _marker(step), drop)
+                continue
+            yield reload_with_rollback(step.unit, step.action, step.when, _marker(step), drop,
+                                       stage="restart")
+            windows.append(reload_with_rollback(step.unit, step.action, step.when,
+                                                _marker(step), drop, stage="window"))
+    if units:
+        yield from units_state(units, state, recheck=installing)
+    if windows:
+        yield f"sleep {RESTART_WINDOW}"
+        yield from windows
 
 
 def _file(path: str, content: bytes, mode: str, owner: str, group: str, validate: str | None,
@@ -780,10 +881,16 @@ def apply_plan(plan: Plan, server: Server, keys: KeyStore | None = None) -> None
                  for s in plan.steps]
     changed: set[str] = set()
     owed = owed_by_file(all_steps)
+    due = [s.command for s in all_steps if isinstance(s, Run) and not s.command.late
+           and not s.command.on_change and not (s.command.unless
+                                                and state.guards.get(s.command.unless))]
+    early = [c.during_packages for c in due if c.during_packages]
+    extra = [n for c in due for n in c.with_packages]
     for phase in PHASES:
         steps = [s for s in all_steps if _phase_of(s) == phase]
         plan_phase(name=f"selfhost {phase}", phase=phase, steps=steps, files=files, state=state,
-                   changed=changed, owed=owed)
+                   changed=changed, owed=owed, early=early if phase == "packages" else None,
+                   extra=extra if phase == "packages" else None)
 
 
 # ------------------------------------------------------------------ what the target can do

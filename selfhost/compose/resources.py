@@ -105,6 +105,17 @@ class Command:
     on_change: tuple[str, ...] = ()
     after_files: bool = False
     """Run after the managed files are written (always true when ``on_change`` is set)."""
+    during_packages: str | None = None
+    """A slow part of ``command`` (e.g. making an RSA key pair) started in the background while
+    the packages phase installs packages, when the guard does not hold: it may use only the
+    base system, must write only files of its own (``command`` then takes them, after checking
+    them) and may fail or be cut at any point. Without packages to install it is not run."""
+    with_packages: tuple[str, ...] = ()
+    """Packages that ``command`` installs (e.g. one that conflicts with what the admin may
+    have chosen, hence a guarded command): when the guard does not hold and the packages
+    phase installs packages anyway, they are installed in that one apt run (a second run
+    would pay for the hooks the first one installed: needrestart, apt-listchanges), and the
+    guard, tested again before the command, then holds."""
 
     @property
     def late(self) -> bool:

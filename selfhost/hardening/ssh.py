@@ -182,17 +182,31 @@ class SshHardening(Control):
         return c
 
 
+RSA_KEY = "/etc/ssh/ssh_host_rsa_key"
+RSA_EARLY = RSA_KEY + ".selfhost-early"
+"""Where the RSA 4096 host key is made in the background while packages install (about 10 s
+of CPU on a small machine): the host keys command then takes it, once checked."""
+_RSA_4096 = "awk '{n = $1} END {exit !(n >= 4096)}'"
+"""Succeeds for a key of 4096 bits or more (not for no key: ``{exit !($1>=4096)}`` did)."""
 HOST_KEYS_CMD = Command(
     "ssh host keys: Ed25519 and RSA 4096 only",
     "test -f /etc/ssh/ssh_host_ed25519_key || "
     "ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key; "
-    "ssh-keygen -l -f /etc/ssh/ssh_host_rsa_key.pub 2>/dev/null | awk '{exit !($1>=4096)}' || "
-    "{ rm -f /etc/ssh/ssh_host_rsa_key /etc/ssh/ssh_host_rsa_key.pub; "
-    "ssh-keygen -q -t rsa -b 4096 -N '' -f /etc/ssh/ssh_host_rsa_key; }; "
-    "rm -f /etc/ssh/ssh_host_ecdsa_key* /etc/ssh/ssh_host_dsa_key*",
+    f"ssh-keygen -l -f {RSA_KEY}.pub 2>/dev/null | {_RSA_4096} || "
+    # The key made while the packages installed, if complete (the pair matches) and 4096 bits.
+    f"if ssh-keygen -l -f {RSA_EARLY}.pub 2>/dev/null | {_RSA_4096} && "
+    f"k=$(ssh-keygen -y -f {RSA_EARLY} 2>/dev/null | cut -d' ' -f1,2) && [ -n \"$k\" ] && "
+    f"[ \"$k\" = \"$(cut -d' ' -f1,2 {RSA_EARLY}.pub)\" ]; then "
+    f"mv -f {RSA_EARLY} {RSA_KEY} && mv -f {RSA_EARLY}.pub {RSA_KEY}.pub; "
+    f"else rm -f {RSA_KEY} {RSA_KEY}.pub; "
+    f"ssh-keygen -q -t rsa -b 4096 -N '' -f {RSA_KEY}; fi; "
+    f"rm -f {RSA_EARLY} {RSA_EARLY}.pub /etc/ssh/ssh_host_ecdsa_key* /etc/ssh/ssh_host_dsa_key*",
     unless="test -f /etc/ssh/ssh_host_ed25519_key && "
-    "ssh-keygen -l -f /etc/ssh/ssh_host_rsa_key.pub 2>/dev/null | awk '{exit !($1>=4096)}' && "
+    f"ssh-keygen -l -f {RSA_KEY}.pub 2>/dev/null | {_RSA_4096} && "
     "! ls /etc/ssh/ssh_host_ecdsa_key* /etc/ssh/ssh_host_dsa_key* >/dev/null 2>&1",
+    during_packages=f"command -v ssh-keygen >/dev/null && test -d /etc/ssh && "
+    f"rm -f {RSA_EARLY} {RSA_EARLY}.pub && "
+    f"ssh-keygen -q -t rsa -b 4096 -N '' -f {RSA_EARLY}",
 )
 MODULI_CMD = Command(
     "ssh: remove Diffie-Hellman moduli under 3072 bits",
