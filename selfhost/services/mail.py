@@ -39,9 +39,10 @@
   also needs the network, so Debian's daily ``spamassassin-maintenance`` timer updates the
   rules later and nothing at deploy time depends on it); its configuration (``required_score``,
   ``report_safe``, ``dns_available``) is the same in SpamAssassin 4.0.0 (Debian 12) and 4.0.1
-  (Debian 13), where rspamd moves from 3.4 to 3.11. The cost is memory: a spamd parent of
-  about 145 MB RSS (measured on both releases) plus children that share most of it by
-  copy-on-write; ``max_children`` (2 by default) bounds them. A message scoring at least
+  (Debian 13), where rspamd moves from 3.4 to 3.11. The cost is memory: measured on both
+  releases, a spamd parent of 110-145 MB resident, each child about as much but mostly
+  shared with it by copy-on-write, and 4 MB for the milter; ``max_children`` (2 by default)
+  bounds the children. A message scoring at least
   ``junk_score`` (5) gets ``X-Spam-Flag: YES`` and a global Sieve script (Pigeonhole's
   *before* script, compiled with ``sievec``) files it into the user's Junk folder; one scoring
   at least ``reject_score`` (15) is refused during the SMTP dialogue (5.7.1), so nobody gets a
@@ -74,8 +75,10 @@ self-signed placeholder lets the daemons start), the ports, the ``vmail`` system
 DNS records to publish (MX, SPF, DMARC and DKIM, the last with a placeholder value since the
 key exists only on the server), backup sources (the Maildirs: Maildir writes each message to a
 new file and renames it, so a file-level copy is consistent message by message; and the DKIM
-keys), fail2ban jails (Debian's ``postfix-sasl`` and ``dovecot`` filters), health checks and
-the sendmail role.
+keys), fail2ban jails (Debian's ``postfix-sasl`` and ``dovecot`` filters, on the systemd
+journal: the first also watches ``postfix@-.service``, where Postfix's daemons log and which
+Debian 12's filter missed; the second adds Dovecot 2.4's "Login aborted ... (auth failed"
+line, which Debian 13's filter missed), health checks and the sendmail role.
 """
 
 from __future__ import annotations
@@ -307,8 +310,8 @@ class SpamFilter(StrictModel):
     spamass-milter, from Debian's packages."""
 
     enabled: bool = Field(default=True,
-                          description="Filter inbound mail (on by default). It costs about "
-                          "150 MB of memory (spamd and its children): on a machine with less "
+                          description="Filter inbound mail (on by default). It costs 150 to "
+                          "250 MB of memory (spamd and its children): on a machine with less "
                           "than 1 GB, consider turning it off.")
     junk_score: float = Field(default=5.0, ge=1.0, le=100.0,
                               description="From this SpamAssassin score on, a message gets "
@@ -462,7 +465,9 @@ class MailService(Service):
             # saw no failed login there. Both units, as Debian 13's filter has it.
             Jail("postfix-sasl", port="smtp,465,submission",
                  journalmatch="_SYSTEMD_UNIT=postfix.service _SYSTEMD_UNIT=postfix@-.service"),
-            Jail("dovecot", port="imaps"),
+            # Debian 13's fail2ban filter misses Dovecot 2.4's failed-login line: ours adds it.
+            Jail("dovecot", port="imaps", filter="selfhost-dovecot",
+                 filter_definition=DOVECOT_FILTER),
             HealthCheck("unit", "postfix.service"),
             HealthCheck("unit", "dovecot.service"),
             HealthCheck("unit", "opendkim.service"),
@@ -918,6 +923,8 @@ class MailService(Service):
             "[Service]",
             "User=spamass-milter",
             "Group=postfix",
+            "# spamd's socket is group spamass-milter's (the primary group is postfix here).",
+            "SupplementaryGroups=spamass-milter",
             "UMask=0007",
             f"ExecStartPre=+/usr/bin/install -d -m 0750 -o spamass-milter -g postfix "
             f"{SPAMASS_SOCKET_DIR}",
@@ -936,7 +943,9 @@ class MailService(Service):
         """The spam filter's packages, files, commands and units (into ``c``)."""
         if not self.spam_filter.enabled:
             return
-        c.packages += ["spamassassin", "spamd", "spamc"]
+        # gpg-agent: spamassassin's postinst imports sa-update's signing key with gpg, which
+        # fails the install without the agent (a Recommends of the package, not installed).
+        c.packages += ["spamassassin", "spamd", "spamc", "gpg-agent"]
         c.files += [
             ManagedFile(SPAM_CF, self.spam_cf(), mode="0644", validate=VALIDATE_SPAM),
             ManagedFile(SPAMD_DROPIN, self.spamd_dropin(), mode="0644"),
@@ -1058,6 +1067,21 @@ VALIDATE_POSTFWD = (
     "! printf '%s\\n' \"$out\" | grep -q 'LOG warning' || { echo \"$out\" >&2; exit 1; }")
 """postfwd -C exits 1 even for a good file: it must list the rules and warn about nothing
 (an invalid line is skipped with a warning)."""
+
+DOVECOT_24_FAILED = (r"^Login aborted: [^(]*\(auth failed, \d+ attempts(?: in \d+ secs)?\) "
+                     r"\(auth_failed\):(?: user=<<F-USER>[^>]*</F-USER>>,)?(?: method=\S+,)? "
+                     r"rip=<HOST>(?:,|\s*$)")
+DOVECOT_FILTER = f"""# Managed by selfhost: Debian's dovecot filter, plus Dovecot 2.4's (Debian 13)
+# failed-login line, which fail2ban 1.1's filter does not match: "imap-login: Login aborted:
+# Connection closed (auth failed, 1 attempts in 2 secs) (auth_failed): user=<...>,
+# method=PLAIN, rip=ADDRESS, ...".
+[INCLUDES]
+before = dovecot.conf
+
+[Definition]
+failregex = %(known/failregex)s
+            {DOVECOT_24_FAILED}
+"""
 
 SPAM_SIEVE_SCRIPT = """# Managed by selfhost: runs before the user's own Sieve script.
 # What SpamAssassin flagged goes to the Junk folder, and nothing else runs on it.

@@ -350,8 +350,11 @@ def test_spam_filter_runs_on_sockets_only(host: Any) -> None:
     assert ":783 " not in host.check_output("ss -Hltn")
     sock = host.file("/var/spool/postfix/spamass/spamass.sock")
     assert sock.is_socket and sock.user == "spamass-milter" and sock.group == "postfix"
-    mem = host.check_output("systemctl show -p MemoryCurrent --value spamd.service")
-    sys.stderr.write(f"\nspamd memory ({host.backend.name}): {mem}\n")
+    # Resident memory of spamd's processes and the milter (kB; the children share most of
+    # the parent's pages), printed for the report: /proc's PSS is not readable here.
+    rss = host.check_output("ps -eo rss=,args= | grep -E '[s]pamd|[s]pamass-milter' | "
+                            "awk '{s+=$1} END {print s}'")
+    sys.stderr.write(f"\nspam filter RSS kB ({host.backend.name}): {rss}\n")
 
 
 def test_likely_spam_from_outside_is_flagged_and_filed_into_junk(client: Any) -> None:
@@ -424,6 +427,16 @@ def test_failed_smtp_logins_get_the_client_banned(host: Any, client: Any,
                          password="not the password",
                          **{"from": "alice@home.arpa", "to": ["bob@home.arpa"], "message": "x"})
             assert "error" in res, res
+            if banned(host, "postfix-sasl", address, timeout=0):
+                break
+        # The unit that logged the failures is one the jail watches (on Debian 12 it is
+        # postfix@-.service, which Debian's own filter, watching postfix.service, missed).
+        rows = [json.loads(r) for r in host.check_output(
+            "journalctl -q -o json -t postfix/submission/smtpd").splitlines()]
+        units = {r.get("_SYSTEMD_UNIT") for r in rows
+                 if "authentication failed" in str(r.get("MESSAGE"))}
+        watched = host.check_output("fail2ban-client get postfix-sasl journalmatch")
+        assert units and all(f"_SYSTEMD_UNIT={u}" in watched for u in units), (units, watched)
         assert banned(host, "postfix-sasl", address), host.check_output(
             "fail2ban-client status postfix-sasl")
         res = client(do="connect", port=587)
@@ -490,7 +503,9 @@ def test_journal_has_no_error_from_the_mail_daemons(host: Any) -> None:
     """Runs after the others. Warnings and errors that postfix, dovecot, opendkim and the
     spam filter (spamd, spamass-milter) logged since boot (their own messages, not systemd's
     about their units). Accepted: Postfix's warnings about the wrong passwords the fail2ban
-    test sends on purpose, Dovecot's
+    test sends on purpose, Dovecot's note on the message the restore test brings back, its
+    note that a process was not scheduled for a moment (time moved forwards), spamass-milter's
+    start/stop and missing-macro notes (logged as warnings by design), Dovecot's
     notes that it was reloaded (SIGHUP, logged as a warning by design) and that its
     processes (master, log) were stopped by systemd (the packages' own restarts while they
     are installed)."""
@@ -498,7 +513,16 @@ def test_journal_has_no_error_from_the_mail_daemons(host: Any) -> None:
     benign = re.compile(r"^(master: Warning: SIGHUP received - reloading configuration|"
                         r"[a-z-]+(\(\d+\))?: Warning: Killed with signal 15 |"
                         # the fail2ban tests' wrong passwords, on purpose
-                        r"warning: [^ ]+: SASL (PLAIN|LOGIN) authentication failed)")
+                        r"warning: [^ ]+: SASL (PLAIN|LOGIN) authentication failed|"
+                        # the restore test's message, back under a new UID, on purpose
+                        r"imap\([^)]*\)(<[^>]*>)*: Warning: (Maildir|Mailbox) [^:]+: Expunged "
+                        r"message reappeared, giving a new UID|"
+                        # a process not scheduled for a while on a loaded 2-core machine
+                        r"master: Warning: Time moved forwards? by [0-9.]+ seconds|"
+                        # spamass-milter logs its start and stop at LOG_WARNING, and that
+                        # Postfix has no sendmail macro b (the date: it writes its own)
+                        r"spamass-milter 0\.4\.0 (starting|exiting)$|"
+                        r'Could not retrieve sendmail macro "b"!)')
     lines = []
     for row in out.splitlines():
         entry = json.loads(row)
