@@ -31,7 +31,8 @@ UPDATE = os.environ.get("SELFHOST_UPDATE_FIXTURES") == "1"
 
 MAIL_FILES = (mail.MAIN_CF, mail.MASTER_CF, mail.MAILBOXES, mail.ALIASES, mail.SENDERS,
               mail.SUBMISSION_HEADERS, mail.LOCAL_SENDERS, mail.USERS, mail.DOVECOT_CONF, mail.OPENDKIM_CONF,
-              mail.KEY_TABLE, mail.SIGNING_TABLE, mail.POSTFWD_CF)
+              mail.KEY_TABLE, mail.SIGNING_TABLE, mail.POSTFWD_CF, mail.SPAM_CF,
+              mail.SPAMD_DROPIN, mail.SPAMASS_UNIT, mail.SPAM_SIEVE)
 
 
 def model(**changes: Any) -> dict[str, Any]:
@@ -221,20 +222,26 @@ def _broken(path: str, text: str) -> str:
         return text + "NoSuchOption yes\n"
     if path == mail.POSTFWD_CF:
         return "# no rule left\nthis is no rule\n"
+    if path == mail.SPAM_CF:
+        return text + "no_such_directive 3\n"
+    if path == mail.SPAM_SIEVE:
+        return text.replace('fileinto :create "Junk";', 'fileinto :create "Junk"')
     raise AssertionError(path)
 
 
 @pytest.mark.parametrize("release", RELEASES)
 def test_mail_validators_accept_the_files_and_reject_broken_ones(
         release: str, validators: Validators) -> None:
-    """postconf, doveconf and opendkim of the release accept the rendered files and refuse a
+    """postconf, doveconf, opendkim, postfwd, spamassassin --lint and sievec of the release
+    accept the rendered files and refuse a
     broken version of each: the checks can fail."""
     [plan] = updater.example_plans(EXAMPLE, release)
     validators.prepare(release, plan)
     checked = [s.file for s in plan.steps if type(s).__name__ == "File"
                and s.file.path in MAIL_FILES and s.file.validate]
     assert {f.path for f in checked} == {mail.MAIN_CF, mail.MASTER_CF, mail.DOVECOT_CONF,
-                                         mail.OPENDKIM_CONF, mail.POSTFWD_CF}
+                                         mail.OPENDKIM_CONF, mail.POSTFWD_CF, mail.SPAM_CF,
+                                         mail.SPAM_SIEVE}
     for f in checked:
         assert f.validate is not None
         ok = validators.check(release, f.path, updater.rendered(f), f.validate)
