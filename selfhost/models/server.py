@@ -243,6 +243,7 @@ class Server(StrictModel):
         from selfhost.services.knot import KnotServer
         from selfhost.services.mail import BackupMxServer
         from selfhost.services.web import WebService
+        from selfhost.services.wireguard import WireGuardTunnels
         from selfhost.system import Records, System
 
         out: list[tuple[str, Module]] = [("system", System())]
@@ -259,6 +260,7 @@ class Server(StrictModel):
                 out.append((f"services.{name}", svc))
         out += [("backup", self.backup), ("backup-peers", BackupPeers()),
                 ("dns-server", KnotServer()), ("backup-mx", BackupMxServer()),
+                ("wireguard-tunnels", WireGuardTunnels()),
                 ("check", self.check), ("records", Records())]
         return out
 
