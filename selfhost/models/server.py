@@ -258,9 +258,9 @@ class Server(StrictModel):
                 svc = WebService(sites=[])  # the provider of virtual hosts, with no sites
             if svc is not None and svc.enabled:
                 out.append((f"services.{name}", svc))
-        out += [("backup", self.backup), ("backup-peers", BackupPeers()),
+        out += [("wireguard-tunnels", WireGuardTunnels()),
+                ("backup", self.backup), ("backup-peers", BackupPeers()),
                 ("dns-server", KnotServer()), ("backup-mx", BackupMxServer()),
-                ("wireguard-tunnels", WireGuardTunnels()),
                 ("check", self.check), ("records", Records())]
         return out
 
