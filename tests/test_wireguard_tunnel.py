@@ -217,3 +217,18 @@ def test_without_any_address_an_endpoint_is_needed() -> None:
     plans = plans_of(model)
     assert "Endpoint = friend.example.net:51821\n" in plans["home"].files()[CONF]
     assert "Endpoint" not in plans["friend"].files()[CONF]  # only home connects
+
+
+def test_the_other_host_s_own_vpn_and_the_tunnel_live_side_by_side() -> None:
+    model = data()
+    model["hosts"]["friend"]["services"] = {"wireguard": {"network": "10.7.0.0/24"}}
+    plan = plans_of(model, in_container=True)["friend"]
+    files = plan.files()
+    assert "Address = 10.7.0.1/24\n" in files["/etc/wireguard/wg0.conf.selfhost"]
+    assert "Address = 10.9.0.2/30\n" in files[CONF]
+    rules = files["/etc/nftables.conf"]
+    assert "elements = { 10.7.0.0/24, 10.9.0.0/30 }" in rules
+    assert 'udp dport 51820 accept comment "wireguard"' in rules
+    assert 'udp dport 51821 accept comment "wireguard-tunnels"' in rules
+    units = [s.name for s in plan.steps if type(s).__name__ == "UnitState"]
+    assert {"wg-quick@wg0.service", "wg-quick@wg1.service"} <= set(units)
