@@ -39,6 +39,7 @@ from selfhost.compose.requests import (
     Sysctl,
     SystemUser,
     VirtualHost,
+    WireGuardTunnel,
     ZoneNetwork,
 )
 from selfhost.compose.route import Routed, merge, order, route_fleet
@@ -148,7 +149,7 @@ def test_every_request_kind_has_exactly_one_provider() -> None:
     kinds = {k for _, m in s.modules() for k in m.provides}
     expected = {Port, Forward, Masquerade, LoopbackGuard, Sysctl, SystemUser, Sendmail,
                 VirtualHost, Certificate, BackupSource, DnsRecord, Jail, HealthCheck,
-                PeerBackupAccount, ZoneNetwork, DnsZone, DnsSecondary, BackupMx}
+                PeerBackupAccount, ZoneNetwork, DnsZone, DnsSecondary, BackupMx, WireGuardTunnel}
     assert kinds == expected
     providers = [k for _, m in s.modules() for k in m.provides]
     assert len(providers) == len(set(providers))

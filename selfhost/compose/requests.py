@@ -416,5 +416,36 @@ class BackupMx(Request):
         return f"backup MX of {', '.join(self.domains)} on {self.on_host}"
 
 
-CROSS_HOST: tuple[type[Request], ...] = (PeerBackupAccount, DnsSecondary, BackupMx)
+@dataclass(frozen=True)
+class WireGuardTunnel(Request):
+    """Addressed to another host of the fleet (``on_host``): be the other end of a WireGuard
+    tunnel that ``peer`` (the host that declares it) runs on interface ``interface`` and UDP
+    ``port`` on both ends. ``address`` is this end's tunnel address (with the network's
+    prefix), ``peer_address`` the other end's; ``peer_endpoint`` where to reach the peer
+    (``host:port``; empty: only the peer connects). Both ends' X25519 key pairs are entries of
+    the controller's key store (``key_name``: this end's, uploaded as a secret; its public
+    key and ``peer_key_name``'s are known at plan time). ``vpn_zone``: the tunnel's network
+    counts as the VPN zone here."""
+
+    on_host: str
+    peer: str
+    interface: str
+    port: int
+    address: str
+    peer_address: str
+    peer_endpoint: str
+    key_name: str
+    peer_key_name: str
+    keepalive: int = 25
+    vpn_zone: bool = True
+
+    def key(self) -> object:
+        return ("wireguard-tunnel", self.on_host, self.interface)
+
+    def describe(self) -> str:
+        return f"WireGuard tunnel {self.interface} from {self.peer} on {self.on_host}"
+
+
+CROSS_HOST: tuple[type[Request], ...] = (PeerBackupAccount, DnsSecondary, BackupMx,
+                                         WireGuardTunnel)
 """Kinds addressed to another host of the fleet (their ``on_host``)."""

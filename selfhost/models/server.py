@@ -243,6 +243,7 @@ class Server(StrictModel):
         from selfhost.services.knot import KnotServer
         from selfhost.services.mail import BackupMxServer
         from selfhost.services.web import WebService
+        from selfhost.services.wireguard import WireGuardTunnels
         from selfhost.system import Records, System
 
         out: list[tuple[str, Module]] = [("system", System())]
@@ -257,7 +258,8 @@ class Server(StrictModel):
                 svc = WebService(sites=[])  # the provider of virtual hosts, with no sites
             if svc is not None and svc.enabled:
                 out.append((f"services.{name}", svc))
-        out += [("backup", self.backup), ("backup-peers", BackupPeers()),
+        out += [("wireguard-tunnels", WireGuardTunnels()),
+                ("backup", self.backup), ("backup-peers", BackupPeers()),
                 ("dns-server", KnotServer()), ("backup-mx", BackupMxServer()),
                 ("check", self.check), ("records", Records())]
         return out

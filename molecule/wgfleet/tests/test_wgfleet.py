@@ -1,0 +1,80 @@
+"""The wgfleet scenario: a WireGuard tunnel between two hosts of one fleet, declared once on
+`home` (molecule/wgfleet/fleet.yaml); `friend` gets its end from that declaration.
+
+Each test runs on every host and looks at its end and, through `podman exec`, at its
+partner's: the tunnel's unit runs, its private key (uploaded from the controller's key store)
+is root's only and absent from the model's part of the configuration, the peer's public key is
+the partner's own, a handshake is recent on both ends, and pings cross the tunnel both ways.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+HERE = Path(__file__).resolve().parents[1]
+IFACE = "wg1"
+
+
+def platform(name: str) -> dict[str, Any]:
+    platforms = yaml.safe_load((HERE / "molecule.yml").read_text())["platforms"]
+    return dict(next(p for p in platforms if p["name"] == name))
+
+
+def podman_exec(name: str, *argv: str, timeout: int = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["podman", "exec", name, *argv], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def me(host: Any) -> dict[str, Any]:
+    return platform(str(host.backend.name))
+
+
+def test_the_tunnel_runs_with_a_key_that_stays_root_s(host: Any) -> None:
+    unit = host.service(f"wg-quick@{IFACE}")
+    assert unit.is_running and unit.is_enabled
+    key = host.file(f"/etc/wireguard/{IFACE}.key")
+    assert key.mode == 0o600 and key.user == "root" and len(key.content_string.strip()) == 44
+    conf = host.file(f"/etc/wireguard/{IFACE}.conf")  # made on the host, with the key
+    assert conf.mode == 0o600 and conf.user == "root"
+    assert "PrivateKey" not in host.file(f"/etc/wireguard/{IFACE}.conf.selfhost").content_string
+    assert "private key: (hidden)" in host.check_output(f"wg show {IFACE}")
+
+
+def test_the_peer_is_the_partner_s_own_key(host: Any, me: dict[str, Any]) -> None:
+    partner = podman_exec(me["peer"], "wg", "show", IFACE, "public-key")
+    assert partner.returncode == 0, partner.stderr
+    assert host.check_output(f"wg show {IFACE} peers").split() == [partner.stdout.strip()]
+    assert host.check_output(f"wg show {IFACE} listen-port").strip() == "51821"
+
+
+def test_a_recent_handshake_and_pings_through_the_tunnel(host: Any, me: dict[str, Any]) -> None:
+    other = platform(me["peer"])["tunnel"]
+    # The keepalives start the handshake at once; a ping would too.
+    deadline = time.monotonic() + 60
+    stamp = 0
+    while time.monotonic() < deadline:
+        out = host.check_output(f"wg show {IFACE} latest-handshakes").split()
+        stamp = int(out[1]) if len(out) == 2 else 0
+        if stamp:
+            break
+        time.sleep(1)
+    now = int(host.check_output("date +%s"))
+    assert 0 < now - stamp < 300, (stamp, now)
+    ping = host.run(f"ping -c 3 -W 2 -I {IFACE} {other}")
+    assert ping.rc == 0, ping.stdout + ping.stderr
+    assert " 0% packet loss" in ping.stdout
+    # The tunnel address answers through the tunnel only: not from the test network.
+    assert host.check_output(f"ip -4 -o addr show dev {IFACE}").split()[3] == \
+        f"{me['tunnel']}/30"
+
+
+def test_the_port_is_open_in_the_firewall(host: Any) -> None:
+    rules = host.check_output("nft list table inet selfhost")
+    assert "udp dport 51821 accept" in rules
