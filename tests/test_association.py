@@ -265,6 +265,12 @@ def test_files_pass_their_checks_and_broken_ones_fail(release: str,
         (ini, [ini.content + "opcache.restrict_api = \"unterminated\n"]),
         (cnf, [cnf.content + "no-such-variable = 1\n", "[mysqld\nbind-address = x\n"]),
     ]
+    with_mail = model()
+    with_mail["services"]["mail"] = {"domains": [{"name": "example.org"}]}
+    mail_pool = file_of(plan_of(with_mail, release), pool_file(PHP[release], "alpha"))
+    assert "mail.add_x_header" in mail_pool.content
+    ok = validators.check(release, mail_pool.path, mail_pool.content, mail_pool.validate)
+    assert ok.returncode == 0, (ok.stdout + ok.stderr).decode()
     for f, broken in cases:
         ok = validators.check(release, f.path, f.content, f.validate)
         assert ok.returncode == 0, (f.path, (ok.stdout + ok.stderr).decode())

@@ -131,9 +131,9 @@ def test_local_sendmail_is_counted_per_login_and_held() -> None:
     assert "  -o smtpd_milters=\n" in listener  # signed once, at pickup
     assert "check_policy_service inet:127.0.0.1:10040" in listener
     assert "smtpd_client_restrictions=permit_mynetworks,reject" in listener
-    assert ("local_login_sender_maps = inline:{ root=*, vmail=* }, "
+    assert ("local_login_sender_maps = inline:{ root=*, postfix=*, vmail=* }, "
             f"regexp:{mail.LOCAL_LOGINS}") in f[mail.MAIN_CF]
-    assert f[mail.LOCAL_LOGINS].endswith("/^([a-z_][a-z0-9_.-]*)$/ $1@nas.home.arpa\n")
+    assert f[mail.LOCAL_LOGINS].endswith("/^([a-z_][a-z0-9_.-]*)$/ $1 $1@nas.home.arpa\n")
 
 
 def test_logged_in_users_are_deferred_or_held_as_the_model_says() -> None:

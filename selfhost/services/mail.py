@@ -44,8 +44,8 @@
   Postfix's ``pickup`` path, which policy services never see) is counted too, with the same
   limits, per envelope sender, and that sender is pinned to the Unix login:
   ``local_login_sender_maps`` (Postfix 3.6 or later: Debian 12 has 3.7, Debian 13 3.10) lets
-  a login send only as ``LOGIN@SERVER-NAME`` (``root`` and ``vmail``, Dovecot's Sieve
-  redirects and vacation replies, may use any sender), so a sender is a login. ``pickup``
+  a login send only as ``LOGIN@SERVER-NAME`` (``root``, ``postfix`` and ``vmail``, Dovecot's
+  Sieve redirects and vacation replies, may use any sender), so a sender is a login. ``pickup``
   hands each message (``content_filter``) to a second smtpd listening on
   ``127.0.0.1:10026`` only, which asks postfwd at the end of the data with the sender as the
   key and re-injects the message with no filter (no loop), no milter and no address mapping
@@ -155,9 +155,9 @@ LOCAL_LOGINS = "/etc/postfix/selfhost-local-logins.regexp"
 LOCAL_LIMIT_PORT = 10026
 """The loopback-only smtpd that counts the local programs' mail (``sendmail``): pickup hands
 every message to it (``content_filter``), it asks postfwd, and re-injects the message."""
-LOCAL_ANY_SENDER = ("root", "vmail")
-"""Local logins that may send as anyone: the admin, and Dovecot's Sieve (a redirect keeps
-the original sender, a vacation reply sends as the mailbox)."""
+LOCAL_ANY_SENDER = ("root", "postfix", "vmail")
+"""Local logins that may send as anyone: the admin, Postfix itself, and Dovecot's Sieve (a
+redirect keeps the original sender, a vacation reply sends as the mailbox)."""
 
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _DOMAIN = re.compile(rf"^{_LABEL}(\.{_LABEL})+$")
@@ -567,8 +567,9 @@ class MailService(Service):
     def local_limits_maps(self, env: Env) -> dict[str, str]:
         """The login -> allowed sender table (regexp: every other login sends as itself)."""
         head = "# Managed by selfhost: changes here are overwritten on the next deploy.\n"
-        return {LOCAL_LOGINS: head + "# A local login sends as LOGIN@this server only.\n"
-                f"/^([a-z_][a-z0-9_.-]*)$/ $1@{env.server.fqdn.lower()}\n"}
+        return {LOCAL_LOGINS: head + "# A local login sends as LOGIN@this server only (or as"
+                " bare LOGIN, sendmail's default,\n# which Postfix completes the same way).\n"
+                f"/^([a-z_][a-z0-9_.-]*)$/ $1 $1@{env.server.fqdn.lower()}\n"}
 
     def local_limits_postfwd(self) -> list[str]:
         """postfwd's rules for the loopback smtpd: per sender, held over a limit."""
