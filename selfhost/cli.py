@@ -275,6 +275,44 @@ def cmd_dns(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_held(args: argparse.Namespace) -> int:
+    """List the mail held over an outbound limit per sender; release or delete it."""
+    from selfhost.audit import runner
+    from selfhost.held import act, read, render
+
+    fleet = _load(args.file, args.debug)
+    if isinstance(fleet, int):
+        return fleet
+    targets = _targets(args, fleet)
+    if isinstance(targets, int):
+        return targets
+    if not targets:
+        _err("selfhost held: give --podman or --ssh")
+        return EXIT_INVALID
+    status = EXIT_OK
+    for me, (podman, ssh) in targets.items():
+        if getattr(fleet.hosts[me].services, "mail", None) is None:
+            _err(f"{args.file}: {me} has no services.mail")
+            return EXIT_INVALID
+        run = runner(podman=podman, ssh=ssh, ssh_port=args.port)
+        try:
+            mail = read(run, args.user)
+            done = act(run, mail, args.release or [], args.delete or [])
+            if done:
+                print("\n".join(done))
+                mail = read(run, args.user)
+            sys.stdout.write(render(me, mail))
+        except ValueError as exc:
+            _err(f"selfhost held: {me}: {exc}")
+            status = EXIT_INVALID
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+            if args.debug:
+                raise
+            _err(f"selfhost held: {me}: {exc}")
+            status = EXIT_INTERNAL
+    return status
+
+
 def cmd_vpn_peer(args: argparse.Namespace) -> int:
     """Print a VPN peer's WireGuard configuration (and a QR code for the app)."""
     import shutil
@@ -410,6 +448,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="whole zones (with $TTL, a placeholder SOA and NS): for named-checkzone "
                    "or an authoritative server")
     p.set_defaults(func=cmd_dns)
+
+    p = sub.add_parser("held", help="list, release or delete mail held over an outbound limit",
+                       description="List the mail the host's Postfix holds over an outbound "
+                       "limit (its hold queue), per sender, with the PHP script that sent it; "
+                       "release a message (delivered at once) or delete it. Held mail stays "
+                       "until then, across restarts.")
+    _target_arguments(p, "act on")
+    p.add_argument("--user", metavar="U", help="only this sender (an address, or a local "
+                   "login: LOGIN@server)")
+    p.add_argument("--release", metavar="ID", action="append",
+                   help="release this held message (a queue ID, or 'all' of the listed ones)")
+    p.add_argument("--delete", metavar="ID", action="append",
+                   help="delete this held message (a queue ID, or 'all' of the listed ones)")
+    p.set_defaults(func=cmd_held)
 
     p = sub.add_parser("vpn-peer", help="print a VPN peer's WireGuard configuration",
                        description="Print the WireGuard configuration of a peer (a laptop, a "

@@ -172,6 +172,21 @@ def test_caddyfile_sends_php_to_the_members_pool() -> None:
 # ------------------------------------------------------------------------------ rendered
 
 
+def test_php_mail_is_allowed_only_where_the_mail_service_counts_it() -> None:
+    """With the host's mail service (which pins a login's sender and holds its mail past the
+    limits), a member's mail() goes through sendmail as the member, naming the script."""
+    data = model()
+    data["services"]["mail"] = {"domains": [{"name": "example.org"}]}
+    pool = file_of(plan_of(data), pool_file(PHP["bookworm"], "alpha")).content
+    assert "php_admin_value[sendmail_path] = /usr/sbin/sendmail -t -i\n" in pool
+    assert "php_admin_flag[mail.add_x_header] = on\n" in pool
+    disabled = next(x for x in pool.splitlines() if x.startswith("php_admin_value[disable_f"))
+    assert "mail" not in disabled.split(" = ")[1].split(",")
+    assert "exec" in disabled.split(" = ")[1].split(",")
+    without = file_of(plan_of(), pool_file(PHP["bookworm"], "alpha")).content
+    assert "mail.add_x_header" not in without and "sendmail_path] = /bin/false" in without
+
+
 @pytest.mark.parametrize("release", RELEASES)
 def test_pool_runs_as_the_member_within_its_home(release: str) -> None:
     plan = plan_of(release=release)
@@ -250,6 +265,12 @@ def test_files_pass_their_checks_and_broken_ones_fail(release: str,
         (ini, [ini.content + "opcache.restrict_api = \"unterminated\n"]),
         (cnf, [cnf.content + "no-such-variable = 1\n", "[mysqld\nbind-address = x\n"]),
     ]
+    with_mail = model()
+    with_mail["services"]["mail"] = {"domains": [{"name": "example.org"}]}
+    mail_pool = file_of(plan_of(with_mail, release), pool_file(PHP[release], "alpha"))
+    assert "mail.add_x_header" in mail_pool.content
+    ok = validators.check(release, mail_pool.path, mail_pool.content, mail_pool.validate)
+    assert ok.returncode == 0, (ok.stdout + ok.stderr).decode()
     for f, broken in cases:
         ok = validators.check(release, f.path, f.content, f.validate)
         assert ok.returncode == 0, (f.path, (ok.stdout + ok.stderr).decode())

@@ -38,7 +38,8 @@ def files(data: dict[str, Any]) -> dict[str, str]:
 
 def test_default_limits_per_login_once_per_message() -> None:
     f = files(model())
-    rules = [line for line in f[mail.POSTFWD_CF].splitlines() if line.startswith("id=")]
+    rules = [line for line in f[mail.POSTFWD_CF].splitlines() if line.startswith("id=")
+             and "LOCAL" not in line]
     assert rules == [
         "id=SELFHOST_MINUTE; protocol_state==END-OF-MESSAGE; sasl_username=~/./; "
         "action=rate(sasl_username/30/60/450 4.7.1 Outbound limit: $$sasl_username may send "
@@ -49,7 +50,7 @@ def test_default_limits_per_login_once_per_message() -> None:
     master = f[mail.MASTER_CF]
     policy = ("  -o { smtpd_end_of_data_restrictions = check_policy_service "
               "inet:127.0.0.1:10040 }\n")
-    assert master.count(policy) == 2  # submission (587) and submissions (465)
+    assert master.count(policy) == 3  # submission (587), submissions (465), local (10026)
     smtp = master.split("submission inet")[0]
     assert "check_policy_service" not in smtp  # port 25 (mail from outside) is not counted
     assert "check_policy_service" not in f[mail.MAIN_CF]
@@ -106,3 +107,81 @@ def test_the_alert_script_reports_who_reached_a_limit(tmp_path: Path) -> None:
     assert sent.startswith("To: root\nSubject: [nas] mail: outbound limit reached\n")
     assert "2 alice@home.arpa" in sent
     assert "2 alice@home.arpa" in (tmp_path / "logger").read_text()
+
+
+def test_local_sendmail_is_counted_per_login_and_held() -> None:
+    """pickup hands local mail to a loopback smtpd that asks postfwd (per sender, held over
+    a limit) and re-injects it once: no filter, milter or address mapping the second time;
+    each login may send only as itself (root and vmail as anyone)."""
+    f = files(model(outbound_limits={"per_minute": 3, "per_day": 40}))
+    rules = [line for line in f[mail.POSTFWD_CF].splitlines() if "LOCAL" in line]
+    assert rules == [
+        "id=SELFHOST_LOCAL_MINUTE; protocol_state==END-OF-MESSAGE; server_port==10026; "
+        "sender=~/./; action=rate(sender/3/60/HOLD Outbound limit: $$sender may send 3 per "
+        "minute, held for the admin)",
+        "id=SELFHOST_LOCAL_DAY; protocol_state==END-OF-MESSAGE; server_port==10026; "
+        "sender=~/./; action=rate(sender/40/86400/HOLD Outbound limit: $$sender may send 40 "
+        "per day, held for the admin)"]
+    master = f[mail.MASTER_CF]
+    pickup = master.split("pickup    unix")[1].split("\n")
+    assert pickup[1] == "  -o content_filter=selfhost-limit:[127.0.0.1]:10026"
+    listener = master.split("127.0.0.1:10026 inet")[1].split("\ncleanup")[0]
+    assert "  -o content_filter=\n" in listener  # re-injected once: no loop
+    assert "no_milters" in listener and "no_address_mappings" in listener
+    assert "  -o smtpd_milters=\n" in listener  # signed once, at pickup
+    assert "check_policy_service inet:127.0.0.1:10040" in listener
+    assert "smtpd_client_restrictions=permit_mynetworks,reject" in listener
+    assert ("local_login_sender_maps = inline:{ root=*, postfix=*, vmail=* }, "
+            f"regexp:{mail.LOCAL_LOGINS}") in f[mail.MAIN_CF]
+    assert f[mail.LOCAL_LOGINS].endswith("/^([a-z_][a-z0-9_.-]*)$/ $1 $1@nas.home.arpa\n")
+
+
+def test_logged_in_users_are_deferred_or_held_as_the_model_says() -> None:
+    assert "/450 4.7.1 Outbound limit" in files(model())[mail.POSTFWD_CF]
+    held = files(model(outbound_limits={"over_limit": "hold"}))[mail.POSTFWD_CF]
+    assert "rate(sasl_username/30/60/HOLD Outbound limit: $$sasl_username may send 30 per " \
+        "minute, held for the admin)" in held
+    assert "450 4.7.1" not in held
+    with pytest.raises(ValidationError, match="over_limit"):
+        validated(model(outbound_limits={"over_limit": "drop"}))
+
+
+def test_the_alert_names_held_senders_and_their_php_scripts(tmp_path: Path) -> None:
+    """A hold logged by the loopback smtpd: the alert counts it per sender and lists the held
+    messages per sender with their X-PHP-Originating-Script (stand-ins for postqueue and
+    postcat)."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    log = tmp_path / "journal"
+    (bin_ / "journalctl").write_text(
+        f"#!/bin/sh\ncase \"$*\" in *SYSLOG_IDENTIFIER=postfix/local-limit/smtpd*) cat {log};; "
+        "esac\n")
+    (bin_ / "postqueue").write_text(
+        "#!/bin/sh\ncat <<'E'\n-Queue ID-  --Size-- ----Arrival Time---- -Sender/Recipient---\n"
+        "AB12CD34!     412 Mon Nov 30 18:00:00  webform@nas.home.arpa\n"
+        "                                         alice@home.arpa\n\n"
+        "EF56AB78!     415 Mon Nov 30 18:00:01  webform@nas.home.arpa\n"
+        "                                         bob@home.arpa\n\n"
+        "1234ABCD      300 Mon Nov 30 18:00:02  root@nas.home.arpa\n"
+        "                                         alice@home.arpa\n\n-- 1 Kbytes in 3 Requests.\n"
+        "E\n")
+    (bin_ / "postcat").write_text(
+        "#!/bin/sh\nprintf 'Subject: x\\nX-PHP-Originating-Script: 1001:form.php\\n'\n")
+    (bin_ / "logger").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/logger\n")
+    (bin_ / "hostname").write_text("#!/bin/sh\necho nas\n")
+    for p in bin_.iterdir():
+        p.chmod(0o755)
+    script = (ROOT / "selfhost" / "services" / "mail-limits.sh").read_text()
+    script = script.replace("/usr/sbin/sendmail", f"tee {tmp_path}/mail >/dev/null; true")
+    script = script.replace("/var/lib/selfhost/", f"{tmp_path}/state/")
+    (tmp_path / "run.sh").write_text(script)
+    log.write_text("".join(
+        f"Q{i}: hold: END-OF-MESSAGE from localhost[127.0.0.1]: <localhost[127.0.0.1]>: "
+        "Outbound limit: webform@nas.home.arpa may send 3 per minute, held for the admin; "
+        "from=<webform@nas.home.arpa>\n" for i in range(2)))
+    subprocess.run(["sh", str(tmp_path / "run.sh")], env={"PATH": f"{bin_}:/usr/bin:/bin"},
+                   check=True)
+    sent = (tmp_path / "mail").read_text()
+    assert "2 webform@nas.home.arpa\n" in sent
+    assert "2 webform@nas.home.arpa script 1001:form.php" in sent
+    assert "root@nas.home.arpa" not in sent  # not held: not listed

@@ -11,8 +11,8 @@ What a member gets, and how it is kept apart from the others:
 - **One PHP-FPM pool per member** (Debian's ``php-fpm``), running as the member's user, on its
   own socket ``/run/php/selfhost-NAME.sock`` that only Caddy's group may open, with
   ``open_basedir`` limited to the member's home, its own temporary directories, the dangerous
-  functions disabled (``exec``, ``system``, ``proc_open``, ... and ``mail`` until the mail
-  module plugs in, see below) and the plan's limits (``pm.max_children``, ``memory_limit``,
+  functions disabled (``exec``, ``system``, ``proc_open``, ... and ``mail`` unless the host
+  has the mail service, see below) and the plan's limits (``pm.max_children``, ``memory_limit``,
   ``max_execution_time``, upload size). Debian's default ``www`` pool is switched off, and
   OPcache checks file permissions and roots (a member's cached scripts are not another's).
   Every pool file is checked by ``php-fpmX.Y -t`` on the server before it is installed;
@@ -39,15 +39,17 @@ Not in this first cut: disk quotas, per-member CPU/memory cgroups (the pools sha
 one ``php-fpm`` service; a template unit per member in its own slice would give
 ``MemoryMax``/``CPUQuota``), mailboxes, lists and the single login.
 
-**How mail will plug in.** PHP's ``mail()`` is the hole through which a hacked member form
-gets the whole server blacklisted: the pickup path that SMTP policy services never see. So
-until the mail module attributes and limits outbound mail per member, ``mail`` stays in
-``disable_functions``. Then each pool gets its own ``sendmail_path``: a small wrapper that
-submits the message over authenticated SMTP submission *as that member* (credentials
-readable by the member's user only), adding a header naming the script
-(``X-PHP-Originating-Script``, ``mail.add_x_header``). Every message from PHP then goes
-through the same per-user limits, held queue and admin alerts as the member's mail client,
-and the other members' mail keeps flowing when one member's form is abused.
+**How mail plugs in.** PHP's ``mail()`` is the hole through which a hacked member form
+gets the whole server blacklisted: the pickup path that SMTP policy services never see. On a
+host without the mail service, ``mail`` stays in ``disable_functions`` (``sendmail_path =
+/bin/false``). On a host with it, the mail module counts every local login's ``sendmail``
+per sender and pins that sender to the login (``local_login_sender_maps``: the member's
+user can only send as ``MEMBER@server``), holding the member's mail past the limits and
+alerting the admin: so the pools allow ``mail()`` (``sendmail_path = /usr/sbin/sendmail -t
+-i``, run as the member's user) with ``mail.add_x_header`` on, which names the script in
+an ``X-PHP-Originating-Script`` header that the alert and ``selfhost held`` show. No
+per-member SMTP credentials are needed, and the other members' mail keeps flowing when one
+member's form is abused.
 """
 
 from __future__ import annotations
@@ -299,7 +301,9 @@ class AssociationService(Service):
 
     # ------------------------------------------------------------------ PHP
 
-    def pool(self, m: Member, version: str) -> str:
+    def pool(self, m: Member, version: str, mail: bool = False) -> str:
+        """The member's PHP-FPM pool; ``mail``: the host's mail service counts and holds
+        local logins' sendmail, so ``mail()`` is allowed (see the module's docstring)."""
         plan = self.plan_of(m)
         home = m.home
         lines = [
@@ -335,10 +339,17 @@ class AssociationService(Service):
             f"php_admin_value[max_execution_time] = {plan.php_time_limit_s}",
             f"php_admin_value[upload_max_filesize] = {plan.upload_mb}M",
             f"php_admin_value[post_max_size] = {plan.upload_mb}M",
-            f"php_admin_value[disable_functions] = {','.join(DISABLED_FUNCTIONS)}",
-            "; No mail() yet (see selfhost.services.association): the sendmail wrapper of the",
-            "; mail module will submit as this member, under the member's limits.",
-            "php_admin_value[sendmail_path] = /bin/false",
+            "php_admin_value[disable_functions] = " + ",".join(
+                f for f in DISABLED_FUNCTIONS if not (mail and f == "mail")),
+            *([
+                "; mail(): sent as this member, counted and held past the limits by the mail",
+                "; service (see selfhost.services.association); the header names the script.",
+                "php_admin_value[sendmail_path] = /usr/sbin/sendmail -t -i",
+                "php_admin_flag[mail.add_x_header] = on",
+            ] if mail else [
+                "; No mail(): this host has no mail service to count and hold it.",
+                "php_admin_value[sendmail_path] = /bin/false",
+            ]),
             "",
         ]
         return "\n".join(lines)
@@ -423,8 +434,10 @@ class AssociationService(Service):
                  '%s/fpm.log\\ninclude = %s\\n\' "$d" "$d" {path} > "$d/fpm.conf" && '
                  f'{fpm} -t -y "$d/fpm.conf"; rc=$?; rm -rf "$d"; exit $rc')
         pools = [pool_file(v, m.name) for m in php]
+        mail = getattr(env.server.services, "mail", None)
+        with_mail = mail is not None and bool(mail.enabled)
         for m, path in zip(php, pools, strict=True):
-            c.files.append(ManagedFile(path, self.pool(m, v), validate=check))
+            c.files.append(ManagedFile(path, self.pool(m, v, with_mail), validate=check))
         www = f"/etc/php/{v}/fpm/pool.d/www.conf"
         c.files.append(ManagedFile(www, "; Managed by selfhost: Debian's shared www-data pool "
                                    "is off; each member has a pool of its own.\n"))

@@ -58,7 +58,33 @@
   and another user is not affected. A timer looks at Postfix's log every minute and mails
   root (the admin) who reached a limit (``mail-limits.sh``). If postfwd is down,
   submissions are deferred too (Postfix's default for an unreachable policy service):
-  never let through uncounted. Local programs' ``sendmail`` is not counted yet.
+  never let through uncounted. ``over_limit: hold`` puts the message on Postfix's hold
+  queue instead (see below); ``defer`` stays the default for logged-in users because their
+  mail program keeps the message, retries by itself and shows the user the reason.
+- **Local programs' mail** (a web application, PHP's ``mail()``, cron: ``/usr/sbin/sendmail``,
+  Postfix's ``pickup`` path, which policy services never see) is counted too, with the same
+  limits, per envelope sender, and that sender is pinned to the Unix login:
+  ``local_login_sender_maps`` (Postfix 3.6 or later: Debian 12 has 3.7, Debian 13 3.10) lets
+  a login send only as ``LOGIN@SERVER-NAME`` (``root``, ``postfix`` and ``vmail``, Dovecot's
+  Sieve redirects and vacation replies, may use any sender), so a sender is a login. ``pickup``
+  hands each message (``content_filter``) to a second smtpd listening on
+  ``127.0.0.1:10026`` only, which asks postfwd at the end of the data with the sender as the
+  key and re-injects the message with no filter (no loop), no milter and no address mapping
+  (both ran once, at pickup: the DKIM signature made there stays valid). Over a limit the
+  message is **held** (postfwd answers ``HOLD``): it is already queued and no program is
+  waiting to retry it, so deferring would only let the flood trickle out, each retry counted
+  again; held mail stays in the queue (and across restarts of Postfix or the host: the hold
+  queue is a directory of queue files) until the admin releases or deletes it with
+  ``selfhost held``. The alert names the sender (the login) and, for PHP, the script
+  (``X-PHP-Originating-Script``, from ``mail.add_x_header``) of the held messages.
+- **First-time recipients per day** are not limited: postfwd (Debian's) keeps only rate
+  counters, each one the count of requests sharing one attribute value (``sender``,
+  ``sasl_username``...) in a time window, in memory. "A recipient this sender never mailed
+  before" needs a persistent set of (sender, recipient) pairs and a rule condition "this
+  pair is new": postfwd has neither (a counter's key is one request attribute, and no rule
+  condition asks whether a counter exists, and its counters live only as long as the window, lost on a restart
+  without ``--save_rates``), so it would need a policy daemon of our own, which this module
+  does not add.
 - **Backup MX** (``backup_mx: {host: friend}``): another host of the fleet keeps the domains'
   mail while this server is down. The mail module sends that host a ``BackupMx`` request
   with the recipients its model accepts (mailboxes, aliases, catch-all domains), computed
@@ -155,6 +181,13 @@ LIMITS_ALERT = "/usr/local/sbin/selfhost-mail-limits"
 LIMITS_UNIT = "/etc/systemd/system/selfhost-mail-limits.service"
 LIMITS_TIMER = "/etc/systemd/system/selfhost-mail-limits.timer"
 LIMIT_TEXT = "Outbound limit"
+LOCAL_LOGINS = "/etc/postfix/selfhost-local-logins.regexp"
+LOCAL_LIMIT_PORT = 10026
+"""The loopback-only smtpd that counts the local programs' mail (``sendmail``): pickup hands
+every message to it (``content_filter``), it asks postfwd, and re-injects the message."""
+LOCAL_ANY_SENDER = ("root", "postfix", "vmail")
+"""Local logins that may send as anyone: the admin, Postfix itself, and Dovecot's Sieve (a
+redirect keeps the original sender, a vacation reply sends as the mailbox)."""
 
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _DOMAIN = re.compile(rf"^{_LABEL}(\.{_LABEL})+$")
@@ -293,8 +326,8 @@ def postfix_basics(name: str, max_message_mb: int, aliases: str | None = None) -
 
 
 class OutboundLimits(StrictModel):
-    """How much mail one logged-in user may submit: a stolen password or a hacked program
-    must not get the server blacklisted."""
+    """How much mail one logged-in user may submit, or one local login send with sendmail: a
+    stolen password or a hacked web form must not get the server blacklisted."""
 
     per_minute: int = Field(default=30, ge=1, le=100_000,
                             description="Messages one user may submit per minute. The next "
@@ -303,6 +336,12 @@ class OutboundLimits(StrictModel):
     per_day: int = Field(default=500, ge=1, le=10_000_000,
                          description="Messages one user may submit per 24 hours; beyond, "
                          "deferred and alerted as above.")
+    over_limit: Literal["defer", "hold"] = Field(
+        default="defer",
+        description="What happens to a logged-in user's message over a limit: 'defer' (a "
+        "4xx reply: the mail program keeps it and tries later, the user sees why) or 'hold' "
+        "(accepted into Postfix's hold queue until the admin releases or deletes it with "
+        "`selfhost held`). A local program's sendmail mail over a limit is always held.")
 
 
 class SpamFilter(StrictModel):
@@ -346,7 +385,8 @@ class MailService(Service):
     outbound_limits: OutboundLimits = Field(
         default_factory=OutboundLimits,
         description="Limits on the mail each logged-in user submits (counted per login by "
-        "postfwd, on the submission ports; a local program's sendmail is not counted).")
+        "postfwd, on the submission ports) and each local login sends with sendmail (counted "
+        "per sender, which is pinned to the login; held over a limit).")
     spam_filter: SpamFilter = Field(
         default_factory=SpamFilter,
         description="Spam filtering of inbound mail on port 25 (SpamAssassin; never on "
@@ -473,6 +513,7 @@ class MailService(Service):
             HealthCheck("unit", "opendkim.service"),
             HealthCheck("unit", "postfwd.service"),
             HealthCheck("tcp", "127.0.0.1:10040"),
+            HealthCheck("tcp", f"127.0.0.1:{LOCAL_LIMIT_PORT}"),
             HealthCheck("tcp", "127.0.0.1:25"),
             HealthCheck("tcp", "127.0.0.1:993"),
             *([HealthCheck("unit", "spamd.service"), HealthCheck("unit", "spamass-milter.service")]
@@ -552,7 +593,69 @@ class MailService(Service):
             "non_smtpd_milters = unix:opendkim/opendkim.sock",
             "milter_default_action = accept",
             "",
+            *self.local_limits_main_cf(),
         ])
+
+    # ------------------------------------------------------------------ local sendmail limits
+
+    def local_limits_main_cf(self) -> list[str]:
+        """main.cf lines of the local programs' limits: each login sends as itself."""
+        return [
+            "# Local programs' mail (sendmail): a login sends only as LOGIN@this server",
+            "# (root and Dovecot's vmail as anyone), so its sender names who sent it.",
+            f"local_login_sender_maps = inline:{{ {', '.join(f'{u}=*' for u in LOCAL_ANY_SENDER)} "
+            f"}}, regexp:{LOCAL_LOGINS}",
+            "",
+        ]
+
+    def local_limits_master_cf(self) -> list[str]:
+        """master.cf lines: pickup hands each message to a loopback smtpd that asks postfwd
+        (sender as the key) and re-injects it once, unfiltered."""
+        return [
+            "# Local programs' mail: pickup hands it to the loopback smtpd below, which asks",
+            "# postfwd (outbound limits, held over them) and queues it again, unfiltered.",
+            "pickup    unix  n       -       y       60      1       pickup",
+            f"  -o content_filter=selfhost-limit:[127.0.0.1]:{LOCAL_LIMIT_PORT}",
+            "selfhost-limit unix -   -       y       -       4       smtp",
+            "  -o syslog_name=postfix/selfhost-limit",
+            "  -o smtp_tls_security_level=none",
+            f"127.0.0.1:{LOCAL_LIMIT_PORT} inet n -     y       -       4       smtpd",
+            "  -o syslog_name=postfix/local-limit",
+            "  -o content_filter=",
+            "  -o receive_override_options=no_unknown_recipient_checks,no_header_body_checks,"
+            "no_milters,no_address_mappings",
+            "  -o smtpd_milters=",
+            "  -o smtpd_tls_security_level=none",
+            "  -o smtpd_sasl_auth_enable=no",
+            "  -o mynetworks=127.0.0.0/8",
+            "  -o smtpd_client_restrictions=permit_mynetworks,reject",
+            "  -o smtpd_helo_restrictions=",
+            "  -o smtpd_sender_restrictions=",
+            "  -o smtpd_relay_restrictions=permit_mynetworks,reject",
+            "  -o smtpd_recipient_restrictions=",
+            f"  -o {{ smtpd_end_of_data_restrictions = check_policy_service {POSTFWD} }}",
+        ]
+
+    def local_limits_maps(self, env: Env) -> dict[str, str]:
+        """The login -> allowed sender table (regexp: every other login sends as itself)."""
+        head = "# Managed by selfhost: changes here are overwritten on the next deploy.\n"
+        return {LOCAL_LOGINS: head + "# A local login sends as LOGIN@this server only (or as"
+                " bare LOGIN, sendmail's default,\n# which Postfix completes the same way).\n"
+                f"/^([a-z_][a-z0-9_.-]*)$/ $1 $1@{env.server.fqdn.lower()}\n"}
+
+    def local_limits_postfwd(self) -> list[str]:
+        """postfwd's rules for the loopback smtpd: per sender, held over a limit."""
+        lim = self.outbound_limits
+        lines = ["# Local programs' mail (the loopback smtpd, port "
+                 f"{LOCAL_LIMIT_PORT}): per sender (a login), held over a limit."]
+        for rid, count, seconds, what in (
+                ("SELFHOST_LOCAL_MINUTE", lim.per_minute, 60, f"{lim.per_minute} per minute"),
+                ("SELFHOST_LOCAL_DAY", lim.per_day, 86400, f"{lim.per_day} per day")):
+            lines.append(f"id={rid}; protocol_state==END-OF-MESSAGE; "
+                         f"server_port=={LOCAL_LIMIT_PORT}; sender=~/./; "
+                         f"action=rate(sender/{count}/{seconds}/HOLD {LIMIT_TEXT}: $$sender "
+                         f"may send {what}, held for the admin)")
+        return lines
 
     def master_cf(self, release: str) -> str:
         relay_log = ("${multi_instance_name?{$multi_instance_name}:{postfix}}/$service_name"
@@ -584,7 +687,7 @@ class MailService(Service):
             "  -o syslog_name=postfix/submissions",
             "  -o smtpd_tls_wrappermode=yes",
             *submission,
-            "pickup    unix  n       -       y       60      1       pickup",
+            *self.local_limits_master_cf(),
             "cleanup   unix  n       -       y       -       0       cleanup",
             "subcleanup unix n       -       y       -       0       cleanup",
             f"  -o header_checks=regexp:{SUBMISSION_HEADERS}",
@@ -644,6 +747,7 @@ class MailService(Service):
                  } if self.backup_clients(env) else {}
         return {
             **extra,
+            **self.local_limits_maps(env),
             MAILBOXES: head + mailboxes,
             ALIASES: head + "".join(line + "\n" for line in alias_lines),
             SENDERS: head + senders,
@@ -664,12 +768,14 @@ class MailService(Service):
                  ("SELFHOST_DAY", lim.per_day, 86400, f"{lim.per_day} per day")]
         lines = ["# Managed by selfhost: outbound limits per logged-in user (the submission",
                  "# ports ask at the end of each message; over a limit, the message is",
-                 "# deferred with a 4xx reply and the client tries again later)."]
+                 f"# {'deferred with a 4xx reply' if lim.over_limit == 'defer' else 'held'})."]
+        over = ("450 4.7.1 {text}, try again later" if lim.over_limit == "defer"
+                else "HOLD {text}, held for the admin")
         for rid, count, seconds, what in rules:
+            text = over.format(text=f"{LIMIT_TEXT}: $$sasl_username may send {what}")
             lines.append(f"id={rid}; protocol_state==END-OF-MESSAGE; sasl_username=~/./; "
-                         f"action=rate(sasl_username/{count}/{seconds}/450 4.7.1 "
-                         f"{LIMIT_TEXT}: $$sasl_username may send {what}, try again later)")
-        return "\n".join(lines) + "\n"
+                         f"action=rate(sasl_username/{count}/{seconds}/{text})")
+        return "\n".join(lines + self.local_limits_postfwd()) + "\n"
 
     # ------------------------------------------------------------------ Dovecot
 
