@@ -38,6 +38,17 @@
   root (the admin) who reached a limit (``mail-limits.sh``). If postfwd is down,
   submissions are deferred too (Postfix's default for an unreachable policy service):
   never let through uncounted. Local programs' ``sendmail`` is not counted yet.
+- **MTA-STS** (RFC 8461) on public domains: the policy (mode, every MX, max age) is a static
+  file under ``/var/www/selfhost-mta-sts/DOMAIN`` served at ``https://mta-sts.DOMAIN/`` by
+  the web module, and the ``_mta-sts`` record's id is a hash of it, so that any change of the
+  policy is a new id. ``testing`` by default: other servers report TLS failures (TLS-RPT, to
+  ``postmaster@DOMAIN``) but still deliver; ``enforce`` is the admin's choice once the
+  reports are clean, as a wrong policy would make them refuse to deliver.
+- **Smarthost** (``relay``): for an access whose port 25 is blocked, every outgoing message
+  goes to the smarthost on 587 (STARTTLS required) or 465 (TLS wrapper), its certificate
+  checked by default (``secure``), with a SASL login from a root-only ``texthash`` table
+  that Postfix reads before it drops privileges; the password is a secret reference filled
+  in at deploy time (never in the plan, the logs or a command line).
 - **Backup MX** (``backup_mx: {host: friend}``): another host of the fleet keeps the domains'
   mail while this server is down. The mail module sends that host a ``BackupMx`` request
   with the recipients its model accepts (mailboxes, aliases, catch-all domains), computed
@@ -51,8 +62,10 @@
 The module asks for what it needs and names no other module: a certificate for the server's
 name (the files appear under ``/etc/selfhost/tls/NAME/``; until the first export, a
 self-signed placeholder lets the daemons start), the ports, the ``vmail`` system user, the
-DNS records to publish (MX, SPF, DMARC and DKIM, the last with a placeholder value since the
-key exists only on the server), backup sources (the Maildirs: Maildir writes each message to a
+DNS records to publish (MX, SPF, DMARC, TLS-RPT, the SRV records mail programs read, and DKIM,
+whose value is read on the server: ``DnsRecord.from_host``, used by ``selfhost dns`` and by
+an authoritative DNS module on the same host), the MTA-STS policy host (a virtual host of the
+web module), backup sources (the Maildirs: Maildir writes each message to a
 new file and renames it, so a file-level copy is consistent message by message; and the DKIM
 keys), fail2ban jails (Debian's ``postfix-sasl`` and ``dovecot`` filters), health checks and
 the sendmail role.
