@@ -308,3 +308,21 @@ def test_cli_prints_the_mail_records(tmp_path: Path, capsys: pytest.CaptureFixtu
     out = capsys.readouterr().out
     assert "_submissions._tcp 3600 IN SRV   0 1 465 mx.example.org.\n" in out
     assert DnsZone is not None and validated is not None and Fleet is not None
+
+
+@pytest.mark.parametrize("release", ["bookworm", "trixie"])
+def test_postconf_accepts_the_relay_settings(release: str, validators: Validators) -> None:
+    """The release's postconf reads main.cf with the smarthost lines (587 and 465) without a
+    warning, and refuses a misspelt one: the check can fail."""
+    for port in (587, 465):
+        d = data(relay={"host": "smtp.provider.net", "port": port, "username": "u",
+                        "password": {"env": "X"}})
+        fleet = fleet_of(d)
+        plan = compile_fleet(fleet, {h: Target(release=release) for h in fleet.hosts})["mx"]
+        validators.prepare(release, plan)
+        [f] = [s.file for s in plan.steps if isinstance(s, File) and s.file.path == mail.MAIN_CF]
+        assert f.validate is not None
+        ok = validators.check(release, f.path, f.content, f.validate)
+        assert ok.returncode == 0, (port, ok.stderr.decode())
+        bad = f.content.replace("smtp_sasl_security_options", "smtp_sasl_securty_options")
+        assert validators.check(release, f.path, bad, f.validate).returncode != 0
