@@ -44,7 +44,8 @@ up() {
   podman network disconnect podman "$relay"
   podman network connect --ip "$ip" "$net" "$relay"
 
-  # The servers' login, with the password from the environment (through stdin only).
+  # The servers' login, with the password from the environment (through stdin only; no
+  # ':' in it, the field separator of Dovecot's passwd-file).
   printf '%s\n' "${MAIL_RELAY_PASSWORD:?}" \
     | podman exec -i "$relay" sh -ec "read -r pw; umask 077; printf '%s:{PLAIN}%s\n' '$user' \"\$pw\" > /etc/dovecot/relay-users; chown dovecot /etc/dovecot/relay-users"
   podman exec "$relay" sh -ec "

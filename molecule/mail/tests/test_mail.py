@@ -333,7 +333,7 @@ def test_outgoing_mail_leaves_through_the_smarthost_over_tls_with_a_login(
                     "message": message("alice@home.arpa", "carol@relay.test", subject)})
     assert res.get("result") == ["ok", {}], res
     box = relay_mailbox(subject)
-    assert subject in box, box + host.run("journalctl -u postfix@- -n 30 --no-pager "
+    assert subject in box, box + host.run("journalctl -n 30 --no-pager -o cat "
                                           "SYSLOG_IDENTIFIER=postfix/smtp").stdout
     assert "DKIM-Signature:" in box
     log = host.check_output("journalctl --no-pager -o cat SYSLOG_IDENTIFIER=postfix/smtp")
@@ -348,7 +348,7 @@ def test_outgoing_mail_leaves_through_the_smarthost_over_tls_with_a_login(
         "sasl_username=nas" in relay_log, relay_log
     table = host.file("/etc/postfix/selfhost-smarthost-password")
     assert table.user == "root" and table.mode == 0o600
-    password = os.environ.get("MAIL_RELAY_PASSWORD", "molecule: the smarthost's password, 2026!")
+    password = os.environ.get("MAIL_RELAY_PASSWORD", "molecule smarthost's password, 2026!")
     assert host.run(f"grep -rlF -- {password!r} /etc /var/lib/selfhost").stdout.split() == \
         ["/etc/postfix/selfhost-smarthost-password"]
 
