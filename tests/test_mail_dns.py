@@ -17,13 +17,11 @@ from validators import Validators
 from selfhost.cli import main
 from selfhost.compile import Target, compile_fleet
 from selfhost.compile.plan import File, Packages, Run
-from selfhost.compose.requests import DnsRecord, DnsZone, VirtualHost
+from selfhost.compose.requests import DnsRecord, VirtualHost
 from selfhost.compose.route import route_host
 from selfhost.config import ConfigError, load_fleet_text
 from selfhost.dns import fleet_records, read_values, render
-from selfhost.models.fleet import Fleet
 from selfhost.services import knot, mail
-from selfhost.validation import validated
 
 KEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIO15aKF3qdwTP7p24+Rliy7SMGYyMZqFPJES7fSwQd7P "
        "alice@laptop")
@@ -250,8 +248,7 @@ def test_a_zone_without_values_made_on_the_host_is_a_plain_file() -> None:
 # ---------------------------------------------------------------------- smarthost relay
 
 
-def test_the_relay_logs_in_over_verified_tls_and_the_password_stays_out_of_the_plan(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_relay_logs_in_over_verified_tls_and_the_password_stays_out_of_the_plan() -> None:
     plan = plans()["mx"]
     files = plan.files()
     main_cf = files[mail.MAIN_CF]
@@ -270,8 +267,6 @@ def test_the_relay_logs_in_over_verified_tls_and_the_password_stays_out_of_the_p
                                + mail.SECRET_MARK.format(0) + "\n")
     [pkgs] = [s for s in plan.steps if isinstance(s, Packages)]
     assert "libsasl2-modules" in pkgs.names
-    monkeypatch.setenv("MAIL_RELAY_PASSWORD", "s3cret-relay-pw")
-    assert "s3cret-relay-pw" not in repr(plan)
 
 
 def test_the_relay_on_465_wraps_tls_and_can_skip_verification() -> None:
@@ -307,7 +302,6 @@ def test_cli_prints_the_mail_records(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["dns", str(f)]) == 0
     out = capsys.readouterr().out
     assert "_submissions._tcp 3600 IN SRV   0 1 465 mx.example.org.\n" in out
-    assert DnsZone is not None and validated is not None and Fleet is not None
 
 
 @pytest.mark.parametrize("release", ["bookworm", "trixie"])
