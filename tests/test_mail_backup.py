@@ -130,11 +130,26 @@ def test_msmtp_steps_back_on_the_backup_and_root_mail_reaches_the_admin() -> Non
 DNS = """\
 ; ---- zone example.org
 $ORIGIN example.org.
-@               3600 IN MX    10 mx.example.org.
-@               3600 IN MX    20 friend.example.net.
-@               3600 IN TXT   "v=spf1 mx -all"
+@                 3600 IN MX    10 mx.example.org.
+@                 3600 IN MX    20 friend.example.net.
+@                 3600 IN TXT   "v=spf1 mx -all"
+@                 3600 IN CAA   0 issue "letsencrypt.org" ; Caddy's ACME CAs
+@                 3600 IN CAA   0 issue "sectigo.com"
+_dmarc            3600 IN TXT   "v=DMARC1; p=quarantine; adkim=s; aspf=s"
+_imap._tcp        3600 IN SRV   0 0 0 .
+_imaps._tcp       3600 IN SRV   0 1 993 mx.example.org.
+_mta-sts          3600 IN TXT   "v=STSv1; id=15c10e1292595e5f79da"
+_pop3._tcp        3600 IN SRV   0 0 0 .
+_pop3s._tcp       3600 IN SRV   0 0 0 .
+_smtp._tls        3600 IN TXT   "v=TLSRPTv1; rua=mailto:postmaster@example.org"
+_submission._tcp  3600 IN SRV   0 1 587 mx.example.org.
+_submissions._tcp 3600 IN SRV   0 1 465 mx.example.org.
+; mail._domainkey   3600 IN TXT   "v=DKIM1; k=rsa; p=<public key>"
+;   ^ placeholder, not published: the DKIM key is generated on the server \
+(/etc/opendkim/keys/example.org/mail.txt) (read it from mx with --podman or --ssh)
+mta-sts           3600 IN CNAME mx.example.org.
+mx                3600 IN A     198.51.100.10
 """
-
 
 def test_selfhost_dns_prints_the_backup_mx_with_a_higher_preference(
         capsys: pytest.CaptureFixture[str]) -> None:

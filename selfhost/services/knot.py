@@ -11,8 +11,13 @@ The rendered file has a fixed serial: Knot loads it as a difference against what
 (``zonefile-load: difference-no-serial``), numbers each change itself (``serial-policy:
 unixtime``) and keeps the signed zone in its journal, never writing back into the file; so a
 second deploy changes nothing and a change reaches the secondaries by NOTIFY and IXFR.
-Records whose value is made on a host (a DKIM key) are not in it yet: publish them from
-``selfhost dns --ssh``.
+Records whose value is made on this host (a DKIM public key, ``DnsRecord.from_host``) are
+added on the host: the rendered file is then the zone's template (``ZONE.zone.in``), and a
+guarded command appends the values read by the records' own commands, checks the result with
+``kzonecheck`` and, when it differs from the live ``ZONE.zone``, installs it and has Knot reload
+the zone (which signs the change and NOTIFYs the secondaries). A value not there yet (no key
+generated) is left out until a later deploy finds it. The provider never knows which module
+asked: a record only says how to read its value on the host.
 
 Secondaries: ``secondaries: [friend]`` asks the friend's host (a host of the same fleet) to
 transfer the zone from this one. Knot on both sides only accepts NOTIFY and transfers from
@@ -38,7 +43,7 @@ from selfhost.compose.requests import (
     Port,
     Request,
 )
-from selfhost.compose.resources import ManagedDir, ManagedFile, Unit
+from selfhost.compose.resources import Command, ManagedDir, ManagedFile, Unit
 from selfhost.models.base import Domain
 from selfhost.services.base import Service
 
@@ -194,6 +199,38 @@ class KnotServer(Module):
             lines += [f"  - domain: {s.zone}", f"    master: [ primary-{s.primary} ]"]
         return "\n".join(lines) + "\n"
 
+    @staticmethod
+    def host_records(z: DnsZone, env: Env) -> list[DnsRecord]:
+        """The zone's records whose value is read on this host (``from_host``)."""
+        return sorted((r for r in env.incoming(DnsRecord) if r.from_host and (
+            r.name.lower().rstrip(".") == z.zone
+            or r.name.lower().rstrip(".").endswith("." + z.zone))),
+            key=lambda r: (r.name, r.type, r.from_host or ""))
+
+    def assemble(self, z: DnsZone, records: list[DnsRecord]) -> str:
+        """Shell that prints the whole zone: the template, then one line per record whose
+        value the host has (its command printed something)."""
+        parts = [f"cat {ZONES}/{z.zone}.zone.in"]
+        for r in records:
+            owner = r.name.lower().rstrip(".") + "."
+            parts.append(f"v=$( ( {r.from_host} ) 2>/dev/null | tr -s '\\n' ' '); "
+                         f"[ -z \"${{v% }}\" ] || printf '%s IN {r.type} %s\\n' "
+                         f"'{owner}' \"${{v% }}\"")
+        return "; ".join(parts)
+
+    def zone_command(self, z: DnsZone, records: list[DnsRecord]) -> Command:
+        live = f"{ZONES}/{z.zone}.zone"
+        build = self.assemble(z, records)
+        return Command(
+            f"dns: zone {z.zone} with the values made on this host "
+            f"({', '.join(r.name for r in records)})",
+            f"{{ {build}; }} > {live}.new && kzonecheck -o {z.zone} {live}.new && "
+            f"chmod 0644 {live}.new && mv {live}.new {live} && "
+            f"if knotc zone-status {z.zone} >/dev/null 2>&1; then "
+            f"knotc zone-reload {z.zone}; fi",
+            unless=f"{{ {build}; }} | cmp -s - {live}",
+            after_files=True)
+
     def zone_file(self, z: DnsZone, env: Env) -> str:
         """The zone's records: the ones requested on this host, the fleet's hosts' own
         addresses when their names are in the zone, the name servers."""
@@ -234,14 +271,19 @@ class KnotServer(Module):
             return c
         c.packages += ["knot", "knot-dnsutils", "knot-dnssecutils"]  # kdig; kzonecheck, keymgr
         c.directories.append(ManagedDir(ZONES, "0755"))
+        zone_files = []
         for z in zones:
-            c.files.append(ManagedFile(f"{ZONES}/{z.zone}.zone", self.zone_file(z, env),
+            made_here = self.host_records(z, env)
+            path = f"{ZONES}/{z.zone}.zone" + (".in" if made_here else "")
+            zone_files.append(path)
+            c.files.append(ManagedFile(path, self.zone_file(z, env),
                                        validate=f"kzonecheck -o {z.zone} {{path}}"))
+            if made_here:
+                c.commands.append(self.zone_command(z, made_here))
         c.files.append(ManagedFile(CONF, self.config(zones, secondaries, self.listen(env)),
                                    mode="0640", group="knot",
                                    validate="knotc -c {path} conf-check"))
         # Restarted, not reloaded: a reload does not apply `listen` (seen: after the package's
         # own start, a reload left Knot bound to nothing). The secondaries answer meanwhile.
-        c.units.append(Unit("knot.service", reload=False, reload_on=(CONF, *(
-            f"{ZONES}/{z.zone}.zone" for z in zones))))
+        c.units.append(Unit("knot.service", reload=False, reload_on=(CONF, *zone_files)))
         return c

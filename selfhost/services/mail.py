@@ -85,6 +85,17 @@
   condition asks whether a counter exists, and its counters live only as long as the window, lost on a restart
   without ``--save_rates``), so it would need a policy daemon of our own, which this module
   does not add.
+- **MTA-STS** (RFC 8461) on public domains: the policy (mode, every MX, max age) is a static
+  file under ``/var/www/selfhost-mta-sts/DOMAIN`` served at ``https://mta-sts.DOMAIN/`` by
+  the web module, and the ``_mta-sts`` record's id is a hash of it, so that any change of the
+  policy is a new id. ``testing`` by default: other servers report TLS failures (TLS-RPT, to
+  ``postmaster@DOMAIN``) but still deliver; ``enforce`` is the admin's choice once the
+  reports are clean, as a wrong policy would make them refuse to deliver.
+- **Smarthost** (``relay``): for an access whose port 25 is blocked, every outgoing message
+  goes to the smarthost on 587 (STARTTLS required) or 465 (TLS wrapper), its certificate
+  checked by default (``secure``), with a SASL login from a root-only ``texthash`` table
+  that Postfix reads before it drops privileges; the password is a secret reference filled
+  in at deploy time (never in the plan, the logs or a command line).
 - **Backup MX** (``backup_mx: {host: friend}``): another host of the fleet keeps the domains'
   mail while this server is down. The mail module sends that host a ``BackupMx`` request
   with the recipients its model accepts (mailboxes, aliases, catch-all domains), computed
@@ -98,8 +109,10 @@
 The module asks for what it needs and names no other module: a certificate for the server's
 name (the files appear under ``/etc/selfhost/tls/NAME/``; until the first export, a
 self-signed placeholder lets the daemons start), the ports, the ``vmail`` system user, the
-DNS records to publish (MX, SPF, DMARC and DKIM, the last with a placeholder value since the
-key exists only on the server), backup sources (the Maildirs: Maildir writes each message to a
+DNS records to publish (MX, SPF, DMARC, TLS-RPT, the SRV records mail programs read, and DKIM,
+whose value is read on the server: ``DnsRecord.from_host``, used by ``selfhost dns`` and by
+an authoritative DNS module on the same host), the MTA-STS policy host (a virtual host of the
+web module), backup sources (the Maildirs: Maildir writes each message to a
 new file and renames it, so a file-level copy is consistent message by message; and the DKIM
 keys), fail2ban jails (Debian's ``postfix-sasl`` and ``dovecot`` filters, on the systemd
 journal: the first also watches ``postfix@-.service``, where Postfix's daemons log and which
@@ -109,6 +122,7 @@ line, which Debian 13's filter missed), health checks and the sendmail role.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -127,6 +141,7 @@ from selfhost.compose.requests import (
     Request,
     Sendmail,
     SystemUser,
+    VirtualHost,
 )
 from selfhost.compose.resources import (
     SECRET_MARK,
@@ -188,11 +203,23 @@ every message to it (``content_filter``), it asks postfwd, and re-injects the me
 LOCAL_ANY_SENDER = ("root", "postfix", "vmail")
 """Local logins that may send as anyone: the admin, Postfix itself, and Dovecot's Sieve (a
 redirect keeps the original sender, a vacation reply sends as the mailbox)."""
+SMARTHOST_PASSWORD = "/etc/postfix/selfhost-smarthost-password"
+SMARTHOST_TLS = "/etc/postfix/selfhost-smarthost-tls"
+MTA_STS_ROOT = "/var/www/selfhost-mta-sts"
+"""Static roots of the MTA-STS policy hosts (``mta-sts.DOMAIN``), served by the web module."""
 
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _DOMAIN = re.compile(rf"^{_LABEL}(\.{_LABEL})+$")
 _LOCAL = re.compile(r"^[a-z0-9][a-z0-9._+-]{0,63}$")
 _SELECTOR = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def _public(domain: str) -> bool:
+    """Whether ``domain`` can have a publicly trusted certificate (not a private suffix: the
+    web module's list)."""
+    return not any(domain == p or domain.endswith("." + p) for p in (
+        "home.arpa", "lan", "local", "internal", "test", "example", "invalid", "localhost",
+        "localdomain", "home", "corp"))
 
 
 def _check_domain(v: str) -> str:
@@ -230,13 +257,27 @@ class MailDomain(StrictModel):
         description="The DMARC policy published for the domain (what receivers do with mail "
         "that fails SPF and DKIM).",
     )
+    mta_sts: Literal["auto", "off", "testing", "enforce"] = Field(
+        default="auto",
+        description="MTA-STS (RFC 8461): a policy, served over HTTPS at mta-sts.DOMAIN by the "
+        "web module, that tells other servers to deliver here over verified TLS only. "
+        "'testing': they report failures (TLS-RPT) but still deliver; 'enforce': they refuse "
+        "to deliver without valid TLS; 'auto' (default): 'testing' on a public domain, 'off' "
+        "on a private one (home.arpa, .lan...: no public certificate). Switch to 'enforce' "
+        "once the TLS reports are clean.",
+    )
+    tls_reports: str | None = Field(
+        default=None,
+        description="Where other servers send their daily TLS reports (TLS-RPT, RFC 8460: the "
+        "_smtp._tls record); default postmaster@DOMAIN.",
+    )
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         return _check_domain(v)
 
-    @field_validator("catch_all")
+    @field_validator("catch_all", "tls_reports")
     @classmethod
     def _catch_all(cls, v: str | None) -> str | None:
         return None if v is None else _check_address(v)
@@ -369,13 +410,66 @@ class SpamFilter(StrictModel):
                               "adds some memory; more wait in line).")
 
 
+class MailRelay(StrictModel):
+    """A smarthost: the provider's (or a friend's) SMTP server that sends this server's
+    outgoing mail, for an Internet access whose port 25 is blocked. Postfix logs in (SASL)
+    over TLS only: STARTTLS required on 587, TLS from the first byte on 465."""
+
+    host: str = Field(description="The smarthost's name, e.g. 'smtp.provider.net'.")
+    port: int = Field(default=587, description="587 (submission, STARTTLS required) or 465 "
+                      "(submissions, TLS from the first byte).")
+    username: str = Field(min_length=1, max_length=255,
+                          description="The login at the smarthost.")
+    password: SecretRef = Field(
+        description="Where the login's password is kept on the deploying machine ({env: VAR} "
+        "or {file: PATH}): it is written only into a root-only table on the server "
+        "(never in the plan, the logs or a command line).")
+    verify_certificate: bool = Field(
+        default=True,
+        description="Check the smarthost's certificate against the system's CAs and its name "
+        "(Postfix's 'secure' level). Turn off only for a smarthost with a private "
+        "certificate: the connection is then still encrypted ('encrypt' level) but a machine "
+        "in the middle could read the password.")
+    spf_include: str | None = Field(
+        default=None,
+        description="The smarthost's SPF domain, added to the domains' SPF records as "
+        "'include:DOMAIN' (e.g. '_spf.provider.net'): mail relayed by it then passes SPF.")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        return _check_domain(v)
+
+    @field_validator("spf_include")
+    @classmethod
+    def _spf(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"(_?[a-z0-9-]{1,63}\.)+[a-z0-9-]{2,63}", v):
+            raise ValueError(f"{v!r} is not a domain name (e.g. '_spf.provider.net')")
+        return v
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, v: int) -> int:
+        if v not in (587, 465):
+            raise ValueError("the smarthost's port is 587 (STARTTLS) or 465 (TLS): port 25 "
+                             "would let the password travel without TLS")
+        return v
+
+    @field_validator("username")
+    @classmethod
+    def _username(cls, v: str) -> str:
+        if any(c.isspace() for c in v):
+            raise ValueError("a login without spaces")
+        return v
+
+
 class MailService(Service):
     """A mail server: SMTP (Postfix), IMAP (Dovecot), DKIM signing (OpenDKIM)."""
 
     kind: ClassVar[str] = "mail"
     uses: ClassVar[tuple[type[Request], ...]] = (Certificate, Port, SystemUser, BackupSource,
                                                  Jail, HealthCheck, DnsRecord, Sendmail,
-                                                 BackupMx)
+                                                 BackupMx, VirtualHost)
 
     domains: list[MailDomain] = Field(min_length=1, description="The mail domains.")
     mailboxes: list[Mailbox] = Field(default_factory=list, description="The mailboxes.")
@@ -396,6 +490,10 @@ class MailService(Service):
         description="A backup MX on another host of the fleet (none by default): it accepts "
         "mail for the domains' existing recipients only (no backscatter), queues it while this "
         "server is down and delivers it here when it is back.")
+    relay: MailRelay | None = Field(
+        default=None,
+        description="Send outgoing mail through a smarthost (none by default: straight to the "
+        "recipients' servers on port 25). For an Internet access whose port 25 is blocked.")
 
     def backup_host(self, env: Env) -> str | None:
         """The fleet name of the backup MX host (None: none, or not a valid other host)."""
@@ -465,6 +563,11 @@ class MailService(Service):
             out.append(Problem((*base, "spam_filter", "reject_score"), f"reject_score "
                                f"{spam.reject_score} must be higher than junk_score "
                                f"{spam.junk_score} (else no message would reach Junk)"))
+        for i, d in enumerate(self.domains):
+            if d.mta_sts in ("testing", "enforce") and not _public(d.name):
+                out.append(Problem((*base, "domains", i, "mta_sts"), f"{d.name} is a private "
+                                   "name: other servers could not check the certificate of "
+                                   f"mta-sts.{d.name} (use 'auto' or 'off')"))
         if self.backup_mx is not None:
             where = (*base, "backup_mx", "host")
             found = env.fleet.find(self.backup_mx.host)
@@ -522,19 +625,7 @@ class MailService(Service):
             HealthCheck("mailqueue", "postfix", "20"),
             Sendmail("postfix"),
         ]
-        for i, d in enumerate(self.domains):
-            origin = f"{env.path}.domains.{i}"
-            out += [
-                DnsRecord(d.name, "MX", f"10 {name}.", origin=origin),
-                DnsRecord(d.name, "TXT", '"v=spf1 mx -all"', origin=origin),
-                DnsRecord(f"_dmarc.{d.name}", "TXT",
-                          f'"v=DMARC1; p={d.dmarc_policy}; adkim=s; aspf=s"', origin=origin),
-            ]
-            for s in d.dkim_selectors:
-                out.append(DnsRecord(
-                    f"{s}._domainkey.{d.name}", "TXT",
-                    f"<the key generated on the server: {DKIM_KEYS}/{d.name}/{s}.txt>",
-                    origin=origin))
+        out += self.domain_records(env)
         backup = self.backup_host(env)
         if backup is not None and self.backup_mx is not None:
             origin = f"{env.path}.backup_mx"
@@ -545,6 +636,124 @@ class MailService(Service):
             out += [DnsRecord(d, "MX", f"20 {env.fleet.hosts[backup].fqdn}.", origin=origin)
                     for d in names]
         return out
+
+    # ------------------------------------------------------------------ DNS, MTA-STS, clients
+
+    def mta_sts_mode(self, d: MailDomain) -> str:
+        """The domain's MTA-STS mode ('off', 'testing' or 'enforce'): 'auto' is 'testing' on a
+        public domain, 'off' on a private one (no public certificate for mta-sts.DOMAIN)."""
+        if d.mta_sts != "auto":
+            return d.mta_sts
+        return "testing" if _public(d.name) else "off"
+
+    def mx_names(self, env: Env) -> list[str]:
+        """The MX hosts of the domains: this server, then the backup MX."""
+        backup = self.backup_host(env)
+        return [env.server.fqdn] + ([env.fleet.hosts[backup].fqdn] if backup else [])
+
+    def mta_sts_policy(self, env: Env, d: MailDomain) -> str:
+        """The MTA-STS policy file of ``d`` (RFC 8461): the mode, every MX, a week's cache
+        (a day while testing, so that a switch to 'enforce' or a new MX spreads fast)."""
+        mode = self.mta_sts_mode(d)
+        age = 604800 if mode == "enforce" else 86400
+        return "".join(["version: STSv1\r\n", f"mode: {mode}\r\n",
+                        *(f"mx: {n}\r\n" for n in self.mx_names(env)),
+                        f"max_age: {age}\r\n"])
+
+    def domain_records(self, env: Env) -> list[Request]:
+        """Each domain's DNS records (MX, SPF, DMARC, DKIM, MTA-STS, TLS-RPT, the SRV records
+        of RFC 6186/8314 that mail programs read to find the server) and the MTA-STS policy
+        host, a virtual host of the web module."""
+        name = env.server.fqdn
+        spf = "v=spf1 mx" + (f" include:{self.relay.spf_include}"
+                             if self.relay is not None and self.relay.spf_include else "")
+        out: list[Request] = []
+        for i, d in enumerate(self.domains):
+            origin = f"{env.path}.domains.{i}"
+            out += [
+                DnsRecord(d.name, "MX", f"10 {name}.", origin=origin),
+                DnsRecord(d.name, "TXT", f'"{spf} -all"', origin=origin),
+                DnsRecord(f"_dmarc.{d.name}", "TXT",
+                          f'"v=DMARC1; p={d.dmarc_policy}; adkim=s; aspf=s"', origin=origin),
+                DnsRecord(f"_smtp._tls.{d.name}", "TXT",
+                          f'"v=TLSRPTv1; rua=mailto:{d.tls_reports or "postmaster@" + d.name}"',
+                          origin=origin),
+                DnsRecord(f"_submissions._tcp.{d.name}", "SRV", f"0 1 465 {name}.",
+                          origin=origin),
+                DnsRecord(f"_submission._tcp.{d.name}", "SRV", f"0 1 587 {name}.",
+                          origin=origin),
+                DnsRecord(f"_imaps._tcp.{d.name}", "SRV", f"0 1 993 {name}.", origin=origin),
+                # RFC 6186: a target of "." says the service is not offered (plain IMAP, POP3).
+                DnsRecord(f"_imap._tcp.{d.name}", "SRV", "0 0 0 .", origin=origin),
+                DnsRecord(f"_pop3._tcp.{d.name}", "SRV", "0 0 0 .", origin=origin),
+                DnsRecord(f"_pop3s._tcp.{d.name}", "SRV", "0 0 0 .", origin=origin),
+            ]
+            for s in d.dkim_selectors:
+                txt = f"{DKIM_KEYS}/{d.name}/{s}.txt"
+                out.append(DnsRecord(
+                    f"{s}._domainkey.{d.name}", "TXT", '"v=DKIM1; k=rsa; p=<public key>"',
+                    note=f"the DKIM key is generated on the server ({txt})",
+                    # opendkim-genkey's zone-file fragment: the quoted strings of each line.
+                    from_host=f"sed -n 's/^[^\"]*\\(\".*\"\\)[^\"]*$/\\1/p' {txt}",
+                    origin=origin))
+            if self.mta_sts_mode(d) != "off":
+                policy = self.mta_sts_policy(env, d)
+                sts_id = hashlib.sha256(policy.encode()).hexdigest()[:20]
+                out += [
+                    DnsRecord(f"_mta-sts.{d.name}", "TXT", f'"v=STSv1; id={sts_id}"',
+                              origin=f"{origin}.mta_sts"),
+                    VirtualHost(f"mta-sts.{d.name}", root=f"{MTA_STS_ROOT}/{d.name}",
+                                origin=f"{origin}.mta_sts"),
+                ]
+        return out
+
+    def mta_sts_files(self, env: Env) -> tuple[list[ManagedDir], list[ManagedFile]]:
+        dirs: list[ManagedDir] = []
+        files: list[ManagedFile] = []
+        for d in self.domains:
+            if self.mta_sts_mode(d) == "off":
+                continue
+            root = f"{MTA_STS_ROOT}/{d.name}"
+            if not dirs:
+                dirs.append(ManagedDir(MTA_STS_ROOT, "0755"))
+            dirs += [ManagedDir(root, "0755"), ManagedDir(f"{root}/.well-known", "0755")]
+            files.append(ManagedFile(f"{root}/.well-known/mta-sts.txt",
+                                     self.mta_sts_policy(env, d), mode="0644"))
+        return dirs, files
+
+    # ------------------------------------------------------------------ smarthost relay
+
+    def relay_settings(self) -> list[str]:
+        """main.cf lines that send the outgoing mail through the smarthost (none without)."""
+        r = self.relay
+        if r is None:
+            return []
+        return [
+            "# Outgoing mail through the smarthost (port 25 blocked): TLS required, then a",
+            "# login from a root-only table (read by Postfix before it drops privileges).",
+            f"relayhost = [{r.host}]:{r.port}",
+            "smtp_host_lookup = dns, native",
+            "smtp_sasl_auth_enable = yes",
+            f"smtp_sasl_password_maps = texthash:{SMARTHOST_PASSWORD}",
+            "smtp_sasl_security_options = noanonymous",
+            "smtp_sasl_tls_security_options = noanonymous",
+            f"smtp_tls_policy_maps = texthash:{SMARTHOST_TLS}",
+            *(["smtp_tls_wrappermode = yes"] if r.port == 465 else []),
+            "",
+        ]
+
+    def relay_files(self) -> list[ManagedFile]:
+        r = self.relay
+        if r is None:
+            return []
+        head = "# Managed by selfhost: changes here are overwritten on the next deploy.\n"
+        level = "secure" if r.verify_certificate else "encrypt"
+        return [
+            ManagedFile(SMARTHOST_TLS, head + f"[{r.host}]:{r.port} {level}\n", mode="0644"),
+            ManagedFile(SMARTHOST_PASSWORD,
+                        head + f"[{r.host}]:{r.port} {r.username}:{SECRET_MARK.format(0)}\n",
+                        mode="0600", secrets=(SecretPiece(r.password),)),
+        ]
 
     def backup_clients(self, env: Env) -> list[str]:
         """The backup MX's addresses (from the model), as Postfix CIDR networks."""
@@ -588,6 +797,7 @@ class MailService(Service):
                 f"smtpd_client_restrictions = check_client_access cidr:{BACKUP_MX_CLIENTS}",
                 "",
             ] if self.backup_clients(env) else []),
+            *self.relay_settings(),
             "# DKIM signing (OpenDKIM), for submitted mail and the system's own.",
             "smtpd_milters = unix:opendkim/opendkim.sock",
             "non_smtpd_milters = unix:opendkim/opendkim.sock",
@@ -1106,7 +1316,14 @@ class MailService(Service):
             "d=$(mktemp -d) && cp " + MAIN_CF + " \"$d/main.cf\" && cp {path} \"$d/master.cf\" "
             "&& out=$(postconf -c \"$d\" -M 2>&1 >/dev/null); rc=$?; rm -rf \"$d\"; "
             "[ $rc -eq 0 ] && [ -z \"$out\" ] || { echo \"$out\" >&2; exit 1; }")
-        postfix_files = [MAIN_CF, MASTER_CF, *self.maps(env)]
+        relay_files = self.relay_files()
+        c.files += relay_files
+        if relay_files:  # the SASL mechanisms (PLAIN, LOGIN) of Postfix's SMTP client
+            c.packages.append("libsasl2-modules")
+        sts_dirs, sts_files = self.mta_sts_files(env)
+        c.directories += sts_dirs
+        c.files += sts_files
+        postfix_files = [MAIN_CF, MASTER_CF, *self.maps(env), *(f.path for f in relay_files)]
         for path, text in self.maps(env).items():
             c.files.append(ManagedFile(path, text, mode="0644"))
         c.files.append(ManagedFile(MASTER_CF, self.master_cf(target.release),

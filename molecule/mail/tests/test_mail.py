@@ -594,6 +594,71 @@ def test_held_mail_survives_a_restart_and_is_released_or_deleted(
     assert held_of(host, sender) == [] and "no held mail" in out, out
 
 
+def relay_mailbox(subject: str, timeout: float = 40) -> str:
+    """Carol's mailbox on the smarthost (relay.sh), once it holds ``subject``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        box = podman("exec", "m11-mail-relay", "sh", "-c", "cat /var/mail/carol 2>/dev/null",
+                     check=False)
+        if subject in box or time.monotonic() > deadline:
+            return box
+        time.sleep(1)
+
+
+def test_outgoing_mail_leaves_through_the_smarthost_over_tls_with_a_login(
+        host: Any, client: Any) -> None:
+    """services.mail.relay: mail for another domain goes to the smarthost (which requires
+    STARTTLS and AUTH on 587, its certificate checked), logged in with the password from the
+    root-only table; the password is in no file but that one."""
+    subject = f"Smarthost test {uuid.uuid4()}"
+    res = client(do="smtp", port=587, starttls=True, user="alice@home.arpa", password=ALICE,
+                 **{"from": "alice@home.arpa", "to": ["carol@relay.test"],
+                    "message": message("alice@home.arpa", "carol@relay.test", subject)})
+    assert res.get("result") == ["ok", {}], res
+    box = relay_mailbox(subject)
+    assert subject in box, box + host.run("journalctl -n 30 --no-pager -o cat "
+                                          "SYSLOG_IDENTIFIER=postfix/smtp").stdout
+    assert "DKIM-Signature:" in box
+    log = host.check_output("journalctl --no-pager -o cat SYSLOG_IDENTIFIER=postfix/smtp")
+    assert re.search(r"to=<carol@relay\.test>, relay=relay\.test\[10\.213\.113\.2\]:587,.*"
+                     r"status=sent", log), log
+    # The TLS policy of the smarthost is "secure": Postfix sends nothing over a connection
+    # whose certificate or name it could not verify, so "status=sent" above implies both
+    # (it logs "Verified TLS connection" only with smtp_tls_loglevel >= 1, not set here).
+    assert host.check_output("cat /etc/postfix/selfhost-smarthost-tls").endswith(
+        "[relay.test]:587 secure")
+    relay_log = podman("exec", "m11-mail-relay", "journalctl", "--no-pager", "-o", "cat",
+                       "SYSLOG_IDENTIFIER=postfix/submission/smtpd")
+    assert "sasl_method=PLAIN, sasl_username=nas" in relay_log or \
+        "sasl_username=nas" in relay_log, relay_log
+    table = host.file("/etc/postfix/selfhost-smarthost-password")
+    assert table.user == "root" and table.mode == 0o600
+    password = os.environ.get("MAIL_RELAY_PASSWORD", "molecule smarthost's password, 2026!")
+    assert host.run(f"grep -rlF -- {password!r} /etc /var/lib/selfhost").stdout.split() == \
+        ["/etc/postfix/selfhost-smarthost-password"]
+
+
+def test_the_authoritative_zone_carries_the_dkim_key_opendkim_signs_with(host: Any) -> None:
+    """Knot on the same host serves home.arpa: its DKIM record is the key opendkim-genkey made
+    here (not a placeholder): the public half of the private key OpenDKIM signs with."""
+    for selector in ("s2026", "s2025"):
+        deadline = time.monotonic() + 30
+        while True:
+            out = host.run(f"kdig @127.0.0.1 +short TXT {selector}._domainkey.home.arpa")
+            got = "".join(re.findall(r'"([^"]*)"', out.stdout)).encode()
+            if got or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert got == dkim_record(host, selector), (selector, out.stdout, out.stderr)
+        assert b"p=MII" in got
+        # The public half of the private key OpenDKIM signs with (key.table names it).
+        key = host.check_output(f"openssl rsa -in /etc/opendkim/keys/home.arpa/{selector}"
+                                ".private -pubout -outform DER 2>/dev/null | base64 -w0")
+        assert got.decode().split("p=", 1)[1] == key, selector
+    assert "s2026._domainkey.home.arpa home.arpa:s2026:/etc/opendkim/keys/home.arpa/" \
+        "s2026.private" in host.file("/etc/opendkim/key.table").content_string
+
+
 def test_journal_has_no_error_from_the_mail_daemons(host: Any) -> None:
     """Runs after the others. Warnings and errors that postfix, dovecot, opendkim and the
     spam filter (spamd, spamass-milter) logged since boot (their own messages, not systemd's
