@@ -16,7 +16,15 @@ from pydantic import ValidationError
 from validators import Validators
 
 from selfhost.compile import Target, compile_fleet
-from selfhost.compose.requests import Certificate, DnsRecord, Jail, Port, Sendmail, SystemUser
+from selfhost.compose.requests import (
+    Certificate,
+    DnsRecord,
+    HealthCheck,
+    Jail,
+    Port,
+    Sendmail,
+    SystemUser,
+)
 from selfhost.compose.route import route_host
 from selfhost.models.fleet import Fleet
 from selfhost.services import mail
@@ -32,7 +40,8 @@ UPDATE = os.environ.get("SELFHOST_UPDATE_FIXTURES") == "1"
 MAIL_FILES = (mail.MAIN_CF, mail.MASTER_CF, mail.MAILBOXES, mail.ALIASES, mail.SENDERS,
               mail.SUBMISSION_HEADERS, mail.LOCAL_SENDERS, mail.USERS, mail.DOVECOT_CONF, mail.OPENDKIM_CONF,
               mail.KEY_TABLE, mail.SIGNING_TABLE, mail.POSTFWD_CF, mail.SPAM_CF,
-              mail.SPAMD_DROPIN, mail.SPAMASS_UNIT, mail.SPAM_SIEVE)
+              mail.SPAMD_DROPIN, mail.SPAMASS_UNIT, mail.SPAM_SIEVE, mail.SEND_ONLY,
+              mail.SEND_ONLY_USERS)
 
 
 def model(**changes: Any) -> dict[str, Any]:
@@ -138,7 +147,8 @@ def test_requests_of_the_mail_module() -> None:
     assert cert.names == ("nas.home.arpa",)
     assert set(cert.reload) == {"postfix.service", "dovecot.service"}
     ports = {(p.port, p.proto) for p in req[Port] if p.origin == "services.mail"}
-    assert ports == {(25, "tcp"), (465, "tcp"), (587, "tcp"), (993, "tcp")}
+    assert ports == {(25, "tcp"), (465, "tcp"), (587, "tcp"), (993, "tcp"), (995, "tcp"),
+                     (4190, "tcp")}  # the example asks for POP3S and ManageSieve
     assert any(u.name == "vmail" for u in req[SystemUser] if isinstance(u, SystemUser))
     assert {j.name for j in req[Jail] if isinstance(j, Jail)} >= {"postfix-sasl", "dovecot"}
     assert [s.package for s in req[Sendmail] if isinstance(s, Sendmail)] == ["postfix"]
@@ -188,6 +198,24 @@ def test_msmtp_steps_back_for_the_mail_server() -> None:
     ({"mailboxes": [{"address": "alice@home.arpa", "password": {"env": "X"}},
                     {"address": "alice@home.arpa", "password": {"env": "Y"}}], "aliases": []},
      "services.mail.mailboxes.1.address", "listed twice"),
+    # Send-only accounts receive nothing: no quota, no alias or catch-all to them.
+    ({"mailboxes": [{"address": "alice@home.arpa", "password": {"env": "X"}},
+                    {"address": "app@home.arpa", "password": {"env": "Y"}, "send_only": True,
+                     "quota_mb": 10}], "aliases": []},
+     "services.mail.mailboxes.1.quota_mb", "is send-only: it stores no mail"),
+    ({"aliases": [{"address": "team@home.arpa", "to": ["alice@home.arpa",
+                                                       "noreply@home.arpa"]}]},
+     "services.mail.aliases.0.to.1", "noreply@home.arpa is send-only"),
+    ({"domains": [{"name": "home.arpa", "catch_all": "noreply@home.arpa"}]},
+     "services.mail.domains.0.catch_all", "is send-only"),
+    ({"domains": [{"name": "home.arpa", "tls_reports": "noreply@home.arpa"}]},
+     "services.mail.domains.0.tls_reports", "is send-only"),
+    ({"domains": [{"name": "home.arpa"}, {"name": "apps.home.arpa",
+                                          "catch_all": "app@apps.home.arpa"}],
+      "mailboxes": [{"address": "alice@home.arpa", "password": {"env": "X"}},
+                    {"address": "app@apps.home.arpa", "password": {"env": "Y"},
+                     "send_only": True}], "aliases": []},
+     "services.mail.domains.1.catch_all", "which has no mailbox"),
 ])
 def test_bad_combinations_are_refused_at_their_path(changes: dict[str, Any], loc: str,
                                                      message: str) -> None:
@@ -209,6 +237,73 @@ def test_bad_combinations_are_refused_at_their_path(changes: dict[str, Any], loc
 def test_bad_values_are_refused(changes: dict[str, Any], message: str) -> None:
     with pytest.raises((ValidationError, ModelError), match=message):
         validated(model(**changes))
+
+
+def test_send_only_account_sends_but_receives_nothing() -> None:
+    """noreply@ (send_only in the example): a submission login that owns its address, no
+    Maildir, refused at RCPT on port 25, in no userdb, only in the file Postfix's SASL
+    logins (service smtp) find; the backup MX does not accept mail for it."""
+    for release in RELEASES:
+        files = plan_of(model(), release).files()
+        assert "noreply@home.arpa noreply@home.arpa\n" in files[mail.SENDERS]
+        assert "noreply" not in files[mail.MAILBOXES] and "noreply" not in files[mail.USERS]
+        assert "noreply@home.arpa:{BLF-CRYPT}@@selfhost-secret-0@@::::::" in \
+            files[mail.SEND_ONLY_USERS]
+        assert files[mail.SEND_ONLY].endswith("noreply@home.arpa 550 5.1.1 <noreply@home.arpa>: "
+                                              "this address only sends mail, it receives none\n")
+        assert "smtpd_recipient_restrictions = check_recipient_access texthash:" \
+            f"{mail.SEND_ONLY}" in files[mail.MAIN_CF]
+        conf = files[mail.DOVECOT_CONF]
+        service = "%s" if release == "bookworm" else "%{protocol}"
+        assert f"/etc/dovecot/selfhost-send-only.{service}\n" in conf
+        assert conf.count("userdb") == 1 and "selfhost-send-only" not in conf.split("userdb")[1]
+    # With a catch-all, the send-only address maps to itself, never to the catch-all.
+    aliases = plan_of(model(domains=[{"name": "home.arpa", "catch_all": "alice@home.arpa"}]))\
+        .files()[mail.ALIASES]
+    assert "noreply@home.arpa noreply@home.arpa\n" in aliases
+    svc = validated(model()).services.mail
+    assert svc is not None and "noreply@home.arpa" not in svc.recipients()
+    # Without send-only accounts: no table, no restriction, no passdb.
+    data = model()
+    data["services"]["mail"]["mailboxes"] = data["services"]["mail"]["mailboxes"][:2]
+    files = plan_of(data).files()
+    assert mail.SEND_ONLY not in files and mail.SEND_ONLY_USERS not in files
+    assert "smtpd_recipient_restrictions" not in files[mail.MAIN_CF]
+    assert "selfhost-send-only" not in files[mail.DOVECOT_CONF]
+
+
+def test_pop3s_and_managesieve_only_when_asked() -> None:
+    server = validated(model())
+    routed = route_host(Fleet.of(server), "nas", server.modules())
+    [jail] = [j for j in routed.requests[Jail] if isinstance(j, Jail) and j.name == "dovecot"]
+    assert jail.port == "imaps,pop3s,4190"
+    checks = {(h.kind, h.target) for h in routed.requests[HealthCheck]
+              if isinstance(h, HealthCheck)}
+    assert {("tcp", "127.0.0.1:995"), ("tcp", "127.0.0.1:4190")} <= checks
+    for release in RELEASES:
+        plan = plan_of(model(), release)
+        packages = next(s.names for s in plan.steps if type(s).__name__ == "Packages")
+        assert {"dovecot-pop3d", "dovecot-managesieved"} <= set(packages)
+        conf = plan.files()[mail.DOVECOT_CONF]
+        assert "protocols = imap lmtp pop3 sieve" in conf
+        pop3 = conf.split("service pop3-login {")[1].split("\n}\n")[0]
+        assert "inet_listener pop3 {\n    port = 0\n" in pop3  # never 110
+        assert "port = 995\n    ssl = yes" in pop3
+        assert "inet_listener sieve {\n    port = 4190\n" in conf
+        assert "ssl = required" in conf  # STARTTLS before any login on 4190
+    # Off by default: none of it.
+    data = model()
+    del data["services"]["mail"]["pop3s"], data["services"]["mail"]["managesieve"]
+    server = validated(data)
+    routed = route_host(Fleet.of(server), "nas", server.modules())
+    assert {p.port for p in routed.requests[Port] if isinstance(p, Port)}.isdisjoint({995, 4190, 110})
+    [jail] = [j for j in routed.requests[Jail] if isinstance(j, Jail) and j.name == "dovecot"]
+    assert jail.port == "imaps"
+    plan = plan_of(data, "trixie")
+    packages = next(s.names for s in plan.steps if type(s).__name__ == "Packages")
+    assert "dovecot-pop3d" not in packages and "dovecot-managesieved" not in packages
+    conf = plan.files()[mail.DOVECOT_CONF]
+    assert "protocols = imap lmtp\n" in conf and "pop3" not in conf and "4190" not in conf
 
 
 def _broken(path: str, text: str) -> str:

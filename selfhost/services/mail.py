@@ -156,6 +156,13 @@ from selfhost.services.base import Service
 
 VMAIL = "/var/vmail"
 USERS = "/etc/dovecot/selfhost-users"
+SEND_ONLY_USERS = "/etc/dovecot/selfhost-send-only.smtp"
+"""The send-only accounts' passwd-file. Dovecot's passdb names it with the service of the
+login (``selfhost-send-only.%s``): only Postfix's SASL logins (service ``smtp``) find this
+file; an IMAP, POP3 or ManageSieve login looks for a file that does not exist and fails like
+an unknown user (closed by default: no per-service deny list to forget)."""
+SEND_ONLY = "/etc/postfix/selfhost-send-only"
+"""Postfix's recipient access table: the send-only addresses, refused at RCPT on port 25."""
 DOVECOT_CONF = "/etc/dovecot/dovecot.conf"
 MAIN_CF = "/etc/postfix/main.cf"
 MASTER_CF = "/etc/postfix/master.cf"
@@ -304,6 +311,12 @@ class Mailbox(StrictModel):
     quota_mb: int = Field(default=2048, ge=1, le=10_000_000,
                           description="Largest size of the mailbox (MB); mail beyond it is "
                           "refused with a clear bounce.")
+    send_only: bool = Field(
+        default=False,
+        description="A send-only account (e.g. a 'noreply' address of an application): it "
+        "logs in on submission (587/465) and sends as its address, but has no Maildir and "
+        "receives nothing (mail to it is refused during the SMTP dialogue) and cannot log in "
+        "over IMAP, POP3 or ManageSieve. No quota, no alias or catch-all pointing to it.")
 
     @field_validator("address")
     @classmethod
@@ -494,6 +507,16 @@ class MailService(Service):
         default=None,
         description="Send outgoing mail through a smarthost (none by default: straight to the "
         "recipients' servers on port 25). For an Internet access whose port 25 is blocked.")
+    pop3s: bool = Field(
+        default=False,
+        description="Also serve POP3 over TLS on port 995 (Debian's dovecot-pop3d; TLS from "
+        "the first byte; plaintext POP3 on 110 stays closed). Off by default: IMAP (993) "
+        "serves every mail program.")
+    managesieve: bool = Field(
+        default=False,
+        description="Let users manage their Sieve filters from their mail program "
+        "(ManageSieve, RFC 5804, port 4190, Debian's dovecot-managesieved; STARTTLS required "
+        "before login). Off by default: filters still run, the admin places them.")
 
     def backup_host(self, env: Env) -> str | None:
         """The fleet name of the backup MX host (None: none, or not a valid other host)."""
@@ -505,9 +528,43 @@ class MailService(Service):
     def recipients(self) -> list[str]:
         """Every address this server accepts mail for: mailboxes, aliases, and ``@domain``
         for a domain with a catch-all (the backup MX accepts these, and only these)."""
-        out = {m.address for m in self.mailboxes} | {a.address for a in self.aliases}
+        out = {m.address for m in self.mailboxes if not m.send_only}
+        out |= {a.address for a in self.aliases}
         out |= {f"@{d.name}" for d in self.domains if d.catch_all is not None}
         return sorted(out)
+
+    def send_only(self) -> list[str]:
+        """The send-only accounts' addresses, sorted."""
+        return sorted(m.address for m in self.mailboxes if m.send_only)
+
+    def send_only_problems(self, env: Env) -> list[Problem]:
+        """Send-only accounts receive nothing: no quota on them, and no alias, catch-all,
+        TLS-report or admin address pointing to them (that mail would be refused)."""
+        base: tuple[str | int, ...] = ("services", "mail")
+        senders = set(self.send_only())
+        out: list[Problem] = []
+        for i, m in enumerate(self.mailboxes):
+            if m.send_only and "quota_mb" in m.model_fields_set:
+                out.append(Problem((*base, "mailboxes", i, "quota_mb"), f"{m.address} is "
+                                   "send-only: it stores no mail, a quota means nothing"))
+        for i, a in enumerate(self.aliases):
+            for j, to in enumerate(a.to):
+                if to in senders:
+                    out.append(Problem((*base, "aliases", i, "to", j), f"{to} is send-only "
+                                       f"(it receives nothing): mail to {a.address} would be "
+                                       "refused"))
+        for i, d in enumerate(self.domains):
+            if d.catch_all in senders:
+                out.append(Problem((*base, "domains", i, "catch_all"), f"catch-all target "
+                                   f"{d.catch_all} is send-only (it receives nothing)"))
+            if d.tls_reports in senders:
+                out.append(Problem((*base, "domains", i, "tls_reports"), f"{d.tls_reports} "
+                                   "is send-only: the TLS reports sent to it would be refused"))
+        notify = env.server.notify
+        if notify is not None and notify.email.lower() in senders:
+            out.append(Problem(("notify", "email"), f"{notify.email} is a send-only account "
+                               "of the mail server: the admin's mail would be refused"))
+        return out
 
     # ------------------------------------------------------------------ model checks
 
@@ -516,6 +573,7 @@ class MailService(Service):
         out: list[Problem] = []
         domains = [d.name for d in self.domains]
         boxes = [m.address for m in self.mailboxes]
+        receiving = [m.address for m in self.mailboxes if not m.send_only]
         alias_names = [a.address for a in self.aliases]
         fqdn = env.server.fqdn.lower()
         if not _DOMAIN.match(fqdn):
@@ -529,7 +587,7 @@ class MailService(Service):
                 out.append(Problem((*base, "domains", i, "name"), f"{d.name} is the server's own "
                                    "name (its local mail): use the domain above it"))
             if d.catch_all is not None:
-                if not any(b.endswith("@" + d.name) for b in boxes):
+                if not any(b.endswith("@" + d.name) for b in receiving):
                     out.append(Problem((*base, "domains", i, "catch_all"), f"catch-all on "
                                        f"{d.name}, which has no mailbox"))
                 elif d.catch_all not in boxes:
@@ -587,7 +645,7 @@ class MailService(Service):
                 if not _DOMAIN.match(other.fqdn.lower()):
                     out.append(Problem(where, f"the backup MX's name {other.fqdn!r} is not a "
                                        "valid host name (it is published as an MX)"))
-        return out
+        return out + self.send_only_problems(env)
 
     # ------------------------------------------------------------------ requests
 
@@ -609,7 +667,8 @@ class MailService(Service):
             Jail("postfix-sasl", port="smtp,465,submission",
                  journalmatch="_SYSTEMD_UNIT=postfix.service _SYSTEMD_UNIT=postfix@-.service"),
             # Debian 13's fail2ban filter misses Dovecot 2.4's failed-login line: ours adds it.
-            Jail("dovecot", port="imaps", filter="selfhost-dovecot",
+            Jail("dovecot", port=",".join(["imaps", *self.optional_jail_ports()]),
+                 filter="selfhost-dovecot",
                  filter_definition=DOVECOT_FILTER),
             HealthCheck("unit", "postfix.service"),
             HealthCheck("unit", "dovecot.service"),
@@ -619,6 +678,7 @@ class MailService(Service):
             HealthCheck("tcp", f"127.0.0.1:{LOCAL_LIMIT_PORT}"),
             HealthCheck("tcp", "127.0.0.1:25"),
             HealthCheck("tcp", "127.0.0.1:993"),
+            *self.optional_requests(),
             *([HealthCheck("unit", "spamd.service"), HealthCheck("unit", "spamass-milter.service")]
               if self.spam_filter.enabled else []),
             # Mail that cannot leave (a blocked port 25, a relay refusing) piles up here.
@@ -686,7 +746,10 @@ class MailService(Service):
                 # RFC 6186: a target of "." says the service is not offered (plain IMAP, POP3).
                 DnsRecord(f"_imap._tcp.{d.name}", "SRV", "0 0 0 .", origin=origin),
                 DnsRecord(f"_pop3._tcp.{d.name}", "SRV", "0 0 0 .", origin=origin),
-                DnsRecord(f"_pop3s._tcp.{d.name}", "SRV", "0 0 0 .", origin=origin),
+                DnsRecord(f"_pop3s._tcp.{d.name}", "SRV",
+                          f"0 1 995 {name}." if self.pop3s else "0 0 0 .", origin=origin),
+                *([DnsRecord(f"_sieve._tcp.{d.name}", "SRV", f"0 1 4190 {name}.",
+                             origin=origin)] if self.managesieve else []),
             ]
             for s in d.dkim_selectors:
                 txt = f"{DKIM_KEYS}/{d.name}/{s}.txt"
@@ -789,6 +852,7 @@ class MailService(Service):
             "reject_unauth_destination",
             "smtpd_sender_restrictions = reject_non_fqdn_sender, permit_mynetworks, "
             f"check_sender_access texthash:{LOCAL_SENDERS}",
+            *self.send_only_main_cf(),
             "",
             *([
                 "# The backup MX hands over the mail it kept: its addresses pass the client",
@@ -931,7 +995,10 @@ class MailService(Service):
         """The texthash tables: mailboxes, aliases (with catch-alls), sender owners."""
         head = "# Managed by selfhost: changes here are overwritten on the next deploy.\n"
         boxes = [m.address for m in self.mailboxes]
-        mailboxes = "".join(f"{b} {b.split('@')[1]}/{b.split('@')[0]}/\n" for b in sorted(boxes))
+        # Send-only accounts have no Maildir: not in the table (a catch-all maps them to
+        # themselves below, like the mailboxes, so their mail never reaches the catch-all).
+        mailboxes = "".join(f"{b} {b.split('@')[1]}/{b.split('@')[0]}/\n"
+                            for b in sorted(boxes) if b not in self.send_only())
         alias_lines: list[str] = []
         notify = env.server.notify
         if notify is not None:  # the system's own mail (cron, updates) goes to the admin
@@ -957,6 +1024,7 @@ class MailService(Service):
                  } if self.backup_clients(env) else {}
         return {
             **extra,
+            **self.send_only_maps(),
             **self.local_limits_maps(env),
             MAILBOXES: head + mailboxes,
             ALIASES: head + "".join(line + "\n" for line in alias_lines),
@@ -995,6 +1063,8 @@ class MailService(Service):
         lines = ["# Managed by selfhost: the mailboxes (bcrypt hashes of their passwords)."]
         secrets: list[SecretPiece] = []
         for m in sorted(self.mailboxes, key=lambda m: m.address):
+            if m.send_only:
+                continue
             quota = (f"userdb_quota_rule=*:storage={m.quota_mb}M" if release == "bookworm"
                      else f"userdb_quota_storage_size={m.quota_mb}M")
             lines.append(f"{m.address}:{{BLF-CRYPT}}{SECRET_MARK.format(len(secrets))}"
@@ -1032,6 +1102,7 @@ class MailService(Service):
             "    group = postfix",
             "  }",
             "}",
+            *self.optional_dovecot_services(),
         ]
         mailboxes = [
             "namespace inbox {",
@@ -1045,10 +1116,12 @@ class MailService(Service):
         mailboxes.append("}")
         head = ["# Managed by selfhost: changes here are overwritten on the next deploy.",
                 f"# Dovecot {'2.3 (Debian 12)' if release == 'bookworm' else '2.4 (Debian 13)'}"
-                ": IMAP over TLS (993 only), LMTP from Postfix, Sieve, quota."]
+                ": IMAP over TLS (993 only), LMTP from Postfix, Sieve, quota"
+                + (", POP3 over TLS (995)" if self.pop3s else "")
+                + (", ManageSieve (4190)" if self.managesieve else "") + "."]
         if release == "bookworm":
             body = [
-                "protocols = imap lmtp",
+                f"protocols = {self.dovecot_protocols()}",
                 "listen = *, ::",
                 "ssl = required",
                 f"ssl_cert = <{tls}/fullchain.pem",
@@ -1068,6 +1141,7 @@ class MailService(Service):
                 "  driver = passwd-file",
                 f"  args = scheme=BLF-CRYPT {USERS}",
                 "}",
+                *self.send_only_passdb(release),
                 "userdb {",
                 "  driver = passwd-file",
                 f"  args = {USERS}",
@@ -1096,7 +1170,7 @@ class MailService(Service):
             body = [
                 "dovecot_config_version = 2.4.0",
                 "dovecot_storage_version = 2.4.0",
-                "protocols = imap lmtp",
+                f"protocols = {self.dovecot_protocols()}",
                 "listen = *, ::",
                 "ssl = required",
                 f"ssl_server_cert_file = {tls}/fullchain.pem",
@@ -1118,6 +1192,7 @@ class MailService(Service):
                 f"  passwd_file_path = {USERS}",
                 "  default_password_scheme = BLF-CRYPT",
                 "}",
+                *self.send_only_passdb(release),
                 "userdb passwd-file {",
                 f"  passwd_file_path = {USERS}",
                 "}",
@@ -1154,6 +1229,87 @@ class MailService(Service):
                 ] if self.spam_filter.enabled else []),
             ]
         return "\n".join(head + body) + "\n"
+
+    # ------------------------------------------------------------------ send-only, POP3S, ManageSieve
+
+    def send_only_main_cf(self) -> list[str]:
+        """main.cf lines: port 25 refuses the send-only addresses at RCPT (a 5xx during the
+        dialogue, never a bounce later)."""
+        if not self.send_only():
+            return []
+        return [f"smtpd_recipient_restrictions = check_recipient_access texthash:{SEND_ONLY}"]
+
+    def send_only_maps(self) -> dict[str, str]:
+        if not self.send_only():
+            return {}
+        head = "# Managed by selfhost: changes here are overwritten on the next deploy.\n"
+        return {SEND_ONLY: head + "# Send-only accounts: they send, they receive nothing.\n"
+                + "".join(f"{a} 550 5.1.1 <{a}>: this address only sends mail, it receives "
+                          "none\n" for a in self.send_only())}
+
+    def send_only_file(self, env: Env) -> tuple[str, tuple[SecretPiece, ...]]:
+        """The send-only accounts' passwd-file (bcrypt hashes, no userdb fields: no home)."""
+        lines = ["# Managed by selfhost: the send-only accounts (submission logins only)."]
+        secrets: list[SecretPiece] = []
+        for m in sorted(self.mailboxes, key=lambda m: m.address):
+            if not m.send_only:
+                continue
+            lines.append(f"{m.address}:{{BLF-CRYPT}}{SECRET_MARK.format(len(secrets))}::::::")
+            secrets.append(SecretPiece(m.password, "bcrypt",
+                                       context=f"{env.server.fqdn}/mail/{m.address}"))
+        return "\n".join(lines) + "\n", tuple(secrets)
+
+    def send_only_passdb(self, release: str) -> list[str]:
+        """Dovecot's passdb of the send-only accounts: the file's name ends with the login's
+        service, so only Postfix's SASL logins (``smtp``) find it; no userdb lists them, so
+        LMTP has nowhere to deliver their mail either."""
+        if not self.send_only():
+            return []
+        path = SEND_ONLY_USERS.removesuffix(".smtp")
+        if release == "bookworm":
+            return ["passdb {", "  driver = passwd-file",
+                    f"  args = scheme=BLF-CRYPT {path}.%s", "}"]
+        return ["passdb send_only {", "  driver = passwd-file",
+                f"  passwd_file_path = {path}.%{{protocol}}",
+                "  default_password_scheme = BLF-CRYPT", "}"]
+
+    def dovecot_protocols(self) -> str:
+        return " ".join(["imap", "lmtp", *(["pop3"] if self.pop3s else []),
+                         *(["sieve"] if self.managesieve else [])])
+
+    def optional_dovecot_services(self) -> list[str]:
+        """POP3 over TLS on 995 only (110 closed), ManageSieve on 4190 (STARTTLS, then
+        login: ``ssl = required`` refuses a login before it)."""
+        out: list[str] = []
+        if self.pop3s:
+            out += ["service pop3-login {", "  inet_listener pop3 {", "    port = 0", "  }",
+                    "  inet_listener pop3s {", "    port = 995", "    ssl = yes", "  }", "}"]
+        if self.managesieve:
+            out += ["service managesieve-login {", "  inet_listener sieve {",
+                    "    port = 4190", "  }", "}"]
+        return out
+
+    def optional_jail_ports(self) -> list[str]:
+        return [*(["pop3s"] if self.pop3s else []), *(["4190"] if self.managesieve else [])]
+
+    def optional_requests(self) -> list[Request]:
+        out: list[Request] = []
+        if self.pop3s:
+            out += [Port(995, "tcp", "internet", comment="POP3 over TLS"),
+                    HealthCheck("tcp", "127.0.0.1:995")]
+        if self.managesieve:
+            out += [Port(4190, "tcp", "internet", comment="ManageSieve (STARTTLS required)"),
+                    HealthCheck("tcp", "127.0.0.1:4190")]
+        return out
+
+    def optional_contribute(self, c: Contribution, env: Env) -> None:
+        """Packages and files of send-only accounts, POP3S and ManageSieve (into ``c``)."""
+        c.packages += [*(["dovecot-pop3d"] if self.pop3s else []),
+                       *(["dovecot-managesieved"] if self.managesieve else [])]
+        if self.send_only():
+            text, secrets = self.send_only_file(env)
+            c.files.append(ManagedFile(SEND_ONLY_USERS, text, mode="0640", group="dovecot",
+                                       secrets=secrets))
 
     # ------------------------------------------------------------------ OpenDKIM
 
@@ -1349,10 +1505,11 @@ class MailService(Service):
         c.commands.append(Command("mail: the table of /etc/aliases", "newaliases",
                                   unless="test -s /etc/aliases.db", after_files=True))
         self.spam_contribute(c)
+        self.optional_contribute(c, env)
         c.units += [
             Unit("opendkim.service", reload_on=(OPENDKIM_CONF, KEY_TABLE, SIGNING_TABLE),
                  reload=False),
-            Unit("dovecot.service", reload_on=(DOVECOT_CONF, USERS)),
+            Unit("dovecot.service", reload_on=(DOVECOT_CONF, USERS, SEND_ONLY_USERS)),
             Unit("postfwd.service", reload_on=(POSTFWD_CF,)),
             Unit("selfhost-mail-limits.timer", reload_on=(LIMITS_TIMER, LIMITS_UNIT),
                  reload=False),
