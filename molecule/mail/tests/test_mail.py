@@ -32,7 +32,7 @@ BOB = os.environ.get("MAIL_BOB_PASSWORD", "molecule: Bob's mail password, 2026!"
 # Runs in the client container: one action, read as JSON on standard input (passwords never
 # travel in a command line), result as JSON on standard output.
 CLIENT = r"""
-import imaplib, json, smtplib, socket, ssl, sys
+import base64, imaplib, json, poplib, smtplib, socket, ssl, sys
 r = json.load(sys.stdin)
 ctx = ssl.create_default_context(cafile="/tmp/selfhost-ca.crt")
 out = {}
@@ -82,11 +82,51 @@ try:
         m.expunge()
         out["deleted"] = len(data[0].split())
         m.logout()
+    elif r["do"] == "pop3":
+        p = poplib.POP3_SSL(r["host"], 995, context=ctx, timeout=15)
+        p.user(r["user"])
+        p.pass_(r["password"])
+        out["messages"] = []
+        for i in range(1, len(p.list()[1]) + 1):
+            text = b"\r\n".join(p.retr(i)[1]).decode("utf-8", "replace")
+            if "Subject: " + r["subject"] in text:
+                out["messages"].append(text)
+        p.quit()
+    elif r["do"] == "managesieve":
+        def response(f):
+            lines = []
+            while True:
+                line = f.readline().decode().rstrip("\r\n")
+                lines.append(line)
+                if not line or line.split(" ", 1)[0] in ("OK", "NO", "BYE"):
+                    return lines
+        plain = base64.b64encode(("\0" + r["user"] + "\0" + r["password"]).encode()).decode()
+        # Two connections: after a refused AUTHENTICATE, Dovecot refuses the next one on
+        # the same connection even after STARTTLS ("plain: invalid input", 2.3 and 2.4).
+        s = socket.create_connection((r["host"], 4190), timeout=15)
+        f = s.makefile("rb")
+        out["greeting"] = response(f)
+        s.sendall(('AUTHENTICATE "PLAIN" "' + plain + '"\r\n').encode())
+        out["auth_before_tls"] = response(f)
+        s.close()
+        s = socket.create_connection((r["host"], 4190), timeout=15)
+        f = s.makefile("rb")
+        response(f)
+        s.sendall(b"STARTTLS\r\n")
+        out["starttls"] = response(f)
+        t = ctx.wrap_socket(s, server_hostname=r["host"])
+        f = t.makefile("rb")
+        out["capabilities_tls"] = response(f)
+        t.sendall(('AUTHENTICATE "PLAIN" "' + plain + '"\r\n').encode())
+        out["auth_after_tls"] = response(f)
+        t.sendall(b"LISTSCRIPTS\r\n")
+        out["listscripts"] = response(f)
+        t.close()
     elif r["do"] == "connect":
         s = socket.create_connection((r["host"], r["port"]), timeout=8)
         s.close()
         out["connected"] = True
-except (OSError, smtplib.SMTPException, imaplib.IMAP4.error) as e:
+except (OSError, smtplib.SMTPException, imaplib.IMAP4.error, poplib.error_proto) as e:
     out["error"] = type(e).__name__ + ": " + str(e)
 print(json.dumps(out))
 """
@@ -161,7 +201,7 @@ def test_daemons_run_and_only_the_model_ports_listen(host: Any) -> None:
     for unit in ("postfix", "dovecot", "opendkim"):
         assert host.service(unit).is_running and host.service(unit).is_enabled, unit
     listening = host.check_output("ss -Hltn")
-    for port in (25, 465, 587, 993):
+    for port in (25, 465, 587, 993, 995, 4190):  # 995, 4190: the example asks for them
         assert f":{port} " in listening, port
     assert ":143 " not in listening and ":110 " not in listening
     # OpenDKIM answers Postfix on a Unix socket in Postfix's chroot, no TCP port at all.
@@ -657,6 +697,72 @@ def test_the_authoritative_zone_carries_the_dkim_key_opendkim_signs_with(host: A
         assert got.decode().split("p=", 1)[1] == key, selector
     assert "s2026._domainkey.home.arpa home.arpa:s2026:/etc/opendkim/keys/home.arpa/" \
         "s2026.private" in host.file("/etc/opendkim/key.table").content_string
+
+
+NOREPLY = os.environ.get("MAIL_NOREPLY_PASSWORD", "molecule: the noreply sender's password, 2026!")
+
+
+def test_a_send_only_account_sends_and_its_mail_is_delivered(host: Any, client: Any) -> None:
+    """noreply@ (send_only) logs in on 587 and sends as itself: delivered, DKIM-signed."""
+    subject = f"Send-only test {uuid.uuid4()}"
+    res = client(do="smtp", port=587, starttls=True, user="noreply@home.arpa", password=NOREPLY,
+                 **{"from": "noreply@home.arpa", "to": ["alice@home.arpa"],
+                    "message": message("noreply@home.arpa", "alice@home.arpa", subject)})
+    assert res.get("result") == ["ok", {}], res
+    msgs = wait_for(client, "alice@home.arpa", ALICE, subject)
+    assert len(msgs) == 1 and "DKIM-Signature:" in msgs[0], msgs
+    # It owns its address only.
+    res = client(do="smtp", port=587, starttls=True, user="noreply@home.arpa", password=NOREPLY,
+                 **{"from": "alice@home.arpa", "to": ["bob@home.arpa"],
+                    "message": message("alice@home.arpa", "bob@home.arpa", "forged")})
+    assert "not owned by user noreply@home.arpa" in json.dumps(res.get("result")), res
+
+
+def test_a_send_only_account_receives_nothing_and_cannot_read(host: Any, client: Any) -> None:
+    """Mail to noreply@ on port 25 is refused during the dialogue (5xx, nothing queued, no
+    Maildir); its password opens no IMAP or POP3 session."""
+    subject = f"To noreply {uuid.uuid4()}"
+    res = client(do="smtp", port=25, starttls=True,
+                 **{"from": "friend@example.net", "to": ["noreply@home.arpa"],
+                    "message": message("friend@example.net", "noreply@home.arpa", subject)})
+    assert res.get("result", [""])[0] == "recipients-refused", res
+    code, text = res["result"][1]["noreply@home.arpa"]
+    assert code == 550 and "only sends mail" in text, res
+    assert "Mail queue is empty" in host.check_output("postqueue -p")
+    assert not host.file("/var/vmail/home.arpa/noreply").exists
+    res = client(do="imap", user="noreply@home.arpa", password=NOREPLY, subject="x")
+    assert "AUTHENTICATIONFAILED" in res.get("error", ""), res
+    res = client(do="pop3", user="noreply@home.arpa", password=NOREPLY, subject="x")
+    assert "-ERR" in res.get("error", ""), res
+
+
+def test_pop3_over_tls_reads_a_message_and_110_is_closed(host: Any, client: Any) -> None:
+    subject = f"POP3 test {uuid.uuid4()}"
+    res = client(do="smtp", port=25, starttls=True,
+                 **{"from": "friend@example.net", "to": ["alice@home.arpa"],
+                    "message": message("friend@example.net", "alice@home.arpa", subject)})
+    assert res.get("result") == ["ok", {}], res
+    assert len(wait_for(client, "alice@home.arpa", ALICE, subject)) == 1
+    res = client(do="pop3", user="alice@home.arpa", password=ALICE, subject=subject)
+    assert "error" not in res and len(res["messages"]) == 1, res
+    assert "Hello from the test." in res["messages"][0]
+    res = client(do="connect", port=110)
+    assert "ConnectionRefusedError" in res.get("error", "") or \
+        "TimeoutError" in res.get("error", ""), res
+    # The dovecot jail bans from POP3S and ManageSieve too.
+    jail = host.check_output("cat /etc/fail2ban/jail.local")
+    assert "[dovecot]\nenabled = true\nport = imaps,pop3s,4190\n" in jail, jail
+
+
+def test_managesieve_requires_starttls_before_login(client: Any) -> None:
+    res = client(do="managesieve", user="alice@home.arpa", password=ALICE)
+    assert "error" not in res, res
+    assert '"STARTTLS"' in res["greeting"] and res["greeting"][-1].startswith("OK"), res
+    assert res["auth_before_tls"][-1].startswith("NO"), res
+    assert res["starttls"][-1].startswith("OK"), res
+    assert '"STARTTLS"' not in res["capabilities_tls"], res
+    assert res["auth_after_tls"][-1].startswith("OK"), res
+    assert res["listscripts"][-1].startswith("OK"), res
 
 
 def test_journal_has_no_error_from_the_mail_daemons(host: Any) -> None:
