@@ -105,6 +105,20 @@
   checks (where RBL or greylisting checks belong: it has none yet), never in ``mynetworks``
   (which would let the backup relay through it). A backup host that runs its own mail
   service is refused at validation (both would own its Postfix).
+- **Send-only accounts** (``send_only`` on a mailbox): a submission login that sends as its
+  address (``smtpd_sender_login_maps``) with no Maildir. Port 25 refuses mail to it at RCPT
+  (``check_recipient_access``, a 550: the sender's server tells its user, no bounce from
+  here); it is in no userdb (LMTP has nowhere to deliver) and not among the backup MX's
+  recipients; a catch-all maps it to itself, never to the catch-all's mailbox. Its password
+  is in a passwd-file whose name ends with the login's service (``.smtp``): Dovecot finds
+  it for Postfix's SASL logins only, an IMAP, POP3 or ManageSieve login fails like an
+  unknown user (measured on 2.3 and 2.4 with ``doveadm auth test``), closed by default.
+- **POP3S and ManageSieve**, off by default: ``pop3s`` adds Debian's ``dovecot-pop3d`` on
+  995 (TLS from the first byte; the 110 listener is disabled), ``managesieve`` adds
+  ``dovecot-managesieved`` on 4190, where ``ssl = required`` (and plaintext logins
+  disabled) refuse AUTHENTICATE before STARTTLS. Each asks for its port and a health check
+  and joins the ``dovecot`` jail's ports (Debian's filter matches ``pop3-login`` and
+  ``managesieve-login`` lines), and its SRV record (RFC 6186, RFC 5804) is published.
 
 The module asks for what it needs and names no other module: a certificate for the server's
 name (the files appear under ``/etc/selfhost/tls/NAME/``; until the first export, a
