@@ -280,6 +280,11 @@ def test_pop3s_and_managesieve_only_when_asked() -> None:
     checks = {(h.kind, h.target) for h in routed.requests[HealthCheck]
               if isinstance(h, HealthCheck)}
     assert {("tcp", "127.0.0.1:995"), ("tcp", "127.0.0.1:4190")} <= checks
+    dns = {(d.name, d.type): d.value for d in routed.requests[DnsRecord]
+           if isinstance(d, DnsRecord)}
+    assert dns[("_pop3s._tcp.home.arpa", "SRV")] == "0 1 995 nas.home.arpa."
+    assert dns[("_sieve._tcp.home.arpa", "SRV")] == "0 1 4190 nas.home.arpa."
+    assert dns[("_pop3._tcp.home.arpa", "SRV")] == "0 0 0 ."  # plaintext POP3: never
     for release in RELEASES:
         plan = plan_of(model(), release)
         packages = next(s.names for s in plan.steps if type(s).__name__ == "Packages")
@@ -299,6 +304,10 @@ def test_pop3s_and_managesieve_only_when_asked() -> None:
     assert {p.port for p in routed.requests[Port] if isinstance(p, Port)}.isdisjoint({995, 4190, 110})
     [jail] = [j for j in routed.requests[Jail] if isinstance(j, Jail) and j.name == "dovecot"]
     assert jail.port == "imaps"
+    dns = {(d.name, d.type): d.value for d in routed.requests[DnsRecord]
+           if isinstance(d, DnsRecord)}
+    assert dns[("_pop3s._tcp.home.arpa", "SRV")] == "0 0 0 ."
+    assert ("_sieve._tcp.home.arpa", "SRV") not in dns
     plan = plan_of(data, "trixie")
     packages = next(s.names for s in plan.steps if type(s).__name__ == "Packages")
     assert "dovecot-pop3d" not in packages and "dovecot-managesieved" not in packages
