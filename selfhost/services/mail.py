@@ -200,6 +200,14 @@ LOCAL_LOGINS = "/etc/postfix/selfhost-local-logins.regexp"
 LOCAL_LIMIT_PORT = 10026
 """The loopback-only smtpd that counts the local programs' mail (``sendmail``): pickup hands
 every message to it (``content_filter``), it asks postfwd, and re-injects the message."""
+RECIPIENTS_SCRIPT = "/usr/local/lib/selfhost/mail-recipients"
+RECIPIENTS_DIR = "/var/lib/selfhost-mail-recipients"
+RECIPIENTS_DB = f"{RECIPIENTS_DIR}/recipients.sqlite"
+RECIPIENTS_USER = "selfhost-mailrcpt"
+RECIPIENTS_SERVICE = "selfhost-recipients"
+"""The first-time recipients policy service: a master.cf ``spawn`` service (Postfix starts
+the script per smtpd connection, as ``RECIPIENTS_USER``), asked at RCPT time over
+``unix:private/selfhost-recipients``."""
 LOCAL_ANY_SENDER = ("root", "postfix", "vmail")
 """Local logins that may send as anyone: the admin, Postfix itself, and Dovecot's Sieve (a
 redirect keeps the original sender, a vacation reply sends as the mailbox)."""
@@ -383,6 +391,12 @@ class OutboundLimits(StrictModel):
         "4xx reply: the mail program keeps it and tries later, the user sees why) or 'hold' "
         "(accepted into Postfix's hold queue until the admin releases or deletes it with "
         "`selfhost held`). A local program's sendmail mail over a limit is always held.")
+    first_time_per_day: int = Field(
+        default=100, ge=1, le=1_000_000,
+        description="New recipients (outside the server's mail domains, never mailed before "
+        "by this user or local login) one user may add per 24 hours; a recipient already "
+        "mailed always passes. Beyond, the message to the new recipient is deferred or held "
+        "like one over the other limits, and the admin is alerted.")
 
 
 class SpamFilter(StrictModel):
@@ -601,6 +615,7 @@ class MailService(Service):
             Port(587, "tcp", "internet", comment="SMTP submission (STARTTLS)"),
             Port(993, "tcp", "internet", comment="IMAP over TLS"),
             SystemUser("vmail", home=VMAIL),
+            SystemUser(RECIPIENTS_USER, home=RECIPIENTS_DIR),
             BackupSource(VMAIL),
             BackupSource(DKIM_KEYS),
             # Postfix's daemons log under postfix@-.service (postfix.service only starts that
@@ -804,6 +819,7 @@ class MailService(Service):
             "milter_default_action = accept",
             "",
             *self.local_limits_main_cf(),
+            *self.first_time_main_cf(),
         ])
 
     # ------------------------------------------------------------------ local sendmail limits
@@ -842,7 +858,7 @@ class MailService(Service):
             "  -o smtpd_helo_restrictions=",
             "  -o smtpd_sender_restrictions=",
             "  -o smtpd_relay_restrictions=permit_mynetworks,reject",
-            "  -o smtpd_recipient_restrictions=",
+            self.first_time_restrictions(),
             f"  -o {{ smtpd_end_of_data_restrictions = check_policy_service {POSTFWD} }}",
         ]
 
@@ -867,7 +883,47 @@ class MailService(Service):
                          f"may send {what}, held for the admin)")
         return lines
 
-    def master_cf(self, release: str) -> str:
+    # ------------------------------------------------------------------ first-time recipients
+
+    def first_time_restrictions(self) -> str:
+        """The RCPT-time check of the submission ports and of the local programs' smtpd."""
+        return (f"  -o {{ smtpd_recipient_restrictions = check_policy_service "
+                f"unix:private/{RECIPIENTS_SERVICE} }}")
+
+    def first_time_domains(self, env: Env) -> list[str]:
+        """Recipient domains that are not outbound: the mail domains and the host's name."""
+        return sorted({d.name for d in self.domains} | {env.server.fqdn.lower()})
+
+    def first_time_master_cf(self, env: Env) -> list[str]:
+        """master.cf: the policy service, spawned per connection as its own user."""
+        lim = self.outbound_limits
+        return [
+            "# First-time recipients per day (asked at RCPT time by the submission ports and",
+            "# the local programs' smtpd): one process per connection, as its own user.",
+            f"{RECIPIENTS_SERVICE} unix -     n       n       -       0       spawn",
+            f"  user={RECIPIENTS_USER} argv={RECIPIENTS_SCRIPT} --db {RECIPIENTS_DB}",
+            f"  --per-day {lim.first_time_per_day} --over {lim.over_limit}",
+            *(f"  --domain {d}" for d in self.first_time_domains(env)),
+        ]
+
+    def first_time_main_cf(self) -> list[str]:
+        """main.cf: spawn's limit on the life of one policy process."""
+        return [
+            "# The first-time recipients service: Postfix's policy client reconnects after",
+            "# 1000 s (smtpd_policy_service_max_ttl); spawn must not kill the script before.",
+            f"{RECIPIENTS_SERVICE}_time_limit = 3600",
+            "",
+        ]
+
+    def first_time_contribute(self, c: Contribution) -> None:
+        """The script (checked by Python before it is installed) and its database directory."""
+        c.packages.append("python3")
+        c.directories.append(ManagedDir(RECIPIENTS_DIR, "0700", owner=RECIPIENTS_USER,
+                                        group=RECIPIENTS_USER))
+        c.files.append(ManagedFile(RECIPIENTS_SCRIPT, RECIPIENTS_SCRIPT_TEXT, mode="0755",
+                                   validate=VALIDATE_PYTHON))
+
+    def master_cf(self, env: Env, release: str) -> str:
         relay_log = ("${multi_instance_name?{$multi_instance_name}:{postfix}}/$service_name"
                      if release != "bookworm" else "postfix/$service_name")
         submission = [
@@ -879,7 +935,7 @@ class MailService(Service):
             "  -o smtpd_client_restrictions=permit_sasl_authenticated,reject",
             "  -o smtpd_sender_restrictions=reject_non_fqdn_sender,reject_sender_login_mismatch",
             "  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject",
-            "  -o smtpd_recipient_restrictions=",
+            self.first_time_restrictions(),
             "  -o milter_macro_daemon_name=ORIGINATING",
             f"  -o {{ smtpd_end_of_data_restrictions = check_policy_service {POSTFWD} }}",
             "  -o cleanup_service_name=subcleanup",
@@ -898,6 +954,7 @@ class MailService(Service):
             "  -o smtpd_tls_wrappermode=yes",
             *submission,
             *self.local_limits_master_cf(),
+            *self.first_time_master_cf(env),
             "cleanup   unix  n       -       y       -       0       cleanup",
             "subcleanup unix n       -       y       -       0       cleanup",
             f"  -o header_checks=regexp:{SUBMISSION_HEADERS}",
@@ -1326,7 +1383,7 @@ class MailService(Service):
         postfix_files = [MAIN_CF, MASTER_CF, *self.maps(env), *(f.path for f in relay_files)]
         for path, text in self.maps(env).items():
             c.files.append(ManagedFile(path, text, mode="0644"))
-        c.files.append(ManagedFile(MASTER_CF, self.master_cf(target.release),
+        c.files.append(ManagedFile(MASTER_CF, self.master_cf(env, target.release),
                                    validate=validate_master))
         c.files.append(ManagedFile(MAIN_CF, self.main_cf(env), validate=validate_main))
         users, secrets = self.users_file(env)
@@ -1349,6 +1406,7 @@ class MailService(Service):
         c.commands.append(Command("mail: the table of /etc/aliases", "newaliases",
                                   unless="test -s /etc/aliases.db", after_files=True))
         self.spam_contribute(c)
+        self.first_time_contribute(c)
         c.units += [
             Unit("opendkim.service", reload_on=(OPENDKIM_CONF, KEY_TABLE, SIGNING_TABLE),
                  reload=False),
@@ -1362,6 +1420,15 @@ class MailService(Service):
 
 
 LIMITS_SCRIPT = (Path(__file__).parent / "mail-limits.sh").read_text(encoding="utf-8")
+
+RECIPIENTS_SCRIPT_TEXT = (Path(__file__).parent / "mail_recipients.py").read_text(
+    encoding="utf-8")
+
+VALIDATE_PYTHON = (
+    "d=$(mktemp -d) && PYTHONPYCACHEPREFIX=\"$d\" python3 -m py_compile {path}; rc=$?; "
+    "rm -rf \"$d\"; exit $rc")
+"""Python compiles the staged script (a syntax error fails), its cache in a directory of its
+own, removed."""
 
 LIMITS_SERVICE = f"""# Managed by selfhost: changes here are overwritten on the next deploy.
 [Unit]
