@@ -77,14 +77,31 @@
   queue is a directory of queue files) until the admin releases or deletes it with
   ``selfhost held``. The alert names the sender (the login) and, for PHP, the script
   (``X-PHP-Originating-Script``, from ``mail.add_x_header``) of the held messages.
-- **First-time recipients per day** are not limited: postfwd (Debian's) keeps only rate
-  counters, each one the count of requests sharing one attribute value (``sender``,
-  ``sasl_username``...) in a time window, in memory. "A recipient this sender never mailed
-  before" needs a persistent set of (sender, recipient) pairs and a rule condition "this
-  pair is new": postfwd has neither (a counter's key is one request attribute, and no rule
-  condition asks whether a counter exists, and its counters live only as long as the window, lost on a restart
-  without ``--save_rates``), so it would need a policy daemon of our own, which this module
-  does not add.
+- **First-time recipients per day** (``first_time_per_day``, 100 by default): postfwd
+  (Debian's) keeps only rate counters in memory, each keyed by one request attribute, and no
+  rule condition can ask "has this sender ever mailed this recipient", so this limit is a
+  small policy service of our own (``mail_recipients.py``, Python's standard library only,
+  installed as ``/usr/local/lib/selfhost/mail-recipients``; Debian ships none that does
+  it). Postfix starts it per smtpd connection (``spawn`` in master.cf: no daemon to manage)
+  as the unprivileged ``selfhost-mailrcpt`` user, whose private SQLite database
+  (``/var/lib/selfhost-mail-recipients``, 0700, the file 0600) holds each (sender,
+  recipient, first seen) pair. The submission ports and the local programs' smtpd ask it at
+  RCPT time, for one recipient at a time (at the end of the data a message with several
+  recipients has none in the request); the key is the login on 587/465, the envelope sender
+  (pinned to the Unix login) on the local path. A recipient in the mail domains or the
+  host's own name is not outbound: not counted; a pair already seen passes; a new pair is
+  recorded, unless the sender already added ``first_time_per_day`` new recipients in the
+  last 24 hours: then that recipient is deferred with a 4xx (``over_limit: hold``: the
+  message is held) or, on the local path, the message is held, and the alert names the
+  sender ("first-time recipients"). The other recipients of the message are not affected,
+  and a refused pair is not recorded, so the retry of a deferred one counts once the window
+  allows it. A new recipient is recorded when the RCPT is accepted, even if the message is
+  refused later (another limit, a dropped connection): the count errs toward stricter.
+  Fail safe like postfwd, never silently unlimited: if the script cannot run, dies or
+  does not answer in time, Postfix's ``smtpd_policy_service_default_action`` (451 4.3.5)
+  defers the recipient; if its database is locked for more than 10 s or broken, it answers
+  451 4.3.0 itself. On the local path a 4xx at the loopback smtpd leaves the message in
+  Postfix's queue, retried later: nothing is lost in either case.
 - **MTA-STS** (RFC 8461) on public domains: the policy (mode, every MX, max age) is a static
   file under ``/var/www/selfhost-mta-sts/DOMAIN`` served at ``https://mta-sts.DOMAIN/`` by
   the web module, and the ``_mta-sts`` record's id is a hash of it, so that any change of the
@@ -494,7 +511,8 @@ class MailService(Service):
         default_factory=OutboundLimits,
         description="Limits on the mail each logged-in user submits (counted per login by "
         "postfwd, on the submission ports) and each local login sends with sendmail (counted "
-        "per sender, which is pinned to the login; held over a limit).")
+        "per sender, which is pinned to the login; held over a limit), and on the new outside "
+        "recipients each of them adds per day (a policy service of the module).")
     spam_filter: SpamFilter = Field(
         default_factory=SpamFilter,
         description="Spam filtering of inbound mail on port 25 (SpamAssassin; never on "
