@@ -3,8 +3,8 @@
 # container on an internal podman network (no route out) shared with the mail servers. It
 # takes mail only on submission (587), after STARTTLS and SASL AUTH (Dovecot), with a
 # self-signed certificate for relay.test that the servers trust (installed in their CA store,
-# as a provider's public certificate would be). Mail for carol@relay.test stays on the relay
-# (/var/mail/carol). The same idea as molecule/ssh/relay.sh (the admin's relay for msmtp).
+# as a provider's public certificate would be). Mail for carol@relay.test (and carol+ANY@, as
+# many distinct recipients as a test needs) stays on the relay (/var/mail/carol). The same idea as molecule/ssh/relay.sh (the admin's relay for msmtp).
 #
 #   MAIL_RELAY_PASSWORD=... molecule/mail/relay.sh up SERVER...
 #   molecule/mail/relay.sh down
@@ -56,7 +56,8 @@ up() {
     useradd --create-home carol
     postconf -e 'myhostname = relay.test' 'mydestination = relay.test, localhost' \
       'smtpd_tls_cert_file = /etc/postfix/relay.crt' 'smtpd_tls_key_file = /etc/postfix/relay.key' \
-      'smtpd_sasl_type = dovecot' 'smtpd_sasl_path = private/auth' 'mynetworks = 127.0.0.0/8'
+      'smtpd_sasl_type = dovecot' 'smtpd_sasl_path = private/auth' 'mynetworks = 127.0.0.0/8' \
+      'recipient_delimiter = +'
     cat >> /etc/postfix/master.cf <<'CF'
 submission inet n       -       y       -       -       smtpd
   -o syslog_name=postfix/submission

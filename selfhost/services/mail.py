@@ -77,14 +77,31 @@
   queue is a directory of queue files) until the admin releases or deletes it with
   ``selfhost held``. The alert names the sender (the login) and, for PHP, the script
   (``X-PHP-Originating-Script``, from ``mail.add_x_header``) of the held messages.
-- **First-time recipients per day** are not limited: postfwd (Debian's) keeps only rate
-  counters, each one the count of requests sharing one attribute value (``sender``,
-  ``sasl_username``...) in a time window, in memory. "A recipient this sender never mailed
-  before" needs a persistent set of (sender, recipient) pairs and a rule condition "this
-  pair is new": postfwd has neither (a counter's key is one request attribute, and no rule
-  condition asks whether a counter exists, and its counters live only as long as the window, lost on a restart
-  without ``--save_rates``), so it would need a policy daemon of our own, which this module
-  does not add.
+- **First-time recipients per day** (``first_time_per_day``, 100 by default): postfwd
+  (Debian's) keeps only rate counters in memory, each keyed by one request attribute, and no
+  rule condition can ask "has this sender ever mailed this recipient", so this limit is a
+  small policy service of our own (``mail_recipients.py``, Python's standard library only,
+  installed as ``/usr/local/lib/selfhost/mail-recipients``; Debian ships none that does
+  it). Postfix starts it per smtpd connection (``spawn`` in master.cf: no daemon to manage)
+  as the unprivileged ``selfhost-mailrcpt`` user, whose private SQLite database
+  (``/var/lib/selfhost-mail-recipients``, 0700, the file 0600) holds each (sender,
+  recipient, first seen) pair. The submission ports and the local programs' smtpd ask it at
+  RCPT time, for one recipient at a time (at the end of the data a message with several
+  recipients has none in the request); the key is the login on 587/465, the envelope sender
+  (pinned to the Unix login) on the local path. A recipient in the mail domains or the
+  host's own name is not outbound: not counted; a pair already seen passes; a new pair is
+  recorded, unless the sender already added ``first_time_per_day`` new recipients in the
+  last 24 hours: then that recipient is deferred with a 4xx (``over_limit: hold``: the
+  message is held) or, on the local path, the message is held, and the alert names the
+  sender ("first-time recipients"). The other recipients of the message are not affected,
+  and a refused pair is not recorded, so the retry of a deferred one counts once the window
+  allows it. A new recipient is recorded when the RCPT is accepted, even if the message is
+  refused later (another limit, a dropped connection): the count errs toward stricter.
+  Fail safe like postfwd, never silently unlimited: if the script cannot run, dies or
+  does not answer in time, Postfix's ``smtpd_policy_service_default_action`` (451 4.3.5)
+  defers the recipient; if its database is locked for more than 10 s or broken, it answers
+  451 4.3.0 itself. On the local path a 4xx at the loopback smtpd leaves the message in
+  Postfix's queue, retried later: nothing is lost in either case.
 - **MTA-STS** (RFC 8461) on public domains: the policy (mode, every MX, max age) is a static
   file under ``/var/www/selfhost-mta-sts/DOMAIN`` served at ``https://mta-sts.DOMAIN/`` by
   the web module, and the ``_mta-sts`` record's id is a hash of it, so that any change of the
@@ -221,6 +238,14 @@ LOCAL_LOGINS = "/etc/postfix/selfhost-local-logins.regexp"
 LOCAL_LIMIT_PORT = 10026
 """The loopback-only smtpd that counts the local programs' mail (``sendmail``): pickup hands
 every message to it (``content_filter``), it asks postfwd, and re-injects the message."""
+RECIPIENTS_SCRIPT = "/usr/local/lib/selfhost/mail-recipients"
+RECIPIENTS_DIR = "/var/lib/selfhost-mail-recipients"
+RECIPIENTS_DB = f"{RECIPIENTS_DIR}/recipients.sqlite"
+RECIPIENTS_USER = "selfhost-mailrcpt"
+RECIPIENTS_SERVICE = "selfhost-recipients"
+"""The first-time recipients policy service: a master.cf ``spawn`` service (Postfix starts
+the script per smtpd connection, as ``RECIPIENTS_USER``), asked at RCPT time over
+``unix:private/selfhost-recipients``."""
 LOCAL_ANY_SENDER = ("root", "postfix", "vmail")
 """Local logins that may send as anyone: the admin, Postfix itself, and Dovecot's Sieve (a
 redirect keeps the original sender, a vacation reply sends as the mailbox)."""
@@ -410,6 +435,12 @@ class OutboundLimits(StrictModel):
         "4xx reply: the mail program keeps it and tries later, the user sees why) or 'hold' "
         "(accepted into Postfix's hold queue until the admin releases or deletes it with "
         "`selfhost held`). A local program's sendmail mail over a limit is always held.")
+    first_time_per_day: int = Field(
+        default=100, ge=1, le=1_000_000,
+        description="New recipients (outside the server's mail domains, never mailed before "
+        "by this user or local login) one user may add per 24 hours; a recipient already "
+        "mailed always passes. Beyond, the message to the new recipient is deferred or held "
+        "like one over the other limits, and the admin is alerted.")
 
 
 class SpamFilter(StrictModel):
@@ -507,7 +538,8 @@ class MailService(Service):
         default_factory=OutboundLimits,
         description="Limits on the mail each logged-in user submits (counted per login by "
         "postfwd, on the submission ports) and each local login sends with sendmail (counted "
-        "per sender, which is pinned to the login; held over a limit).")
+        "per sender, which is pinned to the login; held over a limit), and on the new outside "
+        "recipients each of them adds per day (a policy service of the module).")
     spam_filter: SpamFilter = Field(
         default_factory=SpamFilter,
         description="Spam filtering of inbound mail on port 25 (SpamAssassin; never on "
@@ -673,6 +705,7 @@ class MailService(Service):
             Port(587, "tcp", "internet", comment="SMTP submission (STARTTLS)"),
             Port(993, "tcp", "internet", comment="IMAP over TLS"),
             SystemUser("vmail", home=VMAIL),
+            SystemUser(RECIPIENTS_USER, home=RECIPIENTS_DIR),
             BackupSource(VMAIL),
             BackupSource(DKIM_KEYS),
             # Postfix's daemons log under postfix@-.service (postfix.service only starts that
@@ -882,6 +915,7 @@ class MailService(Service):
             "milter_default_action = accept",
             "",
             *self.local_limits_main_cf(),
+            *self.first_time_main_cf(),
         ])
 
     # ------------------------------------------------------------------ local sendmail limits
@@ -920,7 +954,7 @@ class MailService(Service):
             "  -o smtpd_helo_restrictions=",
             "  -o smtpd_sender_restrictions=",
             "  -o smtpd_relay_restrictions=permit_mynetworks,reject",
-            "  -o smtpd_recipient_restrictions=",
+            self.first_time_restrictions(),
             f"  -o {{ smtpd_end_of_data_restrictions = check_policy_service {POSTFWD} }}",
         ]
 
@@ -945,7 +979,47 @@ class MailService(Service):
                          f"may send {what}, held for the admin)")
         return lines
 
-    def master_cf(self, release: str) -> str:
+    # ------------------------------------------------------------------ first-time recipients
+
+    def first_time_restrictions(self) -> str:
+        """The RCPT-time check of the submission ports and of the local programs' smtpd."""
+        return (f"  -o {{ smtpd_recipient_restrictions = check_policy_service "
+                f"unix:private/{RECIPIENTS_SERVICE} }}")
+
+    def first_time_domains(self, env: Env) -> list[str]:
+        """Recipient domains that are not outbound: the mail domains and the host's name."""
+        return sorted({d.name for d in self.domains} | {env.server.fqdn.lower()})
+
+    def first_time_master_cf(self, env: Env) -> list[str]:
+        """master.cf: the policy service, spawned per connection as its own user."""
+        lim = self.outbound_limits
+        return [
+            "# First-time recipients per day (asked at RCPT time by the submission ports and",
+            "# the local programs' smtpd): one process per connection, as its own user.",
+            f"{RECIPIENTS_SERVICE} unix -     n       n       -       0       spawn",
+            f"  user={RECIPIENTS_USER} argv={RECIPIENTS_SCRIPT} --db {RECIPIENTS_DB}",
+            f"  --per-day {lim.first_time_per_day} --over {lim.over_limit}",
+            *(f"  --domain {d}" for d in self.first_time_domains(env)),
+        ]
+
+    def first_time_main_cf(self) -> list[str]:
+        """main.cf: spawn's limit on the life of one policy process."""
+        return [
+            "# The first-time recipients service: Postfix's policy client reconnects after",
+            "# 1000 s (smtpd_policy_service_max_ttl); spawn must not kill the script before.",
+            f"{RECIPIENTS_SERVICE}_time_limit = 3600",
+            "",
+        ]
+
+    def first_time_contribute(self, c: Contribution) -> None:
+        """The script (checked by Python before it is installed) and its database directory."""
+        c.packages.append("python3")
+        c.directories.append(ManagedDir(RECIPIENTS_DIR, "0700", owner=RECIPIENTS_USER,
+                                        group=RECIPIENTS_USER))
+        c.files.append(ManagedFile(RECIPIENTS_SCRIPT, RECIPIENTS_SCRIPT_TEXT, mode="0755",
+                                   validate=VALIDATE_PYTHON))
+
+    def master_cf(self, env: Env, release: str) -> str:
         relay_log = ("${multi_instance_name?{$multi_instance_name}:{postfix}}/$service_name"
                      if release != "bookworm" else "postfix/$service_name")
         submission = [
@@ -957,7 +1031,7 @@ class MailService(Service):
             "  -o smtpd_client_restrictions=permit_sasl_authenticated,reject",
             "  -o smtpd_sender_restrictions=reject_non_fqdn_sender,reject_sender_login_mismatch",
             "  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject",
-            "  -o smtpd_recipient_restrictions=",
+            self.first_time_restrictions(),
             "  -o milter_macro_daemon_name=ORIGINATING",
             f"  -o {{ smtpd_end_of_data_restrictions = check_policy_service {POSTFWD} }}",
             "  -o cleanup_service_name=subcleanup",
@@ -976,6 +1050,7 @@ class MailService(Service):
             "  -o smtpd_tls_wrappermode=yes",
             *submission,
             *self.local_limits_master_cf(),
+            *self.first_time_master_cf(env),
             "cleanup   unix  n       -       y       -       0       cleanup",
             "subcleanup unix n       -       y       -       0       cleanup",
             f"  -o header_checks=regexp:{SUBMISSION_HEADERS}",
@@ -1496,7 +1571,7 @@ class MailService(Service):
         postfix_files = [MAIN_CF, MASTER_CF, *self.maps(env), *(f.path for f in relay_files)]
         for path, text in self.maps(env).items():
             c.files.append(ManagedFile(path, text, mode="0644"))
-        c.files.append(ManagedFile(MASTER_CF, self.master_cf(target.release),
+        c.files.append(ManagedFile(MASTER_CF, self.master_cf(env, target.release),
                                    validate=validate_master))
         c.files.append(ManagedFile(MAIN_CF, self.main_cf(env), validate=validate_main))
         users, secrets = self.users_file(env)
@@ -1520,6 +1595,7 @@ class MailService(Service):
                                   unless="test -s /etc/aliases.db", after_files=True))
         self.spam_contribute(c)
         self.optional_contribute(c, env)
+        self.first_time_contribute(c)
         c.units += [
             Unit("opendkim.service", reload_on=(OPENDKIM_CONF, KEY_TABLE, SIGNING_TABLE),
                  reload=False),
@@ -1533,6 +1609,15 @@ class MailService(Service):
 
 
 LIMITS_SCRIPT = (Path(__file__).parent / "mail-limits.sh").read_text(encoding="utf-8")
+
+RECIPIENTS_SCRIPT_TEXT = (Path(__file__).parent / "mail_recipients.py").read_text(
+    encoding="utf-8")
+
+VALIDATE_PYTHON = (
+    "d=$(mktemp -d) && PYTHONPYCACHEPREFIX=\"$d\" python3 -m py_compile {path}; rc=$?; "
+    "rm -rf \"$d\"; exit $rc")
+"""Python compiles the staged script (a syntax error fails), its cache in a directory of its
+own, removed."""
 
 LIMITS_SERVICE = f"""# Managed by selfhost: changes here are overwritten on the next deploy.
 [Unit]

@@ -678,6 +678,105 @@ def test_outgoing_mail_leaves_through_the_smarthost_over_tls_with_a_login(
         ["/etc/postfix/selfhost-smarthost-password"]
 
 
+RECIPIENTS_DB = "/var/lib/selfhost-mail-recipients/recipients.sqlite"
+
+
+def first_time_limit(host: Any) -> int:
+    """outbound_limits.first_time_per_day, as the policy service got it (master.cf)."""
+    return int(re.findall(r"--per-day (\d+)", host.check_output("cat /etc/postfix/master.cf"))[0])
+
+
+def new_pairs(host: Any, sender: str) -> int:
+    """The (sender, recipient) pairs the policy service recorded for ``sender``."""
+    return int(host.check_output(
+        f"python3 -c 'import sqlite3; print(sqlite3.connect(\"{RECIPIENTS_DB}\").execute("
+        f"\"SELECT count(*) FROM pairs WHERE sender = ?\", (\"{sender}\",)).fetchone()[0])'"))
+
+
+def wait_alert(host: Any, sender: str) -> str:
+    """Root's mailbox once the alert timer's script reported ``sender``'s first-time limit."""
+    host.run("systemctl start selfhost-mail-limits.service")
+    deadline = time.monotonic() + 30
+    while True:
+        alert = host.run("cat /var/mail/root").stdout
+        if re.search(rf"Outbound limit: {re.escape(sender)} may mail \d+ first-time "
+                     "recipients per day", alert) or time.monotonic() > deadline:
+            return alert
+        time.sleep(1)
+
+
+def test_a_users_new_recipients_past_the_daily_limit_are_deferred(host: Any,
+                                                                   client: Any) -> None:
+    """outbound_limits.first_time_per_day (3 here): a logged-in user's first new outside
+    recipients leave, the next new one is deferred with a 4xx reply (the mail program keeps
+    it), a recipient already mailed still leaves, and the admin's alert names the user."""
+    limit, user, tag = first_time_limit(host), "bob@home.arpa", uuid.uuid4().hex[:8]
+    assert new_pairs(host, user) == 0
+
+    def send(n: int) -> dict[str, Any]:
+        rcpt = f"carol+{tag}-{n}@relay.test"
+        return client(do="smtp", port=587, starttls=True, user=user, password=BOB,
+                      **{"from": user, "to": [rcpt],
+                         "message": message(user, rcpt, f"First-time {tag} {n}")})
+
+    for n in range(1, limit + 1):
+        assert send(n).get("result") == ["ok", {}], n
+    res = send(limit + 1)
+    assert res.get("result", [""])[0] == "recipients-refused", res
+    code, text = res["result"][1][f"carol+{tag}-{limit + 1}@relay.test"]
+    assert code == 450 and f"Outbound limit: {user} may mail {limit} first-time recipients " \
+        "per day" in text, res
+    assert send(1).get("result") == ["ok", {}]  # already mailed: not a new recipient
+    assert new_pairs(host, user) == limit
+    db = host.file(RECIPIENTS_DB)  # the policy service's own, private database
+    assert (db.user, db.mode) == ("selfhost-mailrcpt", 0o600)
+    box = relay_mailbox(f"First-time {tag} 1")
+    deadline = time.monotonic() + 30
+    while box.count(f"First-time {tag} ") < limit + 1 and time.monotonic() < deadline:
+        time.sleep(1)
+        box = relay_mailbox(f"First-time {tag} 1")
+    assert [box.count(f"Subject: First-time {tag} {n}\n") for n in range(1, limit + 2)] == \
+        [2] + [1] * (limit - 1) + [0], box
+    alert = wait_alert(host, user)
+    assert f"Outbound limit: {user} may mail {limit} first-time recipients per day" in alert, \
+        alert
+
+
+def test_a_local_logins_new_recipients_past_the_daily_limit_are_held(host: Any) -> None:
+    """The same for a local program's sendmail (the sender is the login): the message to the
+    new recipient past the limit is held for the admin, a known recipient still gets mail."""
+    limit, login, tag = first_time_limit(host), "newsletter", uuid.uuid4().hex[:8]
+    sender = f"{login}@{NAME}"
+    host.run(f"id {login} || useradd --no-create-home --shell /usr/sbin/nologin {login}")
+
+    def send(n: int) -> None:
+        res = host.run(f"printf 'To: carol+{tag}-{n}@relay.test\\nSubject: Local first-time "
+                       f"{tag} {n}\\n\\nhello\\n' | runuser -u {login} -- /usr/sbin/sendmail -t")
+        assert res.rc == 0, res.stderr
+
+    for n in range(1, limit + 2):
+        send(n)
+    deadline = time.monotonic() + 60
+    while not held_of(host, sender):
+        assert time.monotonic() < deadline, host.check_output("postqueue -p")
+        time.sleep(1)
+    [held] = held_of(host, sender)
+    assert [r["address"] for r in held["recipients"]] == [f"carol+{tag}-{limit + 1}@relay.test"]
+    send(1)  # a known recipient
+    box = relay_mailbox(f"Local first-time {tag} 1")
+    deadline = time.monotonic() + 30
+    while box.count(f"Subject: Local first-time {tag} 1\n") < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+        box = relay_mailbox(f"Local first-time {tag} 1")
+    assert [box.count(f"Subject: Local first-time {tag} {n}\n") for n in range(1, limit + 2)] \
+        == [2] + [1] * (limit - 1) + [0], box
+    assert len(held_of(host, sender)) == 1 and new_pairs(host, sender) == limit
+    alert = wait_alert(host, sender)
+    assert f"Outbound limit: {sender} may mail {limit} first-time recipients per day" in alert, \
+        alert
+    host.run(f"postsuper -d {held['queue_id']} hold")
+
+
 def test_the_authoritative_zone_carries_the_dkim_key_opendkim_signs_with(host: Any) -> None:
     """Knot on the same host serves home.arpa: its DKIM record is the key opendkim-genkey made
     here (not a placeholder): the public half of the private key OpenDKIM signs with."""
