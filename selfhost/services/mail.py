@@ -24,7 +24,7 @@
 - **DKIM**: OpenDKIM rather than rspamd. OpenDKIM does one thing (sign) with a small, stable
   configuration and Debian's own tools (``opendkim-genkey``); rspamd would also filter spam,
   but it brings Redis, a web interface and a much larger configuration whose defaults change
-  between releases — spam filtering can come later as its own module or option. Keys are
+  between releases (spam filtering is SpamAssassin's, below). Keys are
   generated on the server (2048-bit RSA, ``/etc/opendkim/keys/DOMAIN/SELECTOR.private``) and
   never pass through the plan; each domain lists selectors, the first one signs and the
   others keep their keys (and DNS records) so a key can be rotated while mail signed with the
