@@ -209,7 +209,8 @@ def script(q: Query) -> str:
         # no-op deploy's time. Without a temporary directory, one after the other.
         # (Names of their own: other parts of the script set $d.)
         parts.append("selfhost_pd=$(mktemp -d /dev/shm/selfhost-par.XXXXXXXX 2>/dev/null || "
-                     "mktemp -d 2>/dev/null) || selfhost_pd=''; selfhost_pn=0\n"
+                     "mktemp -d \"${TMPDIR:-/tmp}/selfhost-par.XXXXXXXX\" 2>/dev/null) || "
+                     "selfhost_pd=''; selfhost_pn=0\n"
                      "par() { selfhost_pn=$((selfhost_pn+1)); if [ -n \"$selfhost_pd\" ]; then "
                      "eval \"$1\" > \"$selfhost_pd/$selfhost_pn\" 2>/dev/null & "
                      "else eval \"$1\"; fi; }")

@@ -112,18 +112,25 @@ def test_guards(tmp_path: Path) -> None:
     assert not [ln for ln in lines if "noise" in ln]  # guard output never reaches the parser
 
 
-@pytest.mark.parametrize("parallel", [True, False])
-def test_guards_are_read_at_the_same_time(tmp_path: Path, parallel: bool) -> None:
-    # Eight guards of 0.5 s each: together about 0.5 s, not 4 s. Without a temporary
-    # directory (mktemp fails), one after the other, with the same answers.
+@pytest.mark.parametrize("where", ["shm", "tmpdir", "none"])
+def test_guards_are_read_at_the_same_time(tmp_path: Path, where: str) -> None:
+    # Eight guards of 0.5 s each: together about 0.5 s, not 4 s. Without /dev/shm, in a
+    # directory under $TMPDIR (an earlier version made it there but never read it back: every
+    # guard and unit answer was lost); without any temporary directory (mktemp fails), one
+    # after the other, with the same answers.
     guards = tuple(f"sleep 0.5; test {i} -lt 4" for i in range(8))
     env = dict(os.environ)
-    if not parallel:
+    parallel = where != "none"
+    if where != "shm":
         stub = tmp_path / "bin"
         stub.mkdir()
-        (stub / "mktemp").write_text("#!/bin/sh\nexit 1\n")
+        real = shutil.which("mktemp")
+        (stub / "mktemp").write_text(
+            "#!/bin/sh\nexit 1\n" if where == "none" else
+            f'#!/bin/sh\ncase "$*" in */dev/shm/*) exit 1;; esac\nexec {real} "$@"\n')
         (stub / "mktemp").chmod(0o755)
         env["PATH"] = f"{stub}:{env['PATH']}"
+        env["TMPDIR"] = str(tmp_path)
     t0 = time.monotonic()
     res = subprocess.run(["/bin/sh", "-c", script(Query(guards=guards))], capture_output=True,
                          text=True, timeout=30, env=env)
@@ -132,6 +139,7 @@ def test_guards_are_read_at_the_same_time(tmp_path: Path, parallel: bool) -> Non
     st = parse(Query(guards=guards), res.stdout.splitlines())
     assert [st.guards[g] for g in guards] == [True] * 4 + [False] * 4
     assert (took < 3) if parallel else (took >= 4)
+    assert not list(tmp_path.glob("selfhost-par.*"))  # the $TMPDIR directory is removed too
 
 
 def test_the_parallel_reads_clean_up_only_their_own_directory(tmp_path: Path) -> None:
