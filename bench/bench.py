@@ -19,7 +19,7 @@ Figures (fresh bookworm containers from images/build, deploys with the real pyin
 4. validation + compile of generated models (N sites; N servers; one fleet file of N hosts
    loaded with ``load_fleet_text`` then ``compile_fleet``; one association server of N
    members): median time, peak memory.
-5. the whole catalog (examples/catalog.yaml: every service but the resolver and mail) on one
+5. the whole catalog (examples/catalog.yaml: every service but mail) on one
    host: first converge vs its apt floor, no-op re-deploys over @podman and SSH, check;
 6. mail: 1,000 messages over authenticated SMTP into a Maildir (examples/mail.yaml) vs a bare
    postfix delivering the same messages with its defaults;
@@ -441,8 +441,7 @@ def figure2(runs: int, deploy: str) -> dict[str, Any]:
 
 
 def figure5(runs: int, deploy: str, noop_only: bool = False) -> dict[str, Any]:
-    """The whole catalog on one host (examples/catalog.yaml: every service but the resolver
-    and mail): first converge vs its apt floor, then no-op re-deploys and checks."""
+    """The whole catalog on one host (examples/catalog.yaml: every service but mail): first converge vs its apt floor, then no-op re-deploys and checks."""
     key = TMP / "id_ed25519"
     if not key.exists():
         sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "selfhost-bench", "-f",

@@ -232,3 +232,32 @@ def test_the_other_host_s_own_vpn_and_the_tunnel_live_side_by_side() -> None:
     assert 'udp dport 51821 accept comment "wireguard-tunnels"' in rules
     units = [s.name for s in plan.steps if type(s).__name__ == "UnitState"]
     assert {"wg-quick@wg0.service", "wg-quick@wg1.service"} <= set(units)
+
+
+def test_a_tunnel_taken_out_of_the_model_is_stopped_on_the_other_host_too() -> None:
+    """The far end lives in `friend`'s plan although `friend`'s part of the model never names
+    it: the removal manifest covers the module serving it, so once the tunnel leaves `home`'s
+    model, the next deploy of `friend` stops its unit and removes its configuration (the
+    controller keeps the key), instead of leaving a tunnel up that nobody declares."""
+    from selfhost.compile.removal import MANIFEST, removal_commands, removed
+
+    before = {h: p.files()[MANIFEST] for h, p in plans_of().items()}
+    assert "wireguard-tunnels" in json.loads(before["friend"])["services"]
+    model = data()
+    del model["hosts"]["home"]["services"]["wireguard"]["tunnels"]
+    after = {h: p.files()[MANIFEST] for h, p in plans_of(model).items()}
+    assert "wireguard-tunnels" not in json.loads(after["friend"])["services"]
+    [gone] = removed(before["friend"], after["friend"])
+    assert gone.path == "wireguard-tunnels" and not gone.partial
+    assert gone.units == ("wg-quick@wg1.service",)
+    # The private key goes too: the controller's key store keeps it, as it made it.
+    assert gone.files == (CONF, KEY)
+    cmds = "\n".join(removal_commands(gone, False, ()))
+    assert "systemctl disable --now" in cmds and "wg1" in cmds
+    # On `home` the tunnel was part of services.wireguard, which stays: that part is undone.
+    [part] = removed(before["home"], after["home"])
+    assert part.partial and part.path == "services.wireguard"
+    assert CONF in part.files and part.label.startswith("part of services.wireguard (")
+    # A second deploy of the same model removes nothing.
+    assert removed(after["friend"], after["friend"]) == []
+    assert removed(before["home"], before["home"]) == []

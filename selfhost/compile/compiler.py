@@ -27,6 +27,7 @@ from selfhost.compile.target import Target
 from selfhost.compose.keys import FakeKeyStore, KeyStore
 from selfhost.compose.module import Contribution, Problem
 from selfhost.compose.requests import (
+    CROSS_HOST,
     AbsentPackage,
     BackupSource,
     DnsRecord,
@@ -128,7 +129,12 @@ def expected_rows(parts: list[tuple[str, Contribution]], manifest: str,
 
 def service_manifest(routed: Routed, parts: list[tuple[str, Contribution]]
                      ) -> dict[str, dict[str, list[str]]]:
-    """What each service module owns on the host (for removal when it leaves the model)."""
+    """What each service module owns on the host (for removal when it, or a part of it, leaves
+    the model): the services, and the modules serving other hosts of the fleet (providers of a
+    cross-host request kind: a tunnel's far end, a backup MX, a DNS secondary, a backup
+    peer's accounts), whose part of the model is on those other hosts."""
+    serving = {path for path, m in routed.modules
+               if any(kind in CROSS_HOST for kind in m.provides)}
     data: dict[str, list[str]] = {}
     for r in routed.requests.get(BackupSource, []):
         if isinstance(r, BackupSource):
@@ -136,7 +142,8 @@ def service_manifest(routed: Routed, parts: list[tuple[str, Contribution]]
             data.setdefault(owner, []).append(r.path)
     out: dict[str, dict[str, list[str]]] = {}
     for path, c in parts:
-        if not path.startswith("services.") or not (c.units or c.files or c.packages):
+        if not (path.startswith("services.") or path in serving) or not (
+                c.units or c.files or c.packages):
             continue
         out[path] = {"units": sorted(u.name for u in c.units),
                      "files": sorted(f.path for f in c.files),

@@ -143,7 +143,7 @@ def step_changes(step: Step, state: State, changed: set[str] | None = None,
         from selfhost.compile.removal import removed
 
         gone = removed(state.manifest, step.manifest)
-        return [Change("remove-services", ", ".join(r.path for r in gone))] if gone else []
+        return [Change("remove-services", ", ".join(r.label for r in gone))] if gone else []
     if isinstance(step, Sync):
         return []  # expanded into files by the deploy
     return []

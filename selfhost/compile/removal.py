@@ -8,6 +8,13 @@ Debian package owns: a package's conffile is left to the package), and purges it
 when the model asks for it (``removal.purge_packages``), never one the new plan still needs.
 Its data is never deleted: the deploy says where it stays.
 
+A service still in the model can lose a part too (a member of an association, a WireGuard
+tunnel to a friend's host, a backup account kept for another host of the fleet): the units
+and files it owned before and no module of the new plan owns any more are undone the same
+way. The manifest covers the services (``services.*``) and the modules that serve other hosts
+of the fleet (their cross-host requests: a tunnel's far end, a backup MX, a DNS secondary, a
+backup peer's account), whose part of the model is on the other host.
+
 Both functions are pure: the backend runs their commands; ``selfhost check`` can show them.
 """
 
@@ -32,11 +39,20 @@ class Removed:
     files: tuple[str, ...]
     packages: tuple[str, ...]
     data: tuple[str, ...]
+    partial: bool = False
+    """Only a part of the service left the model (the service itself is still there)."""
+
+    @property
+    def label(self) -> str:
+        """What left the model, as the deploy log and ``selfhost check`` name it."""
+        if not self.partial:
+            return self.path
+        return f"part of {self.path} ({', '.join(self.units or self.files)})"
 
     def describe(self) -> str:
         kept = ", ".join(self.data) or "nothing"
-        return (f"{self.path} was removed from the model: units {', '.join(self.units) or '-'}"
-                f" stopped and disabled; its data is kept: {kept}")
+        return (f"{self.label} was removed from the model: units "
+                f"{', '.join(self.units) or '-'} stopped and disabled; its data is kept: {kept}")
 
 
 def manifest_text(modules: dict[str, dict[str, list[str]]]) -> str:
@@ -62,15 +78,23 @@ def removed(old_text: str | None, new_text: str) -> list[Removed]:
     still_files = {f for m in new.values() for f in m.get("files", [])}
     still_packages = {p for m in new.values() for p in m.get("packages", [])}
     out = []
-    for path in sorted(set(old) - set(new)):
+    for path in sorted(old):
         m = old[path]
-        out.append(Removed(
-            path,
-            tuple(u for u in m.get("units", []) if u not in still_units),
-            tuple(f for f in m.get("files", []) if f not in still_files),
-            tuple(p for p in m.get("packages", []) if p not in still_packages),
-            tuple(m.get("data", [])),
-        ))
+        units = tuple(u for u in m.get("units", []) if u not in still_units)
+        files = tuple(f for f in m.get("files", []) if f not in still_files)
+        if path not in new:
+            out.append(Removed(
+                path, units, files,
+                tuple(p for p in m.get("packages", []) if p not in still_packages),
+                tuple(m.get("data", [])),
+            ))
+        elif units or files:
+            # The service stays: its packages stay too, and only the data paths it no longer
+            # backs up are named as kept.
+            kept = set(new[path].get("data", []))
+            out.append(Removed(path, units, files, (),
+                               tuple(d for d in m.get("data", []) if d not in kept),
+                               partial=True))
     return out
 
 
@@ -86,7 +110,7 @@ def removal_commands(r: Removed, purge: bool, all_packages: tuple[str, ...]) -> 
     if purge and packages:
         cmds.append("DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq "
                     + " ".join(q(p) for p in packages) + " >/dev/null")
-    record = f"{r.path}\t$(date -u +%Y-%m-%dT%H:%MZ)\t{' '.join(r.data) or '-'}"
+    record = f"{r.label}\t$(date -u +%Y-%m-%dT%H:%MZ)\t{' '.join(r.data) or '-'}"
     cmds.append(f"mkdir -p {q(REMOVED.rsplit('/', 1)[0])} && printf '%s\\n' \"{record}\" >> "
                 f"{q(REMOVED)}")
     return cmds
