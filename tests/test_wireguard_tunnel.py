@@ -250,8 +250,9 @@ def test_a_tunnel_taken_out_of_the_model_is_stopped_on_the_other_host_too() -> N
     [gone] = removed(before["friend"], after["friend"])
     assert gone.path == "wireguard-tunnels" and not gone.partial
     assert gone.units == ("wg-quick@wg1.service",)
-    # The private key goes too: the controller's key store keeps it, as it made it.
-    assert gone.files == (CONF, KEY)
+    # The configuration made on the host (with the key) and the private key go too: the
+    # controller's key store keeps the key, as it made it.
+    assert gone.files == ("/etc/wireguard/wg1.conf", CONF, KEY)
     cmds = "\n".join(removal_commands(gone, False, ()))
     assert "systemctl disable --now" in cmds and "wg1" in cmds
     # On `home` the tunnel was part of services.wireguard, which stays: that part is undone.

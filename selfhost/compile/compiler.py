@@ -146,7 +146,8 @@ def service_manifest(routed: Routed, parts: list[tuple[str, Contribution]]
                 c.units or c.files or c.packages):
             continue
         out[path] = {"units": sorted(u.name for u in c.units),
-                     "files": sorted(f.path for f in c.files),
+                     "files": sorted({f.path for f in c.files}
+                                     | {p for cmd in c.commands for p in cmd.creates}),
                      "packages": sorted(set(c.packages)),
                      "data": sorted(set(data.get(path, [])))}
     return out

@@ -116,6 +116,11 @@ class Command:
     phase installs packages anyway, they are installed in that one apt run (a second run
     would pay for the hooks the first one installed: needrestart, apt-listchanges), and the
     guard, tested again before the command, then holds."""
+    creates: tuple[str, ...] = ()
+    """Files ``command`` writes on the host (not managed files: e.g. a configuration made
+    there with a key that never passes through the plan). They are in the removal manifest
+    with the module's managed files, so they go when the module, or its part, leaves the
+    model."""
 
     @property
     def late(self) -> bool:

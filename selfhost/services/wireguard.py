@@ -424,7 +424,7 @@ def assemble(interface: str, whose: str, on_change: tuple[str, ...]) -> Command:
         f"umask 077 && {{ sed -n '1,/^\\[Interface\\]/p' {template} && "
         f"printf 'PrivateKey = %s\\n' \"$(cat {DIR}/{interface}.key)\" && "
         f"sed '1,/^\\[Interface\\]/d' {template}; }} > {conf}.new && mv {conf}.new {conf}",
-        on_change=on_change)
+        on_change=on_change, creates=(conf,))
 
 
 def validate_conf(interface: str) -> str:

@@ -10,6 +10,7 @@ the partner's own, a handshake is recent on both ends, and pings cross the tunne
 from __future__ import annotations
 
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -78,3 +79,46 @@ def test_a_recent_handshake_and_pings_through_the_tunnel(host: Any, me: dict[str
 def test_the_port_is_open_in_the_firewall(host: Any) -> None:
     rules = host.check_output("nft list table inet selfhost")
     assert "udp dport 51821 accept" in rules
+
+
+def test_zz_taking_the_tunnel_out_of_the_model_stops_both_ends(host: Any,
+                                                               me: dict[str, Any]) -> None:
+    """Last (it changes the hosts): the tunnel leaves `home`'s part of the fleet file, and one
+    deploy of both hosts stops both ends. `friend`'s own part of the model never named the
+    tunnel: its end goes because the removal manifest covers the module serving it. Run once
+    per release, from the friend's side."""
+    name = str(host.backend.name)
+    if not name.startswith("friend-"):
+        pytest.skip("run once per release, from the friend's side")
+    home = me["peer"]
+    fleet = yaml.safe_load((HERE / "fleet.yaml").read_text())
+    del fleet["hosts"][home]["services"]["wireguard"]["tunnels"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fleet.yaml"
+        path.write_text(yaml.safe_dump(fleet))
+        inventory = Path(tmp) / "inventory.py"
+        inventory.write_text(
+            f"hosts = [(f'@podman/wgf-{{h}}', {{'selfhost_config': {str(path)!r}, "
+            f"'selfhost_host': h}}) for h in {[home, name]!r}]\n")
+        repo = HERE.parents[1]
+        res = subprocess.run([str(repo / ".venv" / "bin" / "pyinfra"), "-y", str(inventory),
+                              "deploys/home_server.py"], cwd=repo, capture_output=True,
+                             text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    assert "part of services.wireguard" in log and "wireguard-tunnels was removed" in log, log
+    for who in (name, home):
+        state = podman_exec(who, "systemctl", "is-active", f"wg-quick@{IFACE}")
+        assert state.stdout.strip() in ("inactive", "failed"), (who, state.stdout)
+        enabled = podman_exec(who, "systemctl", "is-enabled", f"wg-quick@{IFACE}")
+        assert enabled.stdout.strip() != "enabled", (who, enabled.stdout)
+        for left in (f"{IFACE}.conf.selfhost", f"{IFACE}.conf", f"{IFACE}.key"):
+            gone = podman_exec(who, "test", "-e", f"/etc/wireguard/{left}")
+            assert gone.returncode == 1, (who, left)
+        link = podman_exec(who, "ip", "link", "show", IFACE)
+        assert link.returncode != 0, (who, link.stdout)
+    # `selfhost check` names what left the model on the friend's host.
+    removed = podman_exec(name, "cat", "/var/lib/selfhost/removed.tsv")
+    assert removed.stdout.startswith("wireguard-tunnels\t"), removed.stdout
+    rules = podman_exec(name, "nft", "list", "table", "inet", "selfhost")
+    assert "udp dport 51821 accept" not in rules.stdout
