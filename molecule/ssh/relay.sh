@@ -40,7 +40,7 @@ up() {
     echo "postfix postfix/main_mailer_type select Internet Site" | debconf-set-selections
     echo "postfix postfix/mailname string relay.test" | debconf-set-selections
     apt-get update -qq -o Acquire::http::Timeout=30 -o Acquire::Retries=3
-    apt-get install -y -qq --no-install-recommends postfix dovecot-core openssl >/dev/null
+    apt-get install -y -qq -o Acquire::http::Timeout=30 -o Acquire::Retries=3 --no-install-recommends postfix dovecot-core openssl >/dev/null
   '
   podman network disconnect podman "$relay"
   podman network connect --ip "$ip" "$net" "$relay"
