@@ -346,6 +346,9 @@ class AssociationService(Service):
                 "; service (see selfhost.services.association); the header names the script.",
                 "php_admin_value[sendmail_path] = /usr/sbin/sendmail -t -i",
                 "php_admin_flag[mail.add_x_header] = on",
+                "; Each mail() call logged (syslog, identifier php) with the script's full path:",
+                "; the alert over a limit names the member's site and script from it.",
+                "php_admin_value[mail.log] = syslog",
             ] if mail else [
                 "; No mail(): this host has no mail service to count and hold it.",
                 "php_admin_value[sendmail_path] = /bin/false",
