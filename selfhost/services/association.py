@@ -66,6 +66,7 @@ from selfhost.compose.requests import (
     HealthCheck,
     Request,
     SystemUser,
+    TrafficWatch,
     VirtualHost,
 )
 from selfhost.compose.resources import (
@@ -134,6 +135,17 @@ class Plan(StrictModel):
                            "body) accepted by the member's sites, in MB.")
     databases: int = Field(default=0, ge=0, le=100, description="How many MariaDB databases "
                            "the member may have (0: none).")
+    post_per_minute: int = Field(default=20, ge=0, le=100_000, description="POST requests "
+                                 "(form submissions, logins) one client address may send to "
+                                 "the member's sites within a minute; beyond, that address is "
+                                 "banned from the web ports (fail2ban, for the hardening's ban "
+                                 "time): a script flooding a form is cut off. 0: no limit.")
+    spike_requests_per_minute: int = Field(default=600, ge=0, le=10_000_000, description=(
+        "Requests a minute to one of the member's sites above which the admins are alerted "
+        "(a traffic spike: the early sign of an abused form or a hacked site). 0: no alert."))
+    spike_mb_per_minute: int = Field(default=200, ge=0, le=1_000_000, description=(
+        "MB a minute served by one of the member's sites above which the admins are alerted. "
+        "0: no alert."))
 
 
 def _default_plans() -> dict[str, Plan]:
@@ -290,7 +302,11 @@ class AssociationService(Service):
                 out.append(VirtualHost(
                     s.domain, root=m.docroot(s.domain),
                     php_fastcgi=socket_of(m.name) if s.php else None,
-                    max_body_mb=plan.upload_mb, origin=f"{origin}.sites.{j}"))
+                    max_body_mb=plan.upload_mb, watch=TrafficWatch(
+                        post_max=plan.post_per_minute, post_seconds=60,
+                        requests_per_minute=plan.spike_requests_per_minute,
+                        mb_per_minute=plan.spike_mb_per_minute),
+                    origin=f"{origin}.sites.{j}"))
         if self.databases():
             out.append(BackupSource(DUMP, before=DUMP_SCRIPT))
             out.append(HealthCheck("unit", "mariadb.service"))
