@@ -47,9 +47,15 @@ per sender and pins that sender to the login (``local_login_sender_maps``: the m
 user can only send as ``MEMBER@server``), holding the member's mail past the limits and
 alerting the admin: so the pools allow ``mail()`` (``sendmail_path = /usr/sbin/sendmail -t
 -i``, run as the member's user) with ``mail.add_x_header`` on, which names the script in
-an ``X-PHP-Originating-Script`` header that the alert and ``selfhost held`` show. No
+an ``X-PHP-Originating-Script`` header that the alert and ``selfhost held`` show (only the
+file's base name: PHP's ``mail.log``, sent to syslog, gives the full path, from which the
+alert names the member's site). No
 per-member SMTP credentials are needed, and the other members' mail keeps flowing when one
 member's form is abused.
+
+**Watching the sites.** Each member site's virtual host carries the plan's traffic watch:
+the web module bans a client over ``post_per_minute`` POSTs (fail2ban over Caddy's access
+log) and alerts the admins on request or bandwidth spikes.
 """
 
 from __future__ import annotations

@@ -11,7 +11,10 @@ HTTPS uses Caddy's internal CA for names that are not publicly resolvable (``hom
 requests ports 80 and 443 (in the widest zone of its hosts), each static site's root and
 Caddy's certificates as backup sources, a CNAME per host name, and, when a host has logins,
 a fail2ban jail on failed logins and a firewall guard so that only Caddy reaches the
-upstream it authenticates for.
+upstream it authenticates for. A virtual host with a traffic watch (``watch``: a member's
+site) gets a fail2ban jail banning a client over its POST limit (one jail per limit, over
+the hosts' JSON access logs) and a line in ``/etc/selfhost/web-watch.txt``, read every minute
+by ``web-spikes.sh``, which alerts root (every admin) on a request or bandwidth spike.
 """
 
 from __future__ import annotations
