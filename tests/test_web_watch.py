@@ -136,3 +136,23 @@ def test_bandwidth_spikes_alert_too(tmp_path: Path) -> None:
                       max_req=0, max_mb=1)
     assert "2 MB served (most 1) in the last minute" in sent, sent
     assert "requests (most" not in sent
+
+
+def test_a_long_phase_is_sent_in_parts_below_the_argument_limit() -> None:
+    """A first deploy of the association example reloads about 20 units: as one batched
+    script it passed Linux's 128 KiB limit for one argument (quoted twice by the podman
+    connector) and failed with E2BIG; the batch is split."""
+    from selfhost.backend import pyinfra as backend
+    from selfhost.state import State
+
+    cmds = [f"echo {i} {'x' * 6000}" for i in range(20)]
+    gen = backend.plan_phase._inner  # type: ignore[attr-defined]
+    orig = backend._phase_commands
+    backend._phase_commands = lambda *a, **k: iter(cmds)  # type: ignore[assignment]
+    try:
+        out = list(gen("reloads", [], {}, State(), set()))
+    finally:
+        backend._phase_commands = orig  # type: ignore[assignment]
+    assert len(out) > 1
+    assert all(len(c) <= backend.BATCH_MAX + 200 for c in out)
+    assert "".join(out).count("echo ") == 20
