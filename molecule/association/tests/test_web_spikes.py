@@ -45,11 +45,16 @@ def banned(host: Any) -> list[str]:
 def setup(host: Any) -> Iterator[None]:
     assert host.run("postconf -e defer_transports=smtp && postfix reload").rc == 0
     host.run(f"ip addr add {CLIENT}/32 dev lo")
+    # fail2ban 1.1 (Debian 13) counts every address of the host's interfaces as itself
+    # (ignoreself), so the test's client on lo would never be banned there (seen failing):
+    # for the test only, at run time (the next restart of fail2ban puts it back).
+    assert host.run(f"fail2ban-client set {JAIL} ignoreself false").rc == 0
     host.run(f"printf '%s' '<?php echo \"thanks\";' > {DOCROOT}/form.php && "
              f"printf 'hello\\n' > {DOCROOT}/hello.txt && "
              f"chown alpha:alpha {DOCROOT}/form.php {DOCROOT}/hello.txt")
     yield
     host.run(f"fail2ban-client set {JAIL} unbanip {CLIENT}")
+    host.run(f"fail2ban-client set {JAIL} ignoreself true")
     host.run(f"ip addr del {CLIENT}/32 dev lo")
     host.run("postconf -X defer_transports && postfix reload")
     host.run("postqueue -j | python3 -c \"import json,sys; [print(e['queue_id']) for e in "
