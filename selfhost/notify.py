@@ -133,5 +133,5 @@ def contribute(server: Server) -> Contribution:
     lines += ["", "account default : selfhost", ""]
     c.files.append(ManagedFile(MSMTPRC, "\n".join(lines), mode="0644"))
     c.files.append(ManagedFile(ALIASES, "# Managed by selfhost: local recipients -> the admin.\n"
-                               f"default: {n.email}\n", mode="0644"))
+                               f"default: {', '.join(server.alert_addresses)}\n", mode="0644"))
     return c

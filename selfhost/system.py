@@ -7,7 +7,7 @@ import shlex
 from typing import TYPE_CHECKING, ClassVar
 
 from selfhost.apt import APT_GET
-from selfhost.compose.module import Contribution, Env, Module
+from selfhost.compose.module import Contribution, Env, Module, Problem
 from selfhost.compose.requests import DnsRecord, HealthCheck, Request, Sendmail, SystemUser
 from selfhost.compose.resources import Command, ManagedFile
 
@@ -34,6 +34,24 @@ class System(Module):
         return [DnsRecord(server.fqdn, "A" if a.version == 4 else "AAAA", str(a),
                           origin=env.path.removesuffix("system") + f"addresses.{kind}.{i}")
                 for i, a in enumerate(getattr(server.addresses, kind))]
+
+    def assertions(self, env: Env) -> list[Problem]:
+        """An admin's alert address must not be root's own (a loop), and must be reachable:
+        without ``notify`` or a mail server on the host, nothing sends root's mail."""
+        server = env.server
+        out = []
+        own = {f"{local}@{server.fqdn}" for local in ("root", "postmaster")}
+        for i, a in enumerate(server.admins):
+            if a.email is None:
+                continue
+            if a.email.lower() in own:
+                out.append(Problem(("admins", i, "email"), f"{a.email} is where root's mail "
+                                   "comes from: it would loop; give the admin's own address"))
+            elif not env.has_sendmail():
+                out.append(Problem(("admins", i, "email"), f"{a.email} gets no alert: the "
+                                   "host sends no mail without `notify` (a relay) or the mail "
+                                   "service", severity="warning"))
+        return out
 
     def contribute(self, env: Env) -> Contribution:
         c = base_contribution(env.server)

@@ -703,6 +703,9 @@ def plan_phase(phase: str, steps: list[Any], files: dict[str, bytes], state: Sta
     for cmd in _phase_commands(steps, files, state, changed, owed or {}, early or [],
                                extra or []):
         if isinstance(cmd, str):
+            if batch and sum(len(c) for c in batch) + len(cmd) > BATCH_MAX:
+                yield _join(batch)
+                batch = []
             batch.append(cmd)
             continue
         if batch:
@@ -712,6 +715,12 @@ def plan_phase(phase: str, steps: list[Any], files: dict[str, bytes], state: Sta
     if batch:
         yield _join(batch)
 
+
+BATCH_MAX = 32 * 1024
+"""A batched script is sent in parts of about this size: one shell argument may not exceed
+128 KiB on Linux, and the connectors quote the script once more (podman: ``sh -c`` inside
+``sh -c``), so a first deploy's reloads (about 20 units of 4-8 KiB each) failed as one
+script with ``Argument list too long``."""
 
 TIMINGS_ENV = "SELFHOST_TIMINGS"
 """Set (to a file path on the target, e.g. /run/selfhost-timings) to profile a deploy: each

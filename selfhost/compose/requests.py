@@ -206,6 +206,19 @@ class BasicAuthUser:
 
 
 @dataclass(frozen=True)
+class TrafficWatch:
+    """What the web server watches in a virtual host's access log: a client sending more
+    than ``post_max`` POST requests within ``post_seconds`` is banned (fail2ban; 0: no
+    limit); more than ``requests_per_minute`` requests or ``mb_per_minute`` MB served in
+    one minute alert the admins (0: not watched)."""
+
+    post_max: int = 0
+    post_seconds: int = 60
+    requests_per_minute: int = 0
+    mb_per_minute: int = 0
+
+
+@dataclass(frozen=True)
 class VirtualHost(Request):
     """An HTTPS virtual host of the web server: static files from ``root``, or a reverse proxy
     to ``upstream`` (``127.0.0.1:PORT``, a local service only). With ``root`` and
@@ -226,6 +239,8 @@ class VirtualHost(Request):
     """Extra response headers (name, value)."""
     max_body_mb: int = 0
     """Largest request body accepted (0: the web server's default)."""
+    watch: TrafficWatch | None = None
+    """POST rate limit and traffic spike alerts, from the access log (none: not watched)."""
 
     def key(self) -> object:
         return ("vhost", self.host)
@@ -309,6 +324,8 @@ class Jail(Request):
     logpath: str | None = None
     journalmatch: str | None = None
     maxretry: int | None = None
+    findtime: int | None = None
+    """Seconds in which ``maxretry`` matches ban (default: the hardening's window)."""
     filter_definition: str | None = None
 
     def key(self) -> object:

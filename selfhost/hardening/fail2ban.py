@@ -61,6 +61,8 @@ class Fail2banHardening(Control):
                 out += ["backend = auto", f"logpath = {jail.logpath}"]
             if jail.maxretry:
                 out.append(f"maxretry = {jail.maxretry}")
+            if jail.findtime:
+                out.append(f"findtime = {jail.findtime}")
             if jail.name == "sshd":
                 out.append("mode = aggressive")
             out.append("")
@@ -91,8 +93,10 @@ class Fail2banHardening(Control):
             return c
         jails = env.incoming(Jail)
         c.packages += ["fail2ban", "python3-systemd"]
+        filters: set[str] = set()  # jails may share a filter: written once
         for jail in sorted(jails, key=lambda j: j.name):
-            if jail.filter_definition and jail.filter:
+            if jail.filter_definition and jail.filter and jail.filter not in filters:
+                filters.add(jail.filter)
                 c.files.append(ManagedFile(f"/etc/fail2ban/filter.d/{jail.filter}.conf",
                                            jail.filter_definition))
         trusted = trusted_addresses(env)
@@ -100,8 +104,7 @@ class Fail2banHardening(Control):
         # Restart, not reload: fail2ban 1.1 (Debian 13) drops a jail's actions when a reload
         # changes its banaction (Debian's default `nftables` -> our `nftables-multiport`), and
         # the jail then bans nobody. Bans survive a restart (fail2ban's database restores them).
-        reload_on = (JAIL_CONF, *(f"/etc/fail2ban/filter.d/{j.filter}.conf" for j in jails
-                                  if j.filter_definition and j.filter))
+        reload_on = (JAIL_CONF, *sorted(f"/etc/fail2ban/filter.d/{f}.conf" for f in filters))
         c.units.append(Unit("fail2ban.service", reload_on=reload_on, reload=False))
         return c
 

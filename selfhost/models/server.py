@@ -66,6 +66,15 @@ class Admin(StrictModel):
         "`password_hash`.",
     )
     sudo: bool = Field(default=True, description="Member of the sudo group.")
+    email: str | None = Field(
+        default=None, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$",
+        description="Optional address where this admin gets the server's alerts (root's "
+        "mail: a member's mail held over a limit, failed backups, update reports), besides "
+        "`notify.email`: every admin with an address gets each alert. An outside address, "
+        "or on a host with the mail service a local one (LOGIN@HOSTNAME.DOMAIN, delivered "
+        "to /var/mail/LOGIN, or a mailbox of the mail domains). Not root's or "
+        "postmaster's own address (a loop).",
+    )
 
     # A plaintext password given by mistake must not end up in an error message or a log.
     model_config = ConfigDict(hide_input_in_errors=True)
@@ -215,6 +224,17 @@ class Server(StrictModel):
     @property
     def fqdn(self) -> str:
         return f"{self.hostname}.{self.domain}"
+
+    @property
+    def alert_addresses(self) -> list[str]:
+        """Where root's mail (the alerts) goes: ``notify.email`` and every admin's ``email``,
+        each once, in the model's order."""
+        out: list[str] = []
+        for a in ([self.notify.email] if self.notify is not None else []) + [
+                a.email for a in self.admins if a.email is not None]:
+            if a.lower() not in (o.lower() for o in out):
+                out.append(a)
+        return out
 
     @property
     def base_dir(self) -> Path:

@@ -47,9 +47,15 @@ per sender and pins that sender to the login (``local_login_sender_maps``: the m
 user can only send as ``MEMBER@server``), holding the member's mail past the limits and
 alerting the admin: so the pools allow ``mail()`` (``sendmail_path = /usr/sbin/sendmail -t
 -i``, run as the member's user) with ``mail.add_x_header`` on, which names the script in
-an ``X-PHP-Originating-Script`` header that the alert and ``selfhost held`` show. No
+an ``X-PHP-Originating-Script`` header that the alert and ``selfhost held`` show (only the
+file's base name: PHP's ``mail.log``, sent to syslog, gives the full path, from which the
+alert names the member's site). No
 per-member SMTP credentials are needed, and the other members' mail keeps flowing when one
 member's form is abused.
+
+**Watching the sites.** Each member site's virtual host carries the plan's traffic watch:
+the web module bans a client over ``post_per_minute`` POSTs (fail2ban over Caddy's access
+log) and alerts the admins on request or bandwidth spikes.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ from selfhost.compose.requests import (
     HealthCheck,
     Request,
     SystemUser,
+    TrafficWatch,
     VirtualHost,
 )
 from selfhost.compose.resources import (
@@ -134,6 +141,17 @@ class Plan(StrictModel):
                            "body) accepted by the member's sites, in MB.")
     databases: int = Field(default=0, ge=0, le=100, description="How many MariaDB databases "
                            "the member may have (0: none).")
+    post_per_minute: int = Field(default=20, ge=0, le=100_000, description="POST requests "
+                                 "(form submissions, logins) one client address may send to "
+                                 "the member's sites within a minute; beyond, that address is "
+                                 "banned from the web ports (fail2ban, for the hardening's ban "
+                                 "time): a script flooding a form is cut off. 0: no limit.")
+    spike_requests_per_minute: int = Field(default=600, ge=0, le=10_000_000, description=(
+        "Requests a minute to one of the member's sites above which the admins are alerted "
+        "(a traffic spike: the early sign of an abused form or a hacked site). 0: no alert."))
+    spike_mb_per_minute: int = Field(default=200, ge=0, le=1_000_000, description=(
+        "MB a minute served by one of the member's sites above which the admins are alerted. "
+        "0: no alert."))
 
 
 def _default_plans() -> dict[str, Plan]:
@@ -290,7 +308,11 @@ class AssociationService(Service):
                 out.append(VirtualHost(
                     s.domain, root=m.docroot(s.domain),
                     php_fastcgi=socket_of(m.name) if s.php else None,
-                    max_body_mb=plan.upload_mb, origin=f"{origin}.sites.{j}"))
+                    max_body_mb=plan.upload_mb, watch=TrafficWatch(
+                        post_max=plan.post_per_minute, post_seconds=60,
+                        requests_per_minute=plan.spike_requests_per_minute,
+                        mb_per_minute=plan.spike_mb_per_minute),
+                    origin=f"{origin}.sites.{j}"))
         if self.databases():
             out.append(BackupSource(DUMP, before=DUMP_SCRIPT))
             out.append(HealthCheck("unit", "mariadb.service"))
@@ -346,6 +368,9 @@ class AssociationService(Service):
                 "; service (see selfhost.services.association); the header names the script.",
                 "php_admin_value[sendmail_path] = /usr/sbin/sendmail -t -i",
                 "php_admin_flag[mail.add_x_header] = on",
+                "; Each mail() call logged (syslog, identifier php) with the script's full path:",
+                "; the alert over a limit names the member's site and script from it.",
+                "php_admin_value[mail.log] = syslog",
             ] if mail else [
                 "; No mail(): this host has no mail service to count and hold it.",
                 "php_admin_value[sendmail_path] = /bin/false",

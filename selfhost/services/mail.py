@@ -610,6 +610,10 @@ class MailService(Service):
         if notify is not None and notify.email.lower() in senders:
             out.append(Problem(("notify", "email"), f"{notify.email} is a send-only account "
                                "of the mail server: the admin's mail would be refused"))
+        for i, admin in enumerate(env.server.admins):
+            if admin.email is not None and admin.email.lower() in senders:
+                out.append(Problem(("admins", i, "email"), f"{admin.email} is a send-only "
+                                   "account of the mail server: the alerts would be refused"))
         return out
 
     # ------------------------------------------------------------------ model checks
@@ -1089,10 +1093,10 @@ class MailService(Service):
         mailboxes = "".join(f"{b} {b.split('@')[1]}/{b.split('@')[0]}/\n"
                             for b in sorted(boxes) if b not in self.send_only())
         alias_lines: list[str] = []
-        notify = env.server.notify
-        if notify is not None:  # the system's own mail (cron, updates) goes to the admin
+        alerts = env.server.alert_addresses
+        if alerts:  # the system's own mail (cron, updates, alerts) goes to every admin
             for local in ("root", "postmaster"):
-                alias_lines.append(f"{local}@{env.server.fqdn} {notify.email}")
+                alias_lines.append(f"{local}@{env.server.fqdn} {', '.join(alerts)}")
         for a in sorted(self.aliases, key=lambda a: a.address):
             alias_lines.append(f"{a.address} {', '.join(a.to)}")
         for d in sorted(self.domains, key=lambda d: d.name):
@@ -1800,9 +1804,9 @@ class BackupMxServer(Module):
         transport = sorted({(d, r.primary) for r in reqs for d in r.domains})
         primaries = sorted({r.primary for r in reqs})
         senders = sorted({d for r in reqs for d in r.reject_senders})
-        notify = env.server.notify
-        aliases = ([f"{local}@{env.server.fqdn} {notify.email}\n"
-                    for local in ("root", "postmaster")] if notify is not None else [])
+        alerts = env.server.alert_addresses
+        aliases = ([f"{local}@{env.server.fqdn} {', '.join(alerts)}\n"
+                    for local in ("root", "postmaster")] if alerts else [])
         return {
             RELAY_RECIPIENTS: head + "".join(f"{a} OK\n" for a in recipients),
             RELAY_TRANSPORT: head + "".join(f"{d} smtp:[{p}]:25\n" for d, p in transport),

@@ -11,7 +11,10 @@ HTTPS uses Caddy's internal CA for names that are not publicly resolvable (``hom
 requests ports 80 and 443 (in the widest zone of its hosts), each static site's root and
 Caddy's certificates as backup sources, a CNAME per host name, and, when a host has logins,
 a fail2ban jail on failed logins and a firewall guard so that only Caddy reaches the
-upstream it authenticates for.
+upstream it authenticates for. A virtual host with a traffic watch (``watch``: a member's
+site) gets a fail2ban jail banning a client over its POST limit (one jail per limit, over
+the hosts' JSON access logs) and a line in ``/etc/selfhost/web-watch.txt``, read every minute
+by ``web-spikes.sh``, which alerts root (every admin) on a request or bandwidth spike.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from selfhost.compose.requests import (
     Port,
     Request,
     SystemUser,
+    TrafficWatch,
     VirtualHost,
     Zone,
 )
@@ -226,6 +230,7 @@ class WebService(Service):
             out.append(Jail("caddy-auth", port="80,443", filter="selfhost-caddy-auth",
                             logpath="\n          ".join(log_file(v.host) for v in logins),
                             filter_definition=AUTH_FILTER))
+        out += post_jails(vhosts)
         for v in logins:
             if v.upstream:
                 out.append(LoopbackGuard(int(v.upstream.rsplit(":", 1)[1]), ("caddy", "root"),
@@ -340,7 +345,7 @@ class WebService(Service):
             group="caddy" if secrets else "root", secrets=secrets,
             validate="caddy validate --adapter caddyfile --config {path}"))
         for v in vhosts:
-            if v.auth:
+            if v.auth or (v.watch is not None and v.watch.post_max):
                 # fail2ban reads these logs: they must exist before fail2ban (re)starts.
                 log = log_file(v.host)
                 c.commands.append(Command(
@@ -348,6 +353,7 @@ class WebService(Service):
                     f" && install -o caddy -g adm -m 0640 /dev/null {log}",
                     unless=f"test -e {log}"))
         c.units.append(Unit("caddy.service", reload_on=(CADDYFILE,)))
+        spike_contribute(c, vhosts)
         if certs:
             c.directories.append(ManagedDir(CERT_DIR, "0755"))
             c.directories.append(ManagedDir("/usr/local/lib/selfhost", "0755"))
@@ -361,6 +367,60 @@ class WebService(Service):
 
 def log_file(host: str) -> str:
     return f"/var/log/caddy/{host}.log"
+
+
+POST_FILTER = r"""# Managed by selfhost: POST requests (forms, logins) in Caddy's JSON access logs, per
+# client address. JSON escapes quotes inside values, so a header cannot fake these keys.
+[Definition]
+failregex = ^\{.*"remote_ip":"<HOST>",.*"method":"POST",
+datepattern = "ts":{EPOCH}
+"""
+
+WATCH_LIST = "/etc/selfhost/web-watch.txt"
+SPIKES_SCRIPT = "/usr/local/sbin/selfhost-web-spikes"
+SPIKES_UNIT = "/etc/systemd/system/selfhost-web-spikes.service"
+SPIKES_TIMER = "/etc/systemd/system/selfhost-web-spikes.timer"
+SPIKES_TEXT = (Path(__file__).parent / "web-spikes.sh").read_text(encoding="utf-8")
+
+
+def post_jails(vhosts: list[VirtualHost]) -> list[Jail]:
+    """One fail2ban jail per POST limit (count, seconds) of the watched virtual hosts: a
+    client over it is banned from the web ports."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    for v in vhosts:
+        w = v.watch
+        if w is not None and w.post_max:
+            groups.setdefault((w.post_max, w.post_seconds), []).append(log_file(v.host))
+    return [Jail(f"caddy-post-{n}-{s}", port="80,443", filter="selfhost-caddy-post",
+                 logpath="\n          ".join(sorted(set(logs))), maxretry=n, findtime=s,
+                 filter_definition=POST_FILTER)
+            for (n, s), logs in sorted(groups.items())]
+
+
+def spike_contribute(c: Contribution, vhosts: list[VirtualHost]) -> None:
+    """The list of watched sites and the timer that alerts on their traffic spikes."""
+    rows = sorted({(v.host, v.watch) for v in vhosts if v.watch is not None and (
+        v.watch.requests_per_minute or v.watch.mb_per_minute)}, key=lambda r: r[0])
+    if not rows:
+        return
+    watch: list[tuple[str, TrafficWatch]] = [(h, w) for h, w in rows if w is not None]
+    c.directories.append(ManagedDir("/etc/selfhost", "0755"))
+    c.files.append(ManagedFile(WATCH_LIST, "# host\taccess log\trequests/min\tMB/min\n" + "".join(
+        f"{h}\t{log_file(h)}\t{w.requests_per_minute}\t{w.mb_per_minute}\n"
+        for h, w in watch), mode="0644"))
+    c.files.append(ManagedFile(SPIKES_SCRIPT, SPIKES_TEXT, mode="0755",
+                               validate="sh -n {path}"))
+    c.files.append(ManagedFile(SPIKES_UNIT, "# Managed by selfhost\n[Unit]\nDescription="
+                               "selfhost: alert on web traffic spikes per site\n\n[Service]\n"
+                               f"Type=oneshot\nExecStart={SPIKES_SCRIPT}\n"))
+    c.files.append(ManagedFile(SPIKES_TIMER, "# Managed by selfhost\n[Unit]\nDescription="
+                               "selfhost: look for web traffic spikes, every minute\n\n"
+                               "[Timer]\nOnBootSec=60\nOnUnitActiveSec=60\nAccuracySec=5\n\n"
+                               "[Install]\nWantedBy=timers.target\n"))
+    c.commands.append(Command("web: reload systemd units (spike alerts)",
+                              "systemctl daemon-reload", on_change=(SPIKES_UNIT, SPIKES_TIMER)))
+    c.units.append(Unit("selfhost-web-spikes.timer", reload_on=(SPIKES_TIMER, SPIKES_UNIT),
+                        reload=False))
 
 
 AUTH_FILTER = r"""# Managed by selfhost: failed HTTP basic-auth logins in Caddy's JSON access logs.
