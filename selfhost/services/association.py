@@ -64,6 +64,8 @@ from selfhost.compose.module import Contribution, Env, Problem
 from selfhost.compose.requests import (
     BackupSource,
     HealthCheck,
+    MailAccount,
+    MailLimits,
     Request,
     SystemUser,
     VirtualHost,
@@ -103,6 +105,7 @@ _MEMBER = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 _PLAN = re.compile(r"^[a-z0-9][a-z0-9+._-]{0,31}$")
 _DATABASE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_MAIL_LOCAL = re.compile(r"^[a-z0-9][a-z0-9._+-]{0,63}$")
 
 
 def php_version(release: str) -> str:
@@ -134,6 +137,29 @@ class Plan(StrictModel):
                            "body) accepted by the member's sites, in MB.")
     databases: int = Field(default=0, ge=0, le=100, description="How many MariaDB databases "
                            "the member may have (0: none).")
+    mailboxes: int = Field(default=1, ge=0, le=100, description="How many mailboxes the "
+                           "member may have on the host's mail service (0: none).")
+    mail_quota_mb: int = Field(default=1024, ge=1, le=10_000_000, description="Largest size "
+                               "of each of the member's mailboxes (MB); mail beyond it is "
+                               "refused with Dovecot's 'Quota exceeded'.")
+    mail_per_minute: int | None = Field(
+        default=None, ge=1, le=100_000, description="Messages the member may send per minute, "
+        "from each of its mailboxes' logins and from its Unix user's sendmail (PHP's mail()); "
+        "empty: the mail service's outbound_limits.")
+    mail_per_day: int | None = Field(
+        default=None, ge=1, le=10_000_000, description="Messages the member may send per 24 "
+        "hours (counted like mail_per_minute); empty: the mail service's outbound_limits.")
+    mail_first_time_per_day: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="New outside recipients the member may "
+        "add per 24 hours (counted like mail_per_minute); empty: the mail service's "
+        "outbound_limits.")
+
+    def mail_limits(self) -> MailLimits | None:
+        """The plan's own mail limits (None: the mail service's apply)."""
+        if (self.mail_per_minute, self.mail_per_day, self.mail_first_time_per_day) == (
+                None, None, None):
+            return None
+        return MailLimits(self.mail_per_minute, self.mail_per_day, self.mail_first_time_per_day)
 
 
 def _default_plans() -> dict[str, Plan]:
@@ -176,6 +202,32 @@ class Member(StrictModel):
         default=None, description="Password of the member's database user, as a reference "
         "({env: VAR} or {file: PATH}); only its hash reaches the server. Required with "
         "databases.")
+    mailboxes: list[str] = Field(default_factory=list, description="The member's mailboxes on "
+                                 "the host's mail service: a local part (in the mail "
+                                 "service's first domain) or a full address in one of its "
+                                 "domains. Each logs in with the member's password.",
+                                 examples=[["alpha", "contact@alpha.asso.example"]])
+    aliases: list[str] = Field(default_factory=list, description="Addresses (local parts or "
+                               "full addresses in the mail domains) whose mail goes to the "
+                               "member's first mailbox.")
+    password: SecretRef | None = Field(
+        default=None, description="The member's single login password, as a reference ({env: "
+        "VAR} or {file: PATH}): it opens each of the member's mailboxes (IMAP, POP3, "
+        "submission; the login is the mailbox's address); only a bcrypt hash reaches the "
+        "server. Required with mailboxes.")
+
+    @field_validator("mailboxes", "aliases")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        out = []
+        for a in v:
+            a = a.lower()
+            local, at, domain = a.partition("@")
+            if not _MAIL_LOCAL.match(local) or (at and not re.fullmatch(
+                    rf"{_LABEL}(\.{_LABEL})+", domain)):
+                raise ValueError(f"{a!r}: a local part (a-z 0-9 . _ + -) or a full address")
+            out.append(a)
+        return out
 
     @field_validator("name")
     @classmethod
@@ -210,7 +262,7 @@ class AssociationService(Service):
 
     kind: ClassVar[str] = "association"
     uses: ClassVar[tuple[type[Request], ...]] = (SystemUser, VirtualHost, BackupSource,
-                                                 HealthCheck)
+                                                 HealthCheck, MailAccount)
 
     plans: dict[str, Plan] = Field(default_factory=_default_plans, description="The named "
                                    "plans members are on (default: 'small', static sites "
@@ -277,7 +329,43 @@ class AssociationService(Service):
                     out.append(Problem((*loc, "databases", k), f"database {db} is listed "
                                        "twice", other=dbs[db]))
                 dbs.setdefault(db, (*loc, "databases", k))
+            out += self.mail_problems(env, m, loc, plan)
         return out
+
+    def mail_problems(self, env: Env, m: Member, loc: tuple[str | int, ...],
+                      plan: Plan) -> list[Problem]:
+        """A member's mailboxes: within the plan, a password, a mail service to hold them
+        (the addresses themselves are checked by the mail service, at these paths)."""
+        out: list[Problem] = []
+        if len(m.mailboxes) > plan.mailboxes:
+            out.append(Problem((*loc, "mailboxes"), f"{len(m.mailboxes)} mailboxes, but plan "
+                               f"{m.plan} allows {plan.mailboxes}"))
+        if m.aliases and not m.mailboxes:
+            out.append(Problem((*loc, "aliases"), f"member {m.name}'s aliases go to its first "
+                               "mailbox: give mailboxes"))
+        if m.mailboxes and m.password is None:
+            out.append(Problem((*loc, "password"), f"member {m.name} has mailboxes: give "
+                               "password (a reference: the member's single login)"))
+        mail = getattr(env.server.services, "mail", None)
+        if m.mailboxes and (mail is None or not mail.enabled):
+            out.append(Problem((*loc, "mailboxes"), f"member {m.name} has mailboxes but this "
+                               "host has no mail service: add services.mail (with the "
+                               "association's mail domains)"))
+        return out
+
+    def mail_requests(self, env: Env, m: Member, origin: str) -> list[Request]:
+        """The member's mailboxes, asked of the mail service: one password for all (the
+        single login), the plan's quota and limits, the aliases to the first mailbox, and the
+        member's Unix user's sendmail under the same limits."""
+        mail = getattr(env.server.services, "mail", None)
+        if m.password is None or mail is None or not mail.enabled:
+            return []  # reported by mail_problems (without a mail service: "add" it)
+        plan = self.plan_of(m)
+        return [MailAccount(
+            address, m.password, quota_mb=plan.mail_quota_mb, owner=f"member {m.name}",
+            aliases=tuple(m.aliases) if j == 0 else (), aliases_origin=f"{origin}.aliases",
+            limits=plan.mail_limits(), local_login=m.name if j == 0 else None,
+            origin=f"{origin}.mailboxes.{j}") for j, address in enumerate(m.mailboxes)]
 
     def requests(self, env: Env) -> list[Request]:
         out: list[Request] = []
@@ -285,6 +373,7 @@ class AssociationService(Service):
             origin = f"{env.path}.members.{i}"
             out.append(SystemUser(m.name, home=m.home, origin=origin))
             out.append(BackupSource(m.home, origin=origin))
+            out += self.mail_requests(env, m, origin)
             plan = self.plan_of(m)
             for j, s in enumerate(m.sites):
                 out.append(VirtualHost(
