@@ -32,12 +32,38 @@ What a member gets, and how it is kept apart from the others:
   ``/var/backups/selfhost/mariadb/MEMBER/DB.sql`` (``--single-transaction``: consistent
   without stopping anything).
 
+- **Mailboxes** (on a host with the mail service): a member lists ``mailboxes`` and
+  ``aliases`` (to its first mailbox); the module asks the mail module for each mailbox with a
+  :class:`~selfhost.compose.requests.MailAccount` request (the plan's ``mail_quota_mb`` and,
+  when the plan sets them, its outbound limits for the mailbox's login and for the member's
+  Unix user's ``sendmail``). The mail module validates the addresses at the member's model
+  path, merges them with its own mailboxes (one passwd-file, one quota mechanism, one set
+  of Postfix maps and postfwd rules) and backs each member's Maildir up as a source of the
+  member's (``/var/vmail/DOMAIN/LOCAL``). Maildirs belong to Dovecot's ``vmail`` user
+  (``/var/vmail`` is ``0750``): no member's Unix user, nor their PHP, can open another's mail.
+
+**The single login: the model is the directory.** Each member has one ``password`` (a
+reference, like every secret). It is hashed with bcrypt on the deploying machine and written
+into the mail server's Dovecot passwd-file, once per mailbox (the login is the mailbox's
+address), which Dovecot uses for IMAP, POP3 and ManageSieve and answers Postfix's SASL
+logins with (submission, so also posting to a mailing list by mail). Chosen over OpenLDAP's
+``slapd`` from Debian: for a few hundred members the model already *is* the list of people
+and their rights; ``slapd`` would add a daemon to run, harden, monitor and back up, a schema
+and ACLs to get right, a replication or restore story, and a second source of truth that a
+volunteer could edit by hand and that the next deploy would then contradict. A generated
+file has no runtime dependency (a login works while any other service is down), is checked
+by the service that reads it, and changes only through a reviewed model. Its cost: a new
+password takes a deploy, and a member cannot change it alone (the admin changes the
+reference's value). Another service that offers the member a login (calendars, files) gets
+the same reference and hashes it the same way, through a request of its own module.
+
 Plans (``plans``) name the defaults so that 200 members stay readable: whether PHP is allowed,
 how many PHP workers, memory and time a member's scripts get, how many databases.
 
 Not in this first cut: disk quotas, per-member CPU/memory cgroups (the pools share Debian's
 one ``php-fpm`` service; a template unit per member in its own slice would give
-``MemoryMax``/``CPUQuota``), mailboxes, lists and the single login.
+``MemoryMax``/``CPUQuota``), lists, and the member's login on the calendar (Radicale's
+users are its own model's, not requested yet).
 
 **How mail plugs in.** PHP's ``mail()`` is the hole through which a hacked member form
 gets the whole server blacklisted: the pickup path that SMTP policy services never see. On a
