@@ -76,12 +76,16 @@ def imap(client: Any, member: str, subject: str, password: str | None = None) ->
                   subject=subject)
 
 
-def wait_for(client: Any, member: str, subject: str, timeout: float = 60) -> list[str]:
+def wait_for(client: Any, member: str, subject: str, timeout: float = 60,
+             containing: str = "") -> list[str]:
+    """The member's messages with ``subject`` once one of them contains ``containing`` (or
+    at the timeout)."""
     deadline = time.monotonic() + timeout
     while True:
         res = imap(client, member, subject)
         assert "error" not in res, res
-        if res["messages"] or time.monotonic() > deadline:
+        if (any(containing in m for m in res["messages"])
+                or time.monotonic() > deadline):
             return list(res["messages"])
         time.sleep(1)
 
@@ -121,7 +125,7 @@ def test_a_member_over_its_mail_quota_is_refused(host: Any, client: Any) -> None
                  **{"from": f"alpha@{DOMAIN}", "to": [f"charlie@{DOMAIN}"],
                     "message": message(f"alpha@{DOMAIN}", f"charlie@{DOMAIN}", subject, body)})
     assert res.get("result") == ["ok", {}], res
-    bounce = wait_for(client, "alpha", "Undelivered Mail")
+    bounce = wait_for(client, "alpha", "Undelivered Mail", containing=subject)
     assert any("Quota exceeded" in b and subject in b for b in bounce), bounce
     assert wait_for(client, "charlie", subject, timeout=1) == []
 
