@@ -137,6 +137,17 @@
   and joins the ``dovecot`` jail's ports (Debian's filter matches ``pop3-login`` and
   ``managesieve-login`` lines), and its SRV record (RFC 6186, RFC 5804) is published.
 
+- **Mailboxes asked by other modules** (``MailAccount``, e.g. an association's members):
+  merged with the model's mailboxes and aliases (same passwd-file, quota, maps), their
+  addresses checked at the requester's model path (in the mail domains, not taken by this
+  model or another requester). An account with limits of its own gets postfwd rules of its
+  own for its login and for its local Unix login's sender (the general rules skip both, a
+  negative PCRE lookahead: postfwd ORs repeated items, so a list of ``!=`` would match
+  everyone), and its own first-time recipients limit (``--limit SENDER=N``). With such
+  accounts, the Maildirs are backed up one source per mailbox instead of ``/var/vmail``
+  whole, each requested one in its requester's name (a member's restore is its own), and
+  no Maildir in two sources.
+
 The module asks for what it needs and names no other module: a certificate for the server's
 name (the files appear under ``/etc/selfhost/tls/NAME/``; until the first export, a
 self-signed placeholder lets the daemons start), the ports, the ``vmail`` system user, the
