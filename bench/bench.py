@@ -413,6 +413,9 @@ ASSOCIATION = SRC / "examples" / "association.yaml"
 ASSOCIATION_SECRETS = {
     "ASSO_ALPHA_DB_PASSWORD": "bench only: alpha's database password, 2026!",
     "ASSO_BRAVO_DB_PASSWORD": "bench only: bravo's database password, 2026!",
+    "ASSO_ALPHA_PASSWORD": "bench only: alpha's login, 2026!",
+    "ASSO_BRAVO_PASSWORD": "bench only: bravo's login, 2026!",
+    "ASSO_CHARLIE_PASSWORD": "bench only: charlie's login, 2026!",
 }
 
 

@@ -68,7 +68,8 @@ ASSOCIATION = ROOT / "examples" / "association.yaml"
 
 def gen_members(n: int) -> list[dict[str, Any]]:
     """ONE server of examples/association.yaml with ``n`` members: every other member on the
-    "php" plan (a PHP site and a database), the others on "small" (a static site)."""
+    "php" plan (a PHP site, a database, a mailbox with an alias and the plan's mail limits),
+    the others on "small" (a static site, a mailbox)."""
     d = YAML(typ="safe").load(ASSOCIATION.read_text())
     members = []
     for j in range(n):
@@ -76,10 +77,13 @@ def gen_members(n: int) -> list[dict[str, Any]]:
             members.append({"name": f"m{j}", "email": f"contact@m{j}.example", "plan": "php",
                             "sites": [{"domain": f"m{j}.asso.example", "php": True}],
                             "databases": [f"m{j}_site"],
-                            "database_password": {"env": "ASSO_BENCH_DB_PASSWORD"}})
+                            "database_password": {"env": "ASSO_BENCH_DB_PASSWORD"},
+                            "mailboxes": [f"m{j}"], "aliases": [f"webmaster-m{j}"],
+                            "password": {"env": "ASSO_BENCH_PASSWORD"}})
         else:
             members.append({"name": f"m{j}", "email": f"contact@m{j}.example",
-                            "sites": [{"domain": f"m{j}.asso.example"}]})
+                            "sites": [{"domain": f"m{j}.asso.example"}],
+                            "mailboxes": [f"m{j}"], "password": {"env": "ASSO_BENCH_PASSWORD"}})
     d["services"]["association"]["members"] = members
     return [d]
 

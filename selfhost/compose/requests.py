@@ -193,6 +193,42 @@ class Sendmail(Request):
         return f"the sendmail role ({self.package})"
 
 
+@dataclass(frozen=True)
+class MailLimits:
+    """Outbound limits of one mail account (``None``: the mail server's own limit)."""
+
+    per_minute: int | None = None
+    per_day: int | None = None
+    first_time_per_day: int | None = None
+
+
+@dataclass(frozen=True)
+class MailAccount(Request):
+    """A mailbox on this host's mail server, asked by another module (an association's
+    member): ``address`` (a full address, or a local part in the mail server's first domain)
+    logs in with ``password`` (a reference, hashed with bcrypt on the deploying machine) over
+    IMAP and submission, stores at most ``quota_mb``, and receives the mail of ``aliases``.
+    ``limits`` replace the mail server's outbound limits for this login and for the local Unix
+    login ``local_login`` (its ``sendmail``, e.g. PHP's ``mail()``); ``owner`` names who the
+    account belongs to in the limit messages. ``aliases_origin``: the model path of the
+    aliases, for errors about them. One address is one requester's (two conflict)."""
+
+    address: str
+    password: SecretRef
+    quota_mb: int = 2048
+    owner: str = ""
+    aliases: tuple[str, ...] = ()
+    aliases_origin: str = ""
+    limits: MailLimits | None = None
+    local_login: str | None = None
+
+    def key(self) -> object:
+        return ("mail-account", self.address.lower())
+
+    def describe(self) -> str:
+        return f"mailbox {self.address}"
+
+
 # --------------------------------------------------------------------------- web
 
 

@@ -32,12 +32,38 @@ What a member gets, and how it is kept apart from the others:
   ``/var/backups/selfhost/mariadb/MEMBER/DB.sql`` (``--single-transaction``: consistent
   without stopping anything).
 
+- **Mailboxes** (on a host with the mail service): a member lists ``mailboxes`` and
+  ``aliases`` (to its first mailbox); the module asks the mail module for each mailbox with a
+  :class:`~selfhost.compose.requests.MailAccount` request (the plan's ``mail_quota_mb`` and,
+  when the plan sets them, its outbound limits for the mailbox's login and for the member's
+  Unix user's ``sendmail``). The mail module validates the addresses at the member's model
+  path, merges them with its own mailboxes (one passwd-file, one quota mechanism, one set
+  of Postfix maps and postfwd rules) and backs each member's Maildir up as a source of the
+  member's (``/var/vmail/DOMAIN/LOCAL``). Maildirs belong to Dovecot's ``vmail`` user
+  (``/var/vmail`` is ``0750``): no member's Unix user, nor their PHP, can open another's mail.
+
+**The single login: the model is the directory.** Each member has one ``password`` (a
+reference, like every secret). It is hashed with bcrypt on the deploying machine and written
+into the mail server's Dovecot passwd-file, once per mailbox (the login is the mailbox's
+address), which Dovecot uses for IMAP, POP3 and ManageSieve and answers Postfix's SASL
+logins with (submission, so also posting to a mailing list by mail). Chosen over OpenLDAP's
+``slapd`` from Debian: for a few hundred members the model already *is* the list of people
+and their rights; ``slapd`` would add a daemon to run, harden, monitor and back up, a schema
+and ACLs to get right, a replication or restore story, and a second source of truth that a
+volunteer could edit by hand and that the next deploy would then contradict. A generated
+file has no runtime dependency (a login works while any other service is down), is checked
+by the service that reads it, and changes only through a reviewed model. Its cost: a new
+password takes a deploy, and a member cannot change it alone (the admin changes the
+reference's value). Another service that offers the member a login (calendars, files) gets
+the same reference and hashes it the same way, through a request of its own module.
+
 Plans (``plans``) name the defaults so that 200 members stay readable: whether PHP is allowed,
 how many PHP workers, memory and time a member's scripts get, how many databases.
 
 Not in this first cut: disk quotas, per-member CPU/memory cgroups (the pools share Debian's
 one ``php-fpm`` service; a template unit per member in its own slice would give
-``MemoryMax``/``CPUQuota``), mailboxes, lists and the single login.
+``MemoryMax``/``CPUQuota``), lists, and the member's login on the calendar (Radicale's
+users are its own model's, not requested yet).
 
 **How mail plugs in.** PHP's ``mail()`` is the hole through which a hacked member form
 gets the whole server blacklisted: the pickup path that SMTP policy services never see. On a
@@ -70,6 +96,8 @@ from selfhost.compose.module import Contribution, Env, Problem
 from selfhost.compose.requests import (
     BackupSource,
     HealthCheck,
+    MailAccount,
+    MailLimits,
     Request,
     SystemUser,
     TrafficWatch,
@@ -110,6 +138,7 @@ _MEMBER = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 _PLAN = re.compile(r"^[a-z0-9][a-z0-9+._-]{0,31}$")
 _DATABASE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_MAIL_LOCAL = re.compile(r"^[a-z0-9][a-z0-9._+-]{0,63}$")
 
 
 def php_version(release: str) -> str:
@@ -152,6 +181,29 @@ class Plan(StrictModel):
     spike_mb_per_minute: int = Field(default=200, ge=0, le=1_000_000, description=(
         "MB a minute served by one of the member's sites above which the admins are alerted. "
         "0: no alert."))
+    mailboxes: int = Field(default=1, ge=0, le=100, description="How many mailboxes the "
+                           "member may have on the host's mail service (0: none).")
+    mail_quota_mb: int = Field(default=1024, ge=1, le=10_000_000, description="Largest size "
+                               "of each of the member's mailboxes (MB); mail beyond it is "
+                               "refused with Dovecot's 'Quota exceeded'.")
+    mail_per_minute: int | None = Field(
+        default=None, ge=1, le=100_000, description="Messages the member may send per minute, "
+        "from each of its mailboxes' logins and from its Unix user's sendmail (PHP's mail()); "
+        "empty: the mail service's outbound_limits.")
+    mail_per_day: int | None = Field(
+        default=None, ge=1, le=10_000_000, description="Messages the member may send per 24 "
+        "hours (counted like mail_per_minute); empty: the mail service's outbound_limits.")
+    mail_first_time_per_day: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="New outside recipients the member may "
+        "add per 24 hours (counted like mail_per_minute); empty: the mail service's "
+        "outbound_limits.")
+
+    def mail_limits(self) -> MailLimits | None:
+        """The plan's own mail limits (None: the mail service's apply)."""
+        if (self.mail_per_minute, self.mail_per_day, self.mail_first_time_per_day) == (
+                None, None, None):
+            return None
+        return MailLimits(self.mail_per_minute, self.mail_per_day, self.mail_first_time_per_day)
 
 
 def _default_plans() -> dict[str, Plan]:
@@ -194,6 +246,32 @@ class Member(StrictModel):
         default=None, description="Password of the member's database user, as a reference "
         "({env: VAR} or {file: PATH}); only its hash reaches the server. Required with "
         "databases.")
+    mailboxes: list[str] = Field(default_factory=list, description="The member's mailboxes on "
+                                 "the host's mail service: a local part (in the mail "
+                                 "service's first domain) or a full address in one of its "
+                                 "domains. Each logs in with the member's password.",
+                                 examples=[["alpha", "contact@alpha.asso.example"]])
+    aliases: list[str] = Field(default_factory=list, description="Addresses (local parts or "
+                               "full addresses in the mail domains) whose mail goes to the "
+                               "member's first mailbox.")
+    password: SecretRef | None = Field(
+        default=None, description="The member's single login password, as a reference ({env: "
+        "VAR} or {file: PATH}): it opens each of the member's mailboxes (IMAP, POP3, "
+        "submission; the login is the mailbox's address); only a bcrypt hash reaches the "
+        "server. Required with mailboxes.")
+
+    @field_validator("mailboxes", "aliases")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        out = []
+        for a in v:
+            a = a.lower()
+            local, at, domain = a.partition("@")
+            if not _MAIL_LOCAL.match(local) or (at and not re.fullmatch(
+                    rf"{_LABEL}(\.{_LABEL})+", domain)):
+                raise ValueError(f"{a!r}: a local part (a-z 0-9 . _ + -) or a full address")
+            out.append(a)
+        return out
 
     @field_validator("name")
     @classmethod
@@ -228,7 +306,7 @@ class AssociationService(Service):
 
     kind: ClassVar[str] = "association"
     uses: ClassVar[tuple[type[Request], ...]] = (SystemUser, VirtualHost, BackupSource,
-                                                 HealthCheck)
+                                                 HealthCheck, MailAccount)
 
     plans: dict[str, Plan] = Field(default_factory=_default_plans, description="The named "
                                    "plans members are on (default: 'small', static sites "
@@ -295,7 +373,43 @@ class AssociationService(Service):
                     out.append(Problem((*loc, "databases", k), f"database {db} is listed "
                                        "twice", other=dbs[db]))
                 dbs.setdefault(db, (*loc, "databases", k))
+            out += self.mail_problems(env, m, loc, plan)
         return out
+
+    def mail_problems(self, env: Env, m: Member, loc: tuple[str | int, ...],
+                      plan: Plan) -> list[Problem]:
+        """A member's mailboxes: within the plan, a password, a mail service to hold them
+        (the addresses themselves are checked by the mail service, at these paths)."""
+        out: list[Problem] = []
+        if len(m.mailboxes) > plan.mailboxes:
+            out.append(Problem((*loc, "mailboxes"), f"{len(m.mailboxes)} mailboxes, but plan "
+                               f"{m.plan} allows {plan.mailboxes}"))
+        if m.aliases and not m.mailboxes:
+            out.append(Problem((*loc, "aliases"), f"member {m.name}'s aliases go to its first "
+                               "mailbox: give mailboxes"))
+        if m.mailboxes and m.password is None:
+            out.append(Problem((*loc, "password"), f"member {m.name} has mailboxes: give "
+                               "password (a reference: the member's single login)"))
+        mail = getattr(env.server.services, "mail", None)
+        if m.mailboxes and (mail is None or not mail.enabled):
+            out.append(Problem((*loc, "mailboxes"), f"member {m.name} has mailboxes but this "
+                               "host has no mail service: add services.mail (with the "
+                               "association's mail domains)"))
+        return out
+
+    def mail_requests(self, env: Env, m: Member, origin: str) -> list[Request]:
+        """The member's mailboxes, asked of the mail service: one password for all (the
+        single login), the plan's quota and limits, the aliases to the first mailbox, and the
+        member's Unix user's sendmail under the same limits."""
+        mail = getattr(env.server.services, "mail", None)
+        if m.password is None or mail is None or not mail.enabled:
+            return []  # reported by mail_problems (without a mail service: "add" it)
+        plan = self.plan_of(m)
+        return [MailAccount(
+            address, m.password, quota_mb=plan.mail_quota_mb, owner=f"member {m.name}",
+            aliases=tuple(m.aliases) if j == 0 else (), aliases_origin=f"{origin}.aliases",
+            limits=plan.mail_limits(), local_login=m.name if j == 0 else None,
+            origin=f"{origin}.mailboxes.{j}") for j, address in enumerate(m.mailboxes)]
 
     def requests(self, env: Env) -> list[Request]:
         out: list[Request] = []
@@ -303,6 +417,7 @@ class AssociationService(Service):
             origin = f"{env.path}.members.{i}"
             out.append(SystemUser(m.name, home=m.home, origin=origin))
             out.append(BackupSource(m.home, origin=origin))
+            out += self.mail_requests(env, m, origin)
             plan = self.plan_of(m)
             for j, s in enumerate(m.sites):
                 out.append(VirtualHost(

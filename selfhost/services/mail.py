@@ -137,6 +137,17 @@
   and joins the ``dovecot`` jail's ports (Debian's filter matches ``pop3-login`` and
   ``managesieve-login`` lines), and its SRV record (RFC 6186, RFC 5804) is published.
 
+- **Mailboxes asked by other modules** (``MailAccount``, e.g. an association's members):
+  merged with the model's mailboxes and aliases (same passwd-file, quota, maps), their
+  addresses checked at the requester's model path (in the mail domains, not taken by this
+  model or another requester). An account with limits of its own gets postfwd rules of its
+  own for its login and for its local Unix login's sender (the general rules skip both, a
+  negative PCRE lookahead: postfwd ORs repeated items, so a list of ``!=`` would match
+  everyone), and its own first-time recipients limit (``--limit SENDER=N``). With such
+  accounts, the Maildirs are backed up one source per mailbox instead of ``/var/vmail``
+  whole, each requested one in its requester's name (a member's restore is its own), and
+  no Maildir in two sources.
+
 The module asks for what it needs and names no other module: a certificate for the server's
 name (the files appear under ``/etc/selfhost/tls/NAME/``; until the first export, a
 self-signed placeholder lets the daemons start), the ports, the ``vmail`` system user, the
@@ -168,6 +179,8 @@ from selfhost.compose.requests import (
     DnsRecord,
     HealthCheck,
     Jail,
+    MailAccount,
+    MailLimits,
     Port,
     Request,
     Sendmail,
@@ -258,6 +271,28 @@ _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _DOMAIN = re.compile(rf"^{_LABEL}(\.{_LABEL})+$")
 _LOCAL = re.compile(r"^[a-z0-9][a-z0-9._+-]{0,63}$")
 _SELECTOR = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def maildir_home(address: str) -> str:
+    """A mailbox's home, where Dovecot keeps its Maildir and Sieve scripts."""
+    local, _, domain = address.partition("@")
+    return f"{VMAIL}/{domain}/{local}"
+
+
+def _valid_address(v: str) -> bool:
+    try:
+        _check_address(v)
+    except ValueError:
+        return False
+    return True
+
+
+def _others(keys: list[str]) -> str:
+    """A postfwd pattern (PCRE, case-insensitive) that matches any non-empty value but
+    ``keys`` (the logins whose limits are their own)."""
+    if not keys:
+        return "/./"
+    return "/^(?!(?:" + "|".join(re.escape(k) for k in keys) + ")$)./"
 
 
 def _public(domain: str) -> bool:
@@ -525,6 +560,7 @@ class MailService(Service):
     """A mail server: SMTP (Postfix), IMAP (Dovecot), DKIM signing (OpenDKIM)."""
 
     kind: ClassVar[str] = "mail"
+    provides: ClassVar[tuple[type[Request], ...]] = (MailAccount,)
     uses: ClassVar[tuple[type[Request], ...]] = (Certificate, Port, SystemUser, BackupSource,
                                                  Jail, HealthCheck, DnsRecord, Sendmail,
                                                  BackupMx, VirtualHost)
@@ -616,6 +652,115 @@ class MailService(Service):
                                    "account of the mail server: the alerts would be refused"))
         return out
 
+    # ------------------------------------------------------------------ other modules' mailboxes
+
+    def full_address(self, address: str) -> str:
+        """A requested address in full: a bare local part is in the first mail domain."""
+        a = address.lower()
+        return a if "@" in a else f"{a}@{self.domains[0].name}"
+
+    def accounts(self, env: Env) -> list[tuple[str, MailAccount]]:
+        """The mailboxes other modules asked for (:class:`MailAccount`), with their full
+        addresses, sorted."""
+        return sorted(((self.full_address(r.address), r) for r in env.incoming(MailAccount)),
+                      key=lambda p: p[0])
+
+    def account_addresses(self, env: Env) -> set[str]:
+        """Every address the requested accounts receive: their mailboxes and aliases."""
+        out: set[str] = set()
+        for addr, r in self.accounts(env):
+            out.add(addr)
+            out |= {self.full_address(a) for a in r.aliases}
+        return out
+
+    def with_accounts(self, env: Env) -> MailService:
+        """This service with the requested accounts among its mailboxes and aliases (one
+        passwd-file, one quota mechanism, one set of maps): what is rendered. An invalid
+        address is left out (the assertions report it)."""
+        accounts = [(a, r) for a, r in self.accounts(env) if _valid_address(a)]
+        if not accounts:
+            return self
+        boxes = [Mailbox(address=a, password=r.password, quota_mb=r.quota_mb)
+                 for a, r in accounts]
+        aliases = [MailAlias(address=self.full_address(al), to=[a]) for a, r in accounts
+                   for al in r.aliases if _valid_address(self.full_address(al))]
+        return self.model_copy(update={"mailboxes": [*self.mailboxes, *boxes],
+                                       "aliases": [*self.aliases, *aliases]})
+
+    def own_limits(self, env: Env) -> list[tuple[str, bool, MailLimits, str]]:
+        """(key, local, limits, owner) of the requested accounts with limits of their own:
+        the SASL login (key: the address), and the local login (key: its sender,
+        LOGIN@server), each with every window resolved (the server's limit where the request
+        has none)."""
+        lim = self.outbound_limits
+        fqdn = env.server.fqdn.lower()
+        out: list[tuple[str, bool, MailLimits, str]] = []
+        seen: set[str] = set()
+        for addr, r in self.accounts(env):
+            if r.limits is None or not _valid_address(addr):
+                continue
+            limits = MailLimits(
+                r.limits.per_minute or lim.per_minute, r.limits.per_day or lim.per_day,
+                r.limits.first_time_per_day or lim.first_time_per_day)
+            owner = r.owner or addr
+            out.append((addr, False, limits, owner))
+            if r.local_login and f"{r.local_login}@{fqdn}" not in seen:
+                seen.add(f"{r.local_login}@{fqdn}")
+                out.append((f"{r.local_login}@{fqdn}", True, limits, owner))
+        return out
+
+    @staticmethod
+    def limit_windows(limits: MailLimits) -> list[tuple[str, int, int, str]]:
+        """(rule id suffix, count, seconds, wording) of the per-minute and per-day windows."""
+        assert limits.per_minute is not None and limits.per_day is not None
+        return [("MINUTE", limits.per_minute, 60, f"{limits.per_minute} per minute"),
+                ("DAY", limits.per_day, 86400, f"{limits.per_day} per day")]
+
+    def maildir_backups(self, env: Env) -> list[Request]:
+        """Backup sources of the Maildirs: the whole of /var/vmail, or, when other modules
+        asked for mailboxes, one source per mailbox (the requested ones in their requester's
+        name, e.g. an association's member: that member's restore touches no other mail),
+        so that no Maildir is in two sources."""
+        accounts = [(a, r) for a, r in self.accounts(env) if _valid_address(a)]
+        if not accounts:
+            return [BackupSource(VMAIL)]
+        own = sorted(m.address for m in self.mailboxes if not m.send_only)
+        return [*(BackupSource(maildir_home(a)) for a in own),
+                *(BackupSource(maildir_home(a), origin=r.origin) for a, r in accounts)]
+
+    def account_problems(self, env: Env) -> list[Problem]:
+        """The requested accounts, at the requester's model paths: addresses in the mail
+        domains, none taken twice (this model's mailboxes and aliases, another request's)."""
+        from selfhost.compose.route import loc_of
+
+        domains = [d.name for d in self.domains]
+        taken: dict[str, tuple[str | int, ...]] = {}
+        for i, m in enumerate(self.mailboxes):
+            taken.setdefault(m.address, ("services", "mail", "mailboxes", i, "address"))
+        for i, a in enumerate(self.aliases):
+            taken.setdefault(a.address, ("services", "mail", "aliases", i, "address"))
+        out: list[Problem] = []
+        for r in env.incoming(MailAccount):
+            wanted = [(self.full_address(r.address), loc_of(r.origin))]
+            wanted += [(self.full_address(a), (*loc_of(r.aliases_origin or r.origin), j))
+                       for j, a in enumerate(r.aliases)]
+            for addr, loc in wanted:
+                if not _valid_address(addr):
+                    out.append(Problem(loc, f"{addr!r} is not a mail address (local part: "
+                                       "a-z 0-9 . _ + -)"))
+                elif addr.split("@")[1] not in domains:
+                    out.append(Problem(loc, f"{addr}: {addr.split('@')[1]} is not one of the "
+                                       f"mail domains ({', '.join(domains)})"))
+                elif addr in taken:
+                    other = taken[addr]
+                    whose = ("the mail service's" if other[:2] == ("services", "mail")
+                             else "another")
+                    out.append(Problem(loc, f"{addr} is already {whose} mailbox or alias "
+                                       f"({'.'.join(str(p) for p in other)})", other=other))
+                else:
+                    taken[addr] = loc
+        return out
+
     # ------------------------------------------------------------------ model checks
 
     def assertions(self, env: Env) -> list[Problem]:
@@ -662,7 +807,8 @@ class MailService(Service):
                 out.append(Problem((*where, "address"), f"{a.address}: not in one of the mail "
                                    f"domains ({', '.join(domains)})"))
             for j, t in enumerate(a.to):
-                if t.split("@")[1] in domains and t not in boxes and t not in alias_names:
+                if (t.split("@")[1] in domains and t not in boxes and t not in alias_names
+                        and t not in self.account_addresses(env)):
                     out.append(Problem((*where, "to", j), f"{t} is in a mail domain of this "
                                        "server but is no mailbox or alias: mail to "
                                        f"{a.address} would bounce"))
@@ -695,11 +841,12 @@ class MailService(Service):
                 if not _DOMAIN.match(other.fqdn.lower()):
                     out.append(Problem(where, f"the backup MX's name {other.fqdn!r} is not a "
                                        "valid host name (it is published as an MX)"))
-        return out + self.send_only_problems(env)
+        return out + self.send_only_problems(env) + self.account_problems(env)
 
     # ------------------------------------------------------------------ requests
 
     def requests(self, env: Env) -> list[Request]:
+        merged = self.with_accounts(env)
         name = env.server.fqdn
         out: list[Request] = [
             Certificate((name,), reload=("postfix.service", "dovecot.service"),
@@ -710,7 +857,7 @@ class MailService(Service):
             Port(993, "tcp", "internet", comment="IMAP over TLS"),
             SystemUser("vmail", home=VMAIL),
             SystemUser(RECIPIENTS_USER, home=RECIPIENTS_DIR),
-            BackupSource(VMAIL),
+            *self.maildir_backups(env),
             BackupSource(DKIM_KEYS),
             # Postfix's daemons log under postfix@-.service (postfix.service only starts that
             # instance): Debian 12's fail2ban filter matches postfix.service only, so the jail
@@ -741,7 +888,7 @@ class MailService(Service):
         if backup is not None and self.backup_mx is not None:
             origin = f"{env.path}.backup_mx"
             names = tuple(d.name for d in self.domains)
-            out.append(BackupMx(backup, name, names, tuple(self.recipients()),
+            out.append(BackupMx(backup, name, names, tuple(merged.recipients()),
                                 reject_senders=names, queue_days=self.backup_mx.queue_days,
                                 max_message_mb=self.max_message_mb, origin=origin))
             out += [DnsRecord(d, "MX", f"20 {env.fleet.hosts[backup].fqdn}.", origin=origin)
@@ -969,16 +1116,28 @@ class MailService(Service):
                 " bare LOGIN, sendmail's default,\n# which Postfix completes the same way).\n"
                 f"/^([a-z_][a-z0-9_.-]*)$/ $1 $1@{env.server.fqdn.lower()}\n"}
 
-    def local_limits_postfwd(self) -> list[str]:
-        """postfwd's rules for the loopback smtpd: per sender, held over a limit."""
+    def local_limits_postfwd(self, own: list[tuple[str, bool, MailLimits, str]] | None = None
+                             ) -> list[str]:
+        """postfwd's rules for the loopback smtpd: per sender, held over a limit (the local
+        logins with limits of their own first)."""
         lim = self.outbound_limits
         lines = ["# Local programs' mail (the loopback smtpd, port "
                  f"{LOCAL_LIMIT_PORT}): per sender (a login), held over a limit."]
+        senders = [key for key, local, _, _ in own or [] if local]
+        for n, (key, local, limits, owner) in enumerate(own or []):
+            if not local:
+                continue
+            for rid, count, seconds, what in self.limit_windows(limits):
+                lines.append(f"id=SELFHOST_LOCAL_ACCOUNT_{n}_{rid}; "
+                             f"protocol_state==END-OF-MESSAGE; server_port=={LOCAL_LIMIT_PORT}; "
+                             f"sender=={key}; action=rate(sender/{count}/{seconds}/HOLD "
+                             f"{LIMIT_TEXT}: $$sender ({owner}) may send {what}, held for the "
+                             "admin)")
         for rid, count, seconds, what in (
                 ("SELFHOST_LOCAL_MINUTE", lim.per_minute, 60, f"{lim.per_minute} per minute"),
                 ("SELFHOST_LOCAL_DAY", lim.per_day, 86400, f"{lim.per_day} per day")):
             lines.append(f"id={rid}; protocol_state==END-OF-MESSAGE; "
-                         f"server_port=={LOCAL_LIMIT_PORT}; sender=~/./; "
+                         f"server_port=={LOCAL_LIMIT_PORT}; sender=~{_others(senders)}; "
                          f"action=rate(sender/{count}/{seconds}/HOLD {LIMIT_TEXT}: $$sender "
                          f"may send {what}, held for the admin)")
         return lines
@@ -1004,6 +1163,10 @@ class MailService(Service):
             f"  user={RECIPIENTS_USER} argv={RECIPIENTS_SCRIPT} --db {RECIPIENTS_DB}",
             f"  --per-day {lim.first_time_per_day} --over {lim.over_limit}",
             *(f"  --domain {d}" for d in self.first_time_domains(env)),
+            *(f"  --limit {key}={limits.first_time_per_day}"
+              for key, _, limits, _ in self.own_limits(env)
+              if limits.first_time_per_day is not None
+              and limits.first_time_per_day != lim.first_time_per_day),
         ]
 
     def first_time_main_cf(self) -> list[str]:
@@ -1131,10 +1294,12 @@ class MailService(Service):
             "/^User-Agent:/ IGNORE\n",
         }
 
-    def postfwd_cf(self) -> str:
+    def postfwd_cf(self, env: Env | None = None) -> str:
         """postfwd's rules: one rate counter per login and window, counted once per message
-        (Postfix asks at the end of each submitted message)."""
+        (Postfix asks at the end of each submitted message); the accounts other modules asked
+        with limits of their own first, the general rules for every other login."""
         lim = self.outbound_limits
+        own = self.own_limits(env) if env is not None else []
         rules = [("SELFHOST_MINUTE", lim.per_minute, 60, f"{lim.per_minute} per minute"),
                  ("SELFHOST_DAY", lim.per_day, 86400, f"{lim.per_day} per day")]
         lines = ["# Managed by selfhost: outbound limits per logged-in user (the submission",
@@ -1142,11 +1307,22 @@ class MailService(Service):
                  f"# {'deferred with a 4xx reply' if lim.over_limit == 'defer' else 'held'})."]
         over = ("450 4.7.1 {text}, try again later" if lim.over_limit == "defer"
                 else "HOLD {text}, held for the admin")
+        sasl = [key for key, local, _, _ in own if not local]
+        for n, (key, local, limits, owner) in enumerate(own):
+            if local:
+                continue
+            for rid, count, seconds, what in self.limit_windows(limits):
+                text = over.format(text=f"{LIMIT_TEXT}: $$sasl_username ({owner}) may send "
+                                   f"{what}")
+                lines.append(f"id=SELFHOST_ACCOUNT_{n}_{rid}; protocol_state==END-OF-MESSAGE; "
+                             f"sasl_username=={key}; "
+                             f"action=rate(sasl_username/{count}/{seconds}/{text})")
         for rid, count, seconds, what in rules:
             text = over.format(text=f"{LIMIT_TEXT}: $$sasl_username may send {what}")
-            lines.append(f"id={rid}; protocol_state==END-OF-MESSAGE; sasl_username=~/./; "
+            lines.append(f"id={rid}; protocol_state==END-OF-MESSAGE; "
+                         f"sasl_username=~{_others(sasl)}; "
                          f"action=rate(sasl_username/{count}/{seconds}/{text})")
-        return "\n".join(lines + self.local_limits_postfwd()) + "\n"
+        return "\n".join(lines + self.local_limits_postfwd(own)) + "\n"
 
     # ------------------------------------------------------------------ Dovecot
 
@@ -1538,6 +1714,9 @@ class MailService(Service):
     # ------------------------------------------------------------------ contribution
 
     def contribute(self, env: Env) -> Contribution:
+        return self.with_accounts(env).contribute_merged(env)
+
+    def contribute_merged(self, env: Env) -> Contribution:
         target = env.require_target()
         name = env.server.fqdn
         c = Contribution(packages=["postfix", "postfwd", "dovecot-imapd", "dovecot-lmtpd", "dovecot-sieve",
@@ -1583,7 +1762,7 @@ class MailService(Service):
         c.files.append(ManagedFile(DOVECOT_CONF, self.dovecot_conf(env), mode="0644",
                                    validate="doveconf -n -c {path} >/dev/null"))
         c.files.append(ManagedFile(KEY_TABLE, self.key_table(), mode="0644"))
-        c.files.append(ManagedFile(POSTFWD_CF, self.postfwd_cf(), mode="0644",
+        c.files.append(ManagedFile(POSTFWD_CF, self.postfwd_cf(env), mode="0644",
                                    validate=VALIDATE_POSTFWD))
         c.files.append(ManagedFile(LIMITS_ALERT, LIMITS_SCRIPT, mode="0755"))
         c.files.append(ManagedFile(LIMITS_UNIT, LIMITS_SERVICE, mode="0644"))

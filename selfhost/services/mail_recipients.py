@@ -41,8 +41,10 @@ def connect(path: str) -> sqlite3.Connection:
 
 
 def decide(db: sqlite3.Connection, attrs: dict[str, str], per_day: int,
-           domains: frozenset[str], over: str, now: int) -> str:
-    """The answer (the text after ``action=``) for one policy request."""
+           domains: frozenset[str], over: str, now: int,
+           limits: dict[str, int] | None = None) -> str:
+    """The answer (the text after ``action=``) for one policy request; ``limits``: senders
+    (a login, or a local login's sender) with a daily limit of their own."""
     if attrs.get("protocol_state", "RCPT").upper() != "RCPT":
         return "DUNNO"
     recipient = attrs.get("recipient", "").strip().lower()
@@ -53,6 +55,7 @@ def decide(db: sqlite3.Connection, attrs: dict[str, str], per_day: int,
     sender = login or attrs.get("sender", "").strip().lower()
     if not sender:
         return "DUNNO"  # a bounce (null sender) is not someone's new correspondent
+    per_day = (limits or {}).get(sender, per_day)
     db.execute("begin immediate")  # count and insert as one step for concurrent processes
     try:
         if db.execute("SELECT 1 FROM pairs WHERE sender = ? AND recipient = ?",
@@ -76,7 +79,7 @@ def decide(db: sqlite3.Connection, attrs: dict[str, str], per_day: int,
 
 
 def serve(db_path: str, per_day: int, domains: frozenset[str], over: str,
-          stdin: TextIO, stdout: TextIO) -> None:
+          stdin: TextIO, stdout: TextIO, limits: dict[str, int] | None = None) -> None:
     """Answer requests until Postfix closes the connection."""
     db: sqlite3.Connection | None = None
     attrs: dict[str, str] = {}
@@ -90,7 +93,7 @@ def serve(db_path: str, per_day: int, domains: frozenset[str], over: str,
         try:
             if db is None:
                 db = connect(db_path)
-            answer = decide(db, attrs, per_day, domains, over, int(time.time()))
+            answer = decide(db, attrs, per_day, domains, over, int(time.time()), limits)
         except sqlite3.Error:
             answer = "451 4.3.0 first-time recipient check unavailable, try again later"
         stdout.write(f"action={answer}\n\n")
@@ -105,10 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--over", choices=("defer", "hold"), default="defer",
                    help="a logged-in user over the limit: deferred (4xx) or held")
     p.add_argument("--domain", action="append", default=[], help="a local mail domain")
+    p.add_argument("--limit", action="append", default=[], metavar="SENDER=N",
+                   help="a sender with a daily limit of its own")
     args = p.parse_args(argv)
+    limits = {k.lower(): int(v) for k, _, v in (a.rpartition("=") for a in args.limit)}
     os.umask(0o077)  # the database: readable by this user only (0600)
     serve(args.db, args.per_day, frozenset(d.lower() for d in args.domain), args.over,
-          sys.stdin, sys.stdout)
+          sys.stdin, sys.stdout, limits)
     return 0
 
 
