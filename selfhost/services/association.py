@@ -35,9 +35,18 @@ What a member gets, and how it is kept apart from the others:
 Plans (``plans``) name the defaults so that 200 members stay readable: whether PHP is allowed,
 how many PHP workers, memory and time a member's scripts get, how many databases.
 
-Not in this first cut: disk quotas, per-member CPU/memory cgroups (the pools share Debian's
-one ``php-fpm`` service; a template unit per member in its own slice would give
-``MemoryMax``/``CPUQuota``), mailboxes, lists and the single login.
+**Limits.** Each PHP member's pool runs in a PHP-FPM master of its own
+(``selfhost-php@MEMBER.service``, a template unit, configuration
+``/etc/selfhost/php-fpm/MEMBER.conf``: ``[global]`` and the pool) in the member's slice
+``selfhost-members-MEMBER.slice`` (``-`` escaped as ``\x2d``), which carries the plan's
+``MemoryMax``, ``CPUQuota`` and ``TasksMax``. Debian's shared ``php-fpmX.Y`` service is
+masked (it would have no pool), pool files of the first layout in its ``pool.d`` are removed,
+and the masters, configurations and slices of members no longer on PHP are stopped and
+removed. A plan's ``disk_mb`` is a user quota on the file system holding ``/srv/members``,
+set only where that file system has user quotas on; elsewhere the deploy says so once
+(``/var/lib/selfhost/association-quota`` remembers it was said) and validation warns.
+
+Not in this first cut: mailboxes, lists and the single login.
 
 **How mail plugs in.** PHP's ``mail()`` is the hole through which a hacked member form
 gets the whole server blacklisted: the pickup path that SMTP policy services never see. On a
