@@ -43,7 +43,7 @@ def set_row(host: Any, db: str, text: str) -> None:
 
 
 def snapshot_files(host: Any, path: str) -> set[str]:
-    out = sh(host, f"{GLUE} restic usb ls --json latest {path}")
+    out = sh(host, f"{GLUE} restic usb ls --json --recursive latest {path}")
     return {json.loads(line)["path"] for line in out.splitlines()
             if line.startswith("{") and '"path"' in line}
 
