@@ -60,10 +60,19 @@ the same reference and hashes it the same way, through a request of its own modu
 Plans (``plans``) name the defaults so that 200 members stay readable: whether PHP is allowed,
 how many PHP workers, memory and time a member's scripts get, how many databases.
 
-Not in this first cut: disk quotas, per-member CPU/memory cgroups (the pools share Debian's
-one ``php-fpm`` service; a template unit per member in its own slice would give
-``MemoryMax``/``CPUQuota``), lists, and the member's login on the calendar (Radicale's
-users are its own model's, not requested yet).
+**Limits.** Each PHP member's pool runs in a PHP-FPM master of its own
+(``selfhost-php@MEMBER.service``, a template unit, configuration
+``/etc/selfhost/php-fpm/MEMBER.conf``: ``[global]`` and the pool) in the member's slice
+``selfhost-members-MEMBER.slice`` (``-`` escaped as ``\x2d``), which carries the plan's
+``MemoryMax``, ``CPUQuota`` and ``TasksMax``. Debian's shared ``php-fpmX.Y`` service is
+masked (it would have no pool), pool files of the first layout in its ``pool.d`` are removed,
+and the masters, configurations and slices of members no longer on PHP are stopped and
+removed. A plan's ``disk_mb`` is a user quota on the file system holding ``/srv/members``,
+set only where that file system has user quotas on; elsewhere the deploy says so once
+(``/var/lib/selfhost/association-quota`` remembers it was said) and validation warns.
+
+Not in this first cut: lists, and the member's login on the calendar (Radicale's users are
+its own model's, not requested yet).
 
 **How mail plugs in.** PHP's ``mail()`` is the hole through which a hacked member form
 gets the whole server blacklisted: the pickup path that SMTP policy services never see. On a
@@ -122,6 +131,12 @@ SQL = "/etc/selfhost/mariadb/members.sql"
 DUMP_LIST = "/etc/selfhost/mariadb/databases.tsv"
 DUMP_SCRIPT = "/usr/local/lib/selfhost/mariadb-dump"
 DUMP = "/var/backups/selfhost/mariadb"
+FPM_DIR = "/etc/selfhost/php-fpm"
+UNIT_DIR = "/etc/systemd/system"
+FPM_TEMPLATE = "selfhost-php@.service"
+QUOTA_STATE = "/var/lib/selfhost/association-quota"
+"""What the disk-quota command last saw where the file system has no user quotas (so a second
+deploy does not report it again)."""
 SERVICE_USERS = {
     "mysql", "caddy", "radicale", "prosody", "vmail", "knot", "unbound", "opendkim", "rspamd",
     "_rspamd", "redis", "clamav", "debian-exim", "postgres", "samba", "polkitd", "systemd",
@@ -146,7 +161,25 @@ def php_version(release: str) -> str:
 
 
 def pool_file(version: str, member: str) -> str:
-    return f"/etc/php/{version}/fpm/pool.d/selfhost-{member}.conf"
+    """The member's PHP-FPM configuration (its own master: ``[global]`` and the pool)."""
+    return f"{FPM_DIR}/{member}.conf"
+
+
+def unit_escape(member: str) -> str:
+    """``member`` as a unit name's instance or slice part (``systemd-escape``): a '-' would
+    make a slice the child of another member's (``a-b`` under ``a``)."""
+    return member.replace("-", "\\x2d")
+
+
+def fpm_unit(member: str) -> str:
+    """The member's own PHP-FPM master (an instance of ``FPM_TEMPLATE``)."""
+    return f"selfhost-php@{unit_escape(member)}.service"
+
+
+def member_slice(member: str) -> str:
+    """The member's slice, under ``selfhost-members.slice``: the plan's CPU, memory and
+    process limits on everything of the member's that systemd runs."""
+    return f"selfhost-members-{unit_escape(member)}.slice"
 
 
 def socket_of(member: str) -> str:
@@ -197,6 +230,25 @@ class Plan(StrictModel):
         default=None, ge=1, le=1_000_000, description="New outside recipients the member may "
         "add per 24 hours (counted like mail_per_minute); empty: the mail service's "
         "outbound_limits.")
+
+    memory_mb: int = Field(default=512, ge=32, le=65536, description="Memory all of the "
+                           "member's PHP processes together may use (MemoryMax of the "
+                           "member's systemd slice), in MB: past it the kernel reclaims and "
+                           "then kills within the member's slice only. At least "
+                           "php_memory_mb.")
+    cpu_percent: int = Field(default=100, ge=5, le=6400, description="CPU time the member's "
+                             "PHP processes may use together (CPUQuota of the member's "
+                             "slice), in percent of one core: a busy member cannot take the "
+                             "whole server.")
+    tasks: int = Field(default=64, ge=8, le=4096, description="Most processes and threads "
+                       "in the member's slice (TasksMax): a fork loop stops there. More than "
+                       "php_workers.")
+    disk_mb: int = Field(default=0, ge=0, le=16_777_216, description="Disk space the member's "
+                         "files may take on the file system holding /srv/members (a user "
+                         "quota, hard limit; the soft limit is 90 %), in MB; 0: no quota. "
+                         "Applied only where that file system has user quotas on (mount "
+                         "option usrquota, then quotacheck and quotaon): elsewhere the "
+                         "deploy says so and applies none.")
 
     def mail_limits(self) -> MailLimits | None:
         """The plan's own mail limits (None: the mail service's apply)."""
@@ -325,11 +377,31 @@ class AssociationService(Service):
     def plan_of(self, m: Member) -> Plan:
         return self.plans.get(m.plan) or Plan()
 
+    def plan_problems(self) -> list[Problem]:
+        """A plan's slice limits that its own PHP settings could never fit in."""
+        out: list[Problem] = []
+        for name, p in self.plans.items():
+            loc = ("services", "association", "plans", name)
+            if p.memory_mb < p.php_memory_mb:
+                out.append(Problem((*loc, "memory_mb"), f"plan {name}: memory_mb "
+                                   f"{p.memory_mb} is less than one PHP request's "
+                                   f"php_memory_mb {p.php_memory_mb}"))
+            if p.tasks <= p.php_workers:
+                out.append(Problem((*loc, "tasks"), f"plan {name}: tasks {p.tasks} leaves no "
+                                   f"room for php_workers {p.php_workers} and their master"))
+        if any(self.plan_of(m).disk_mb for m in self.members):
+            out.append(Problem(("services", "association", "plans"), "disk_mb needs user "
+                               "quotas on the file system holding /srv/members (mount option "
+                               "usrquota, then quotacheck -cum and quotaon -u): where they "
+                               "are off, the deploy says so and applies no quota",
+                               severity="warning"))
+        return out
+
     def assertions(self, env: Env) -> list[Problem]:
         from selfhost.models.server import RESERVED_USERS
 
         base = ("services", "association", "members")
-        out: list[Problem] = []
+        out: list[Problem] = self.plan_problems()
         admins = {a.name for a in env.server.admins}
         names: dict[str, int] = {}
         domains: dict[str, tuple[str | int, ...]] = {}
@@ -445,7 +517,13 @@ class AssociationService(Service):
         home = m.home
         lines = [
             "; Managed by selfhost: changes here are overwritten on the next deploy.",
-            f"; Member {m.name}, plan {m.plan}.",
+            f"; Member {m.name}, plan {m.plan}: this member's own PHP-FPM, run by",
+            f"; {fpm_unit(m.name)} in {member_slice(m.name)}.",
+            "[global]",
+            "error_log = syslog",
+            f"syslog.ident = php-fpm-{m.name}",
+            f"process.max = {plan.php_workers}",
+            "",
             f"[{m.name}]",
             f"user = {m.name}",
             f"group = {m.name}",
@@ -564,35 +642,160 @@ class AssociationService(Service):
             self._contribute_php(c, env, php)
         if self.databases():
             self._contribute_mariadb(c)
+        quotas = self.quotas()
+        if quotas:
+            c.packages.append("quota")
+            c.commands.append(Command(
+                "association: members' disk quotas (where the file system has user quotas)",
+                self.quota_command(quotas), unless=self.quota_guard(quotas), after_files=True))
         return c
+
+    def quotas(self) -> list[tuple[str, int, int]]:
+        """(member, soft, hard limit in KiB) of the members whose plan has ``disk_mb``."""
+        out = []
+        for m in self.members:
+            mb = self.plan_of(m).disk_mb
+            if mb:
+                out.append((m.name, mb * 1024 * 9 // 10, mb * 1024))
+        return sorted(out)
+
+    def _quota_fs(self) -> str:
+        return (f"mp=$(findmnt -n -o TARGET --target {HOMES}) && "
+                f"fs=$(findmnt -n -o FSTYPE --target {HOMES}) && ")
+
+    @staticmethod
+    def _quota_want(quotas: list[tuple[str, int, int]]) -> str:
+        return "".join(f"{n} {soft} {hard}\\n" for n, soft, hard in quotas)
+
+    def quota_guard(self, quotas: list[tuple[str, int, int]]) -> str:
+        """Shell test: the limits are in place, or the file system has no user quotas and
+        that was already reported for these limits."""
+        names = " ".join(n for n, _, _ in quotas)
+        want = self._quota_want(quotas)
+        return (
+            self._quota_fs() + "if quotaon -pu \"$mp\" 2>/dev/null | grep -q ' is on'; then "
+            f"test \"$(repquota -u \"$mp\" | awk -v w='{names}' 'BEGIN {{ n = split(w, a, \" \"); "
+            "for (i = 1; i <= n; i++) m[a[i]] = 1 } ($1 in m) { print $1, $4, $5 }' | sort)\" = "
+            f"\"$(printf '{want}')\"; else test \"$(cat {QUOTA_STATE} 2>/dev/null)\" = "
+            f"\"$(printf 'unsupported %s %s\\n{want}' \"$fs\" \"$mp\")\"; fi")
+
+    def quota_command(self, quotas: list[tuple[str, int, int]]) -> str:
+        """Shell: set each member's limits where the file system has user quotas on; else
+        say so (on the deploy's output and in the journal) and remember it was said."""
+        want = self._quota_want(quotas)
+        sets = " && ".join(f'setquota -u {n} {soft} {hard} 0 0 "$mp"' for n, soft, hard in quotas)
+        return (
+            self._quota_fs() + "if quotaon -pu \"$mp\" 2>/dev/null | grep -q ' is on'; then "
+            f"{sets} && rm -f {QUOTA_STATE}; else "
+            f"msg=\"disk quotas NOT applied: $mp ($fs) holding {HOMES} has no user quotas on "
+            "(mount it with usrquota, then quotacheck -cum $mp and quotaon -u $mp)\"; "
+            'echo "selfhost: $msg" >&2; logger -p user.warning -t selfhost "$msg"; '
+            f"printf 'unsupported %s %s\\n{want}' \"$fs\" \"$mp\" > {QUOTA_STATE}; fi")
 
     def _contribute_php(self, c: Contribution, env: Env, php: list[Member]) -> None:
         v = php_version(env.require_target().release)
         c.packages += ["php-fpm", "php-mysql"]
         fpm = f"php-fpm{v}"
-        check = ('d=$(mktemp -d) && printf \'[global]\\npid = %s/fpm.pid\\nerror_log = '
-                 '%s/fpm.log\\ninclude = %s\\n\' "$d" "$d" {path} > "$d/fpm.conf" && '
-                 f'{fpm} -t -y "$d/fpm.conf"; rc=$?; rm -rf "$d"; exit $rc')
+        c.directories.append(ManagedDir(FPM_DIR, "0755"))
         pools = [pool_file(v, m.name) for m in php]
         mail = getattr(env.server.services, "mail", None)
         with_mail = mail is not None and bool(mail.enabled)
-        for m, path in zip(php, pools, strict=True):
-            c.files.append(ManagedFile(path, self.pool(m, v, with_mail), validate=check))
-        www = f"/etc/php/{v}/fpm/pool.d/www.conf"
-        c.files.append(ManagedFile(www, "; Managed by selfhost: Debian's shared www-data pool "
-                                   "is off; each member has a pool of its own.\n"))
+        template = f"{UNIT_DIR}/{FPM_TEMPLATE}"
+        c.files.append(ManagedFile(template, self.fpm_template(v),
+                                   validate=(
+            'd=$(mktemp -d) && cp {path} "$d/' + FPM_TEMPLATE + '" && systemd-analyze verify '
+            '"$d/' + FPM_TEMPLATE + '" >/dev/null; rc=$?; rm -rf "$d"; exit $rc')))
         ini = f"/etc/php/{v}/fpm/conf.d/90-selfhost.ini"
         c.files.append(ManagedFile(ini, self.php_ini(), validate=(
             "out=$(php -n -c {path} -r '' 2>&1); [ -z \"$out\" ] || { echo \"$out\"; exit 1; }")))
-        # Pools of members no longer in the model (their homes and data stay).
-        keep = " ".join(shlex.quote(p) for p in pools)
-        stale = (f"for f in /etc/php/{v}/fpm/pool.d/selfhost-*.conf; do [ -e \"$f\" ] || "
-                 f"continue; case \" {keep} \" in *\" $f \"*) ;; *) echo \"$f\";; esac; done")
+        for m, path in zip(php, pools, strict=True):
+            c.files.append(ManagedFile(path, self.pool(m, v, with_mail),
+                                       validate=f"{fpm} -t -y {{path}}"))
+            c.files.append(ManagedFile(f"{UNIT_DIR}/{member_slice(m.name)}", self.slice(m)))
         c.commands.append(Command(
-            "association: remove the PHP pools of former members",
-            f"for f in $({stale}); do rm -f \"$f\"; done; systemctl reload php{v}-fpm.service",
-            unless=f'test -z "$({stale})"', after_files=True))
-        c.units.append(Unit(f"php{v}-fpm.service", reload_on=(*pools, www, ini)))
+            "association: Debian's shared php-fpm off and former members' PHP stopped "
+            "(each member has a PHP-FPM of its own)",
+            self.fpm_cleanup(v, php), unless=self.fpm_cleanup_guard(v, php),
+            after_files=True))
+        for m, path in zip(php, pools, strict=True):
+            # A slice's limits apply when systemd's configuration is reloaded (the backend
+            # does after changed unit files); a changed unit file restarts the master.
+            c.units.append(Unit(fpm_unit(m.name), reload_on=(path, ini)))
+
+    def fpm_template(self, version: str) -> str:
+        fpm = f"/usr/sbin/php-fpm{version}"
+        return "\n".join([
+            "# Managed by selfhost: one PHP-FPM master per association member, in the",
+            "# member's own slice (its CPU, memory and process limits).",
+            "[Unit]",
+            "Description=selfhost: PHP-FPM of association member %I",
+            "After=network.target",
+            "",
+            "[Service]",
+            "Type=notify",
+            "Slice=selfhost-members-%i.slice",
+            f"ExecStartPre={fpm} -t -y {FPM_DIR}/%I.conf",
+            f"ExecStart={fpm} --nodaemonize --fpm-config {FPM_DIR}/%I.conf",
+            "ExecReload=/bin/kill -USR2 $MAINPID",
+            "RuntimeDirectory=php",
+            "RuntimeDirectoryPreserve=yes",
+            "RuntimeDirectoryMode=0755",
+            "Restart=on-failure",
+            "",
+            "[Install]",
+            "WantedBy=multi-user.target",
+            "",
+        ])
+
+    def slice(self, m: Member) -> str:
+        plan = self.plan_of(m)
+        return "\n".join([
+            "# Managed by selfhost: changes here are overwritten on the next deploy.",
+            f"# Association member {m.name}, plan {m.plan}.",
+            "[Unit]",
+            f"Description=selfhost: association member {m.name}",
+            "",
+            "[Slice]",
+            f"MemoryMax={plan.memory_mb}M",
+            f"CPUQuota={plan.cpu_percent}%",
+            f"TasksMax={plan.tasks}",
+            "",
+        ])
+
+    def _fpm_stale(self, version: str, php: list[Member]) -> str:
+        """Shell printing what is left of PHP that the model no longer has: Debian's own
+        php-fpm (unless masked and stopped), pool files of the first layout in its pool.d,
+        the masters and files of members no longer on PHP."""
+        keep = " ".join(shlex.quote(m.name) for m in php)
+        debian = f"php{version}-fpm.service"
+        wants = f"{UNIT_DIR}/multi-user.target.wants"
+        return (
+            f'{{ [ "$(systemctl is-enabled {debian} 2>/dev/null)" = masked ] && '
+            f"! systemctl is-active -q {debian} || echo {debian}; "
+            f"ls /etc/php/{version}/fpm/pool.d/selfhost-*.conf 2>/dev/null; "
+            f'for f in {FPM_DIR}/*.conf {UNIT_DIR}/selfhost-members-*.slice; do [ -e "$f" ] '
+            '|| continue; n=${f##*/}; case $n in *.slice) n=${n#selfhost-members-}; '
+            'n=$(systemd-escape -u -- "${n%.slice}");; *) n=${n%.conf};; esac; '
+            f'case " {keep} " in *" $n "*) ;; *) echo "$f";; esac; done; '
+            "{ systemctl list-units --all --plain --no-legend "
+            "--state=active,activating,deactivating,reloading,failed 'selfhost-php@*.service'; "
+            f"ls {wants}; }} 2>/dev/null | grep -o 'selfhost-php@[^ ]*[.]service' | sort -u | "
+            'while read -r u; do n=${u#selfhost-php@}; '
+            'n=$(systemd-escape -u -- "${n%.service}"); '
+            f'case " {keep} " in *" $n "*) ;; *) echo "$u";; esac; done; }}')
+
+    def fpm_cleanup_guard(self, version: str, php: list[Member]) -> str:
+        return f'test -z "$({self._fpm_stale(version, php)})"'
+
+    def fpm_cleanup(self, version: str, php: list[Member]) -> str:
+        debian = f"php{version}-fpm.service"
+        return (
+            f"for x in $({self._fpm_stale(version, php)}); do case $x in "
+            f"{debian}) systemctl disable --now {debian} >/dev/null 2>&1; "
+            f"systemctl mask {debian} >/dev/null;; "
+            '*.service) systemctl disable --now "$x" >/dev/null 2>&1; '
+            'systemctl reset-failed "$x" 2>/dev/null;; '
+            '*) rm -f "$x";; esac; done; systemctl daemon-reload')
 
     def _contribute_mariadb(self, c: Contribution) -> None:
         c.packages.append("mariadb-server")
