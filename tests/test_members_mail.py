@@ -109,11 +109,12 @@ def test_the_plans_limits_apply_to_the_login_and_the_members_unix_user() -> None
             "server_port==10026; sender==alpha@asso.asso.example; action=rate(sender/20/60/"
             "HOLD Outbound limit: $$sender (member alpha) may send 20 per minute, held for the "
             "admin)") in rules
-    # The general rules count everyone else (charlie's plan has no limits of its own).
+    # The general rules (the example: 10 a minute) count everyone else (charlie's plan has
+    # no limits of its own).
     others = r"(?:alpha@asso\.example|bravo@asso\.example)"
     assert ("id=SELFHOST_MINUTE; protocol_state==END-OF-MESSAGE; sasl_username=~/^(?!"
-            + others + "$)./; action=rate(sasl_username/30/60/450 4.7.1 Outbound limit: "
-            "$$sasl_username may send 30 per minute, try again later)") in rules
+            + others + "$)./; action=rate(sasl_username/10/60/450 4.7.1 Outbound limit: "
+            "$$sasl_username may send 10 per minute, try again later)") in rules
     local = r"(?:alpha@asso\.asso\.example|bravo@asso\.asso\.example)"
     assert any(r.startswith("id=SELFHOST_LOCAL_MINUTE;") and f"sender=~/^(?!{local}$)./;" in r
                for r in rules), rules
