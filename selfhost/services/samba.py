@@ -74,10 +74,9 @@ from selfhost.compose.resources import (
     Unit,
 )
 from selfhost.models.base import SecretRef, StrictModel, data_path
-from selfhost.services.base import Service
+from selfhost.services.base import Service, container_dropin
 
 CONFIG = "/etc/samba/smb.conf"
-CONTAINER_DROPIN = "/etc/systemd/system/smbd.service.d/selfhost-container.conf"
 PASSDB_DIR = "/var/lib/samba/private"
 USERS_FILE = f"{PASSDB_DIR}/selfhost-users.smbpasswd"
 PORT = 445
@@ -379,10 +378,8 @@ class SambaService(Service):
             "! systemctl is-enabled --quiet nmbd.service 2>/dev/null && "
             "! systemctl is-active --quiet nmbd.service"))
         if env.require_target().in_container:
-            c.files.append(ManagedFile(CONTAINER_DROPIN, "# Managed by selfhost: in a "
-                                       "container (see selfhost/services/samba.py).\n"
-                                       "[Service]\nTimeoutStopSec=5\n"))
-            c.commands.append(Command("samba: reload systemd units", "systemctl daemon-reload",
-                                      on_change=(CONTAINER_DROPIN,)))
+            container_dropin(c, "samba", "smbd.service",
+                             "in a container (see selfhost/services/samba.py).",
+                             "TimeoutStopSec=5\n")
         c.units.append(Unit("smbd.service", reload_on=(CONFIG,), reload=False))
         return c
