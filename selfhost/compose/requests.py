@@ -229,6 +229,24 @@ class MailAccount(Request):
         return f"mailbox {self.address}"
 
 
+@dataclass(frozen=True)
+class CalendarAccount(Request):
+    """A login on this host's calendar and contacts server, asked by another module (an
+    association's member): ``name`` logs in with ``password`` (a reference, hashed with bcrypt
+    on the deploying machine) and gets its own collections; ``owner`` names who it belongs to.
+    One login name is one requester's (two conflict)."""
+
+    name: str
+    password: SecretRef
+    owner: str = ""
+
+    def key(self) -> object:
+        return ("calendar-account", self.name)
+
+    def describe(self) -> str:
+        return f"calendar login {self.name}"
+
+
 # --------------------------------------------------------------------------- web
 
 

@@ -71,8 +71,16 @@ removed. A plan's ``disk_mb`` is a user quota on the file system holding ``/srv/
 set only where that file system has user quotas on; elsewhere the deploy says so once
 (``/var/lib/selfhost/association-quota`` remembers it was said) and validation warns.
 
-Not in this first cut: lists, and the member's login on the calendar (Radicale's users are
-its own model's, not requested yet).
+**The calendar login.** On a host with the calendars service (``services.radicale``), each
+member with a ``password`` gets a login on Radicale (CalDAV/CardDAV): the module asks the
+radicale module for it with a :class:`~selfhost.compose.requests.CalendarAccount` (the login
+name is the member's name, the password the same reference as the mailboxes'), which puts it
+in the web server's basic auth next to Radicale's own users, hashed with bcrypt on the
+deploying machine like the others. Radicale's ``owner_only`` rights keep each member to their
+own collections. A member named like one of Radicale's own users is an error at the member's
+name.
+
+Not in this first cut: lists.
 
 **How mail plugs in.** PHP's ``mail()`` is the hole through which a hacked member form
 gets the whole server blacklisted: the pickup path that SMTP policy services never see. On a
@@ -104,6 +112,7 @@ from pydantic import Field, field_validator
 from selfhost.compose.module import Contribution, Env, Problem
 from selfhost.compose.requests import (
     BackupSource,
+    CalendarAccount,
     HealthCheck,
     MailAccount,
     MailLimits,
@@ -310,7 +319,8 @@ class Member(StrictModel):
         default=None, description="The member's single login password, as a reference ({env: "
         "VAR} or {file: PATH}): it opens each of the member's mailboxes (IMAP, POP3, "
         "submission; the login is the mailbox's address); only a bcrypt hash reaches the "
-        "server. Required with mailboxes.")
+        "server. On a host with the calendars service (radicale) it is also the member's "
+        "calendar login (the login is the member's name). Required with mailboxes.")
 
     @field_validator("mailboxes", "aliases")
     @classmethod
@@ -358,7 +368,7 @@ class AssociationService(Service):
 
     kind: ClassVar[str] = "association"
     uses: ClassVar[tuple[type[Request], ...]] = (SystemUser, VirtualHost, BackupSource,
-                                                 HealthCheck, MailAccount)
+                                                 HealthCheck, MailAccount, CalendarAccount)
 
     plans: dict[str, Plan] = Field(default_factory=_default_plans, description="The named "
                                    "plans members are on (default: 'small', static sites "
@@ -483,6 +493,16 @@ class AssociationService(Service):
             limits=plan.mail_limits(), local_login=m.name if j == 0 else None,
             origin=f"{origin}.mailboxes.{j}") for j, address in enumerate(m.mailboxes)]
 
+    def calendar_requests(self, env: Env, m: Member, origin: str) -> list[Request]:
+        """The member's login on the host's calendars service (Radicale), when there is one:
+        the member's name and single password (the radicale module checks the name against
+        its own users, at the member's name)."""
+        radicale = getattr(env.server.services, "radicale", None)
+        if m.password is None or radicale is None or not radicale.enabled:
+            return []
+        return [CalendarAccount(m.name, m.password, owner=f"member {m.name}",
+                                origin=f"{origin}.name")]
+
     def requests(self, env: Env) -> list[Request]:
         out: list[Request] = []
         for i, m in enumerate(self.members):
@@ -490,6 +510,7 @@ class AssociationService(Service):
             out.append(SystemUser(m.name, home=m.home, origin=origin))
             out.append(BackupSource(m.home, origin=origin))
             out += self.mail_requests(env, m, origin)
+            out += self.calendar_requests(env, m, origin)
             plan = self.plan_of(m)
             for j, s in enumerate(m.sites):
                 out.append(VirtualHost(

@@ -9,6 +9,12 @@ trusts whoever connects to it, it also asks that only the web server may open co
 to its port (an nftables rule on the loopback). Each user sees only their own collections
 (``owner_only`` rights).
 
+Logins come from this model's ``users`` and from other modules: an association's members ask
+for theirs with a :class:`~selfhost.compose.requests.CalendarAccount` request (the member's
+single password), which this module puts next to its own users in the web server's basic
+auth. A requested login with the name of one of ``users`` is an error at the requester's model
+path.
+
 Backups: Radicale writes every item to a new file and renames it into place, so each file is
 whole, but a client's sync touches several items (and Radicale's cache and properties) under
 Radicale's storage lock. Before each backup a consistency hook copies the collections while
@@ -27,10 +33,11 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from selfhost.compose.module import Contribution, Env
+from selfhost.compose.module import Contribution, Env, Problem
 from selfhost.compose.requests import (
     BackupSource,
     BasicAuthUser,
+    CalendarAccount,
     HealthCheck,
     Request,
     VirtualHost,
@@ -82,13 +89,16 @@ class RadicaleService(Service):
 
     kind: ClassVar[str] = "radicale"
     uses: ClassVar[tuple[type[Request], ...]] = (VirtualHost, BackupSource, HealthCheck)
+    provides: ClassVar[tuple[type[Request], ...]] = (CalendarAccount,)
 
     host: str = Field(
         default="dav",
         description="Host name clients connect to: a label under the server's domain ('dav'), "
         "or a full name ending in it.",
     )
-    users: list[CalendarUser] = Field(min_length=1, description="Who may log in.")
+    users: list[CalendarUser] = Field(
+        default_factory=list, description="Who may log in (besides the logins other modules "
+        "ask for, e.g. an association's members): at least one in all.")
     zone: Literal["internet", "lan", "vpn"] = Field(
         default="internet",
         description="Where clients connect from: 'internet', or only the 'lan' or the 'vpn'.",
@@ -117,10 +127,49 @@ class RadicaleService(Service):
         return self.host if self.host == domain or self.host.endswith("." + domain) \
             else f"{self.host}.{domain}"
 
+    def accounts(self, env: Env) -> list[CalendarAccount]:
+        """The logins other modules asked for (:class:`CalendarAccount`), in their order, each
+        name once and none of this model's own users' (those are reported as errors)."""
+        seen = {u.name for u in self.users}
+        out = []
+        for r in env.incoming(CalendarAccount):
+            if r.name not in seen:
+                seen.add(r.name)
+                out.append(r)
+        return out
+
+    def account_problems(self, env: Env) -> list[Problem]:
+        """The requested logins, at the requester's model paths: a valid name, not one of
+        this model's users; and someone to log in at all."""
+        from selfhost.compose.route import loc_of
+
+        base: tuple[str | int, ...] = ("services", "radicale", "users")
+        own = {u.name: (*base, i, "name") for i, u in enumerate(self.users)}
+        requested = env.incoming(CalendarAccount)
+        out: list[Problem] = []
+        if not self.users and not requested:
+            out.append(Problem(base, "radicale has no users and no module asks for accounts: "
+                               "give users (or members with a password, on an association)"))
+        for r in requested:
+            if not _USER.match(r.name):
+                out.append(Problem(loc_of(r.origin), f"{r.name!r} cannot be a calendar login "
+                                   "(1-64 of a-z 0-9 . _ -, starting with a letter or digit)"))
+            elif r.name in own:
+                other = own[r.name]
+                out.append(Problem(loc_of(r.origin), f"calendar login {r.name} "
+                                   f"({r.owner or r.origin}) is already one of radicale's users "
+                                   f"({'.'.join(str(p) for p in other)})", other=other))
+        return out
+
+    def assertions(self, env: Env) -> list[Problem]:
+        return self.account_problems(env)
+
     def requests(self, env: Env) -> list[Request]:
+        logins = [BasicAuthUser(u.name, u.password) for u in self.users]
+        logins += [BasicAuthUser(r.name, r.password) for r in self.accounts(env)]
         return [
             VirtualHost(self.fqdn(env.server.domain), upstream=f"127.0.0.1:{PORT}",
-                        auth=tuple(BasicAuthUser(u.name, u.password) for u in self.users),
+                        auth=tuple(logins),
                         zone=self.zone, max_body_mb=self.max_upload_mb,
                         origin=f"{env.path}.host"),
             BackupSource(COLLECTIONS),
