@@ -42,9 +42,9 @@ from selfhost.compose.requests import (
     Request,
     VirtualHost,
 )
-from selfhost.compose.resources import Command, ManagedDir, ManagedFile, Unit
+from selfhost.compose.resources import ManagedDir, ManagedFile, Unit
 from selfhost.models.base import SecretRef, StrictModel
-from selfhost.services.base import Service
+from selfhost.services.base import Service, container_dropin
 
 CONFIG = "/etc/radicale/config"
 CONTAINER_DROPIN = "/etc/systemd/system/radicale.service.d/selfhost-container.conf"
@@ -223,11 +223,9 @@ class RadicaleService(Service):
             # a container does not give (systemd 257 then fails the start: "Failed to keep
             # CAP_SYS_ADMIN"); the container boundary already hides the devices and the
             # kernel's modules and tunables. The others stay.
-            c.files.append(ManagedFile(CONTAINER_DROPIN, "# Managed by selfhost: in a container."
-                                       "\n[Service]\nPrivateDevices=no\nProtectKernelModules=no"
-                                       "\nProtectKernelTunables=no\n"))
-            c.commands.append(Command("radicale: reload systemd units", "systemctl daemon-reload",
-                                      on_change=(CONTAINER_DROPIN,)))
+            container_dropin(c, "radicale", "radicale.service", "in a container.",
+                             "PrivateDevices=no\nProtectKernelModules=no\n"
+                             "ProtectKernelTunables=no\n")
         c.units.append(Unit("radicale.service", reload_on=(CONFIG, CONTAINER_DROPIN),
                             reload=False))
         return c
