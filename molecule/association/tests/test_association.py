@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import time
 from typing import Any
 
 import pytest
+from member_sites import CA, get, put
 
-CA = "/var/lib/caddy/.local/share/caddy/pki/authorities/local/root.crt"
 ALPHA_SITE = "alpha.asso.example"
 BRAVO_SITE = "bravo.example"
 CHARLIE_SITE = "charlie.asso.example"
@@ -43,20 +42,8 @@ if ($c->connect_errno) {
 """
 
 
-def _put(host: Any, path: str, text: str, owner: str) -> None:
-    cmd = (f"printf %s {shlex.quote(text)} > {shlex.quote(path)} && "
-           f"chown {owner}:{owner} {shlex.quote(path)} && chmod 0644 {shlex.quote(path)}")
-    res = host.run(cmd)
-    assert res.rc == 0, res.stderr
 
 
-def _get(host: Any, site: str, path: str, timeout: int = 15) -> tuple[int, str]:
-    """GET https://SITE/PATH through Caddy on 127.0.0.1: (status, body)."""
-    url = shlex.quote(f"https://{site}{path}")
-    res = host.run(f"curl -sS --max-time {timeout} --cacert {CA} --resolve {site}:443:127.0.0.1 "
-                   f"-o /tmp/a14-body -w '%{{http_code}}' {url}; echo; cat /tmp/a14-body")
-    status, _, body = res.stdout.partition("\n")
-    return int(status or 0), body
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,31 +52,31 @@ def uploads(host: Any) -> None:
     bravo's that alpha's script will try to read, charlie's static page."""
     for member, site in (("alpha", ALPHA_SITE), ("bravo", BRAVO_SITE)):
         docroot = f"/srv/members/{member}/sites/{site}"
-        _put(host, f"{docroot}/whoami.php", WHOAMI, member)
-        _put(host, f"{docroot}/slow.php", SLOW, member)
-        _put(host, f"{docroot}/db.php", DB, member)
-    _put(host, f"/srv/members/alpha/sites/{ALPHA_SITE}/steal.php", STEAL, "alpha")
-    _put(host, BRAVO_SECRET, "bravo's secret\n", "bravo")
-    _put(host, f"/srv/members/charlie/sites/{CHARLIE_SITE}/index.html", "charlie's page\n",
+        put(host, f"{docroot}/whoami.php", WHOAMI, member)
+        put(host, f"{docroot}/slow.php", SLOW, member)
+        put(host, f"{docroot}/db.php", DB, member)
+    put(host, f"/srv/members/alpha/sites/{ALPHA_SITE}/steal.php", STEAL, "alpha")
+    put(host, BRAVO_SECRET, "bravo's secret\n", "bravo")
+    put(host, f"/srv/members/charlie/sites/{CHARLIE_SITE}/index.html", "charlie's page\n",
          "charlie")
     # Caddy issues its internal certificates on the first request: wait for it.
     for _ in range(30):
-        if _get(host, ALPHA_SITE, "/whoami.php")[0] == 200:
+        if get(host, ALPHA_SITE, "/whoami.php")[0] == 200:
             return
         time.sleep(1)
 
 
 def test_each_php_site_runs_as_its_member(host: Any) -> None:
-    assert _get(host, ALPHA_SITE, "/whoami.php") == (200, "alpha")
-    assert _get(host, BRAVO_SITE, "/whoami.php") == (200, "bravo")
+    assert get(host, ALPHA_SITE, "/whoami.php") == (200, "alpha")
+    assert get(host, BRAVO_SITE, "/whoami.php") == (200, "bravo")
 
 
 def test_static_site_of_a_member_without_php(host: Any) -> None:
-    assert _get(host, CHARLIE_SITE, "/") == (200, "charlie's page\n")
+    assert get(host, CHARLIE_SITE, "/") == (200, "charlie's page\n")
 
 
 def test_a_member_script_cannot_read_another_members_files(host: Any) -> None:
-    status, body = _get(host, ALPHA_SITE, "/steal.php")
+    status, body = get(host, ALPHA_SITE, "/steal.php")
     assert status == 200
     assert body.startswith("DENIED: "), body
     assert "open_basedir restriction in effect" in body, body
@@ -137,7 +124,7 @@ def test_a_busy_member_does_not_block_another(host: Any) -> None:
                      "> /tmp/a14-slow 2>&1 &) ; sleep 1; date +%s.%N")
     assert start.rc == 0
     t0 = time.monotonic()
-    assert _get(host, BRAVO_SITE, "/whoami.php") == (200, "bravo")
+    assert get(host, BRAVO_SITE, "/whoami.php") == (200, "bravo")
     assert time.monotonic() - t0 < 2.5
     time.sleep(4)
     assert host.file("/tmp/a14-slow").content_string == "slow done"
@@ -146,7 +133,7 @@ def test_a_busy_member_does_not_block_another(host: Any) -> None:
 def _db(host: Any, site: str, user: str, password: str, db: str) -> dict[str, Any]:
     from urllib.parse import urlencode
 
-    status, body = _get(host, site, "/db.php?" + urlencode(
+    status, body = get(host, site, "/db.php?" + urlencode(
         {"user": user, "password": password, "db": db}))
     assert status == 200, body
     return dict(json.loads(body))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -23,8 +22,8 @@ from typing import Any
 
 import pytest
 import yaml
+from member_sites import get, put
 
-CA = "/var/lib/caddy/.local/share/caddy/pki/authorities/local/root.crt"
 ALPHA_SITE = "alpha.asso.example"
 BRAVO_SITE = "bravo.example"
 FQDN = "asso.asso.example"
@@ -62,20 +61,8 @@ echo mail('charlie@{FQDN}', 'bravo news ' . $_GET['tag'], 'Hello from bravo') ? 
 """
 
 
-def _put(host: Any, path: str, text: str, owner: str) -> None:
-    q = shlex.quote
-    res = host.run(f"mkdir -p {q(os.path.dirname(path))} && chown {owner}:{owner} "
-                   f"{q(os.path.dirname(path))} && printf %s {q(text)} > {q(path)} && "
-                   f"chown {owner}:{owner} {q(path)} && chmod 0644 {q(path)}")
-    assert res.rc == 0, res.stderr
 
 
-def _get(host: Any, site: str, path: str, timeout: int = 60) -> tuple[int, str]:
-    url = shlex.quote(f"https://{site}{path}")
-    res = host.run(f"curl -sS --max-time {timeout} --cacert {CA} --resolve {site}:443:127.0.0.1 "
-                   f"-o /tmp/a14-form -w '%{{http_code}}' {url}; echo; cat /tmp/a14-form")
-    status, _, body = res.stdout.partition("\n")
-    return int(status or 0), body
 
 
 def queue(host: Any) -> list[dict[str, Any]]:
@@ -101,9 +88,9 @@ def flood(host: Any) -> Iterator[dict[str, Any]]:
     """Mail to outside domains waits (defer_transports); alpha's form sends 500 messages in
     one request; then the queue settles (nothing left in the incoming/active queues)."""
     assert host.run("postconf -e defer_transports=smtp && postfix reload").rc == 0
-    _put(host, SCRIPT, SEND, "alpha")
+    put(host, SCRIPT, SEND, "alpha")
     t0 = time.monotonic()
-    assert _get(host, ALPHA_SITE, "/contact/send.php") == (200, f"sent {FLOOD}")
+    assert get(host, ALPHA_SITE, "/contact/send.php", timeout=60) == (200, f"sent {FLOOD}")
     deadline = time.monotonic() + 120
     while True:
         entries = [e for e in queue(host) if e["sender"] == ALPHA]
@@ -137,8 +124,8 @@ def test_past_the_limit_alphas_mail_is_held(host: Any, flood: dict[str, Any]) ->
 
 def test_bravos_mail_is_delivered_meanwhile(host: Any, flood: dict[str, Any]) -> None:
     tag = str(time.time_ns())
-    _put(host, f"/srv/members/bravo/sites/{BRAVO_SITE}/news.php", NEWS, "bravo")
-    assert _get(host, BRAVO_SITE, f"/news.php?tag={tag}") == (200, "ok")
+    put(host, f"/srv/members/bravo/sites/{BRAVO_SITE}/news.php", NEWS, "bravo")
+    assert get(host, BRAVO_SITE, f"/news.php?tag={tag}", timeout=60) == (200, "ok")
     deadline = time.monotonic() + 30
     while f"bravo news {tag}" not in host.run("cat /var/mail/charlie").stdout:
         assert time.monotonic() < deadline, host.run("postqueue -p | tail -20").stdout
