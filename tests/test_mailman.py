@@ -219,8 +219,11 @@ def test_mailman_cfg_passes_mailman_and_a_broken_one_fails(release: str,
     cfg = file_of(plan, CONFIG)
     ok = validators.check(release, cfg.path, cfg.content, cfg.validate)
     assert ok.returncode == 0, (ok.stdout + ok.stderr).decode()
-    for broken in (cfg.content.replace("smtp_port: 10027", "smtp_port: ten"),
-                   cfg.content + "[no_such_section]\nx: 1\n",
+    # Mailman loads the file and its database: a syntax error, an unknown layout or database
+    # fails (an unknown key or section, or a wrong value, is not seen).
+    for broken in (cfg.content.replace("layout: debian", "layout: nosuch"),
+                   cfg.content.replace("class: mailman.database.sqlite.SQLiteDatabase",
+                                       "class: mailman.database.nosuch.X"),
                    cfg.content.replace("[mta]", "[mta")):
         res = validators.check(release, cfg.path, broken, cfg.validate)
         assert res.returncode != 0, broken[-200:]
