@@ -994,18 +994,14 @@ class MailService(Service):
         return sorted(env.incoming(ListAddresses), key=lambda r: r.list_address)
 
     def list_problems(self, env: Env) -> list[Problem]:
-        """A list's addresses must be in a mail domain and be no mailbox, alias or other
-        list's address."""
-        domains = [d.name for d in self.domains]
+        """A list's addresses must be no mailbox, alias or other list's address (the list
+        manager checks that they are in a mail domain)."""
         taken = {m.address: "a mailbox" for m in self.mailboxes}
         taken.update({a.address: "an alias" for a in self.aliases})
         out: list[Problem] = []
         for r in self.lists(env):
             loc = (*tuple(int(p) if p.isdigit() else p for p in r.origin.split(".") if p),
                    "address")
-            if r.list_address.split("@", 1)[1] not in domains:
-                out.append(Problem(loc, f"list {r.list_address}: not in one of the mail "
-                                   f"domains ({', '.join(domains)})"))
             for a in r.addresses:
                 if a in taken:
                     out.append(Problem(loc, f"list {r.list_address} needs the address {a}, "
