@@ -1,0 +1,168 @@
+"""Mailing lists (Mailman 3) of examples/association.yaml: member alpha's list
+alpha-news@asso.example. Two mailboxes of the association (anna, bruno) subscribe by mail with
+their mailbox login (submission on 587, STARTTLS), confirm, and receive a post; a post from a
+non-member is held; the archive is private; the list's mail goes out through the mail
+server's counted port. Everything runs inside each server (Python's smtplib to 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+LIST = "alpha-news@asso.example"
+ANNA = ("anna@asso.example", os.environ.get("ASSO_ANNA_MAIL_PASSWORD", "molecule: anna 2026!"))
+BRUNO = ("bruno@asso.example",
+         os.environ.get("ASSO_BRUNO_MAIL_PASSWORD", "molecule: bruno 2026!"))
+MAILDIR = "/var/vmail/asso.example/{}/new"
+
+SEND = r"""
+import smtplib, ssl, sys
+from email.message import EmailMessage
+port, sender, password, to, subject, msgid = sys.argv[1:7]
+m = EmailMessage()
+m["From"], m["To"], m["Subject"], m["Message-ID"] = sender, to, subject, msgid
+m.set_content("Hello from " + sender + "\n")
+with smtplib.SMTP("127.0.0.1", int(port), timeout=30) as s:
+    s.ehlo("client.test")
+    if password:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # loopback test
+        s.starttls(context=ctx)
+        s.login(sender, password)
+    s.send_message(m)
+"""
+
+MAILMAN = r"""
+import sys
+from mailman.core.initialize import initialize
+initialize("/etc/mailman3/mailman.cfg")
+from mailman.interfaces.listmanager import IListManager
+from mailman.interfaces.requests import IListRequests
+from zope.component import getUtility
+ml = getUtility(IListManager).get(sys.argv[1])
+print("members:", " ".join(sorted(m.address.email for m in ml.members.members)))
+for r in IListRequests(ml).held_requests:
+    print("held:", r.request_type.name, r.key)
+"""
+
+
+def send(host: Any, port: int, sender: str, password: str, to: str, subject: str,
+         msgid: str = "") -> None:
+    msgid = msgid or f"<{uuid.uuid4()}@test>"
+    args = " ".join(shlex.quote(a) for a in (str(port), sender, password, to, subject, msgid))
+    res = host.run(f"python3 -c {shlex.quote(SEND)} {args}")
+    assert res.rc == 0, res.stdout + res.stderr
+
+
+def mailman(host: Any) -> str:
+    res = host.run(f"cd / && runuser -u list -- python3 -c {shlex.quote(MAILMAN)} {LIST}")
+    assert res.rc == 0, res.stderr
+    return res.stdout
+
+
+def wait_grep(host: Any, box: str, pattern: str, timeout: float = 90) -> str:
+    """The first message of ``box``'s Maildir matching ``pattern`` (grep -E)."""
+    d = MAILDIR.format(box)
+    deadline = time.monotonic() + timeout
+    while True:
+        res = host.run(f"grep -lE {shlex.quote(pattern)} {d}/* 2>/dev/null | head -1")
+        if res.stdout.strip():
+            return str(host.check_output(f"cat {res.stdout.strip()}"))
+        assert time.monotonic() < deadline, (box, pattern, host.run(
+            "journalctl -u postfix@- -u mailman3 -n 40 --no-pager").stdout)
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def subscribed(host: Any) -> str:
+    """anna and bruno subscribe by mail (LIST-join@, from their mailbox through submission)
+    and confirm with the token Mailman mails them; returns Mailman's view afterwards."""
+    for who, pw in (ANNA, BRUNO):
+        send(host, 587, who, pw, "alpha-news-join@asso.example", "subscribe")
+    for who, pw in (ANNA, BRUNO):
+        box = who.split("@")[0]
+        confirm = wait_grep(host, box, r"^Subject: confirm [0-9a-f]+")
+        token = re.search(r"^Subject: confirm ([0-9a-f]+)", confirm, re.M)
+        assert token, confirm
+        send(host, 587, who, pw, f"alpha-news-confirm+{token[1]}@asso.example",
+             f"Re: confirm {token[1]}")
+    deadline = time.monotonic() + 90
+    while not all(w in mailman(host) for w in (ANNA[0], BRUNO[0])):
+        assert time.monotonic() < deadline, mailman(host)
+        time.sleep(1)
+    return mailman(host)
+
+
+def test_members_subscribe_by_mail_with_their_mailbox_login(subscribed: str) -> None:
+    members = subscribed.splitlines()[0]
+    assert members == f"members: {ANNA[0]} {BRUNO[0]}", subscribed
+
+
+def test_a_members_post_reaches_every_subscriber(host: Any, subscribed: str) -> None:
+    tag = f"Post {uuid.uuid4()}"
+    send(host, 587, ANNA[0], ANNA[1], LIST, tag)
+    for box in ("anna", "bruno"):
+        msg = wait_grep(host, box, f"^Subject: .*{tag}")
+        assert "List-Id: <alpha-news.asso.example>" in msg, msg
+        # Signed by the mail server on the way out, like every other local sender's mail.
+        assert "DKIM-Signature:" in msg, msg
+
+
+def test_a_non_members_post_is_held(host: Any, subscribed: str) -> None:
+    tag = f"Outsider {uuid.uuid4()}"
+    msgid = f"<{uuid.uuid4()}@elsewhere.example>"
+    send(host, 25, "outsider@elsewhere.example", "", LIST, tag, msgid)
+    deadline = time.monotonic() + 60
+    while f"held: held_message {msgid}" not in mailman(host):
+        assert time.monotonic() < deadline, mailman(host)
+        time.sleep(1)
+    assert not host.run(f"grep -l {shlex.quote(tag)} {MAILDIR.format('bruno')}/*").stdout
+
+
+def test_the_archive_is_private(host: Any, subscribed: str) -> None:
+    """Posts are archived on the server (a Maildir per list), for the list user only; no
+    web or REST port serves them."""
+    tag = f"Archived {uuid.uuid4()}"
+    send(host, 587, BRUNO[0], BRUNO[1], LIST, tag)
+    wait_grep(host, "anna", f"^Subject: .*{tag}")
+    deadline = time.monotonic() + 60
+    while not host.run(f"grep -rl {shlex.quote(tag)} /var/lib/mailman3/archives").stdout:
+        assert time.monotonic() < deadline, host.run("ls -R /var/lib/mailman3/archives").stdout
+        time.sleep(1)
+    var = host.file("/var/lib/mailman3")
+    assert (var.user, var.group, var.mode) == ("list", "list", 0o750)
+    res = host.run("runuser -u alpha -- ls /var/lib/mailman3/archives")
+    assert res.rc != 0 and "Permission denied" in res.stderr, res.stdout
+    # Mailman listens on its LMTP port only (127.0.0.1:8024): no REST API (8001), no web.
+    ports = host.check_output(
+        "for p in $(pgrep -u list); do ls -l /proc/$p/fd 2>/dev/null; done | "
+        "grep -o 'socket:\\[[0-9]*\\]' | grep -o '[0-9]*' | sort -u | while read i; do "
+        "awk -v i=$i '$10 == i && $4 == \"0A\" {print $2}' /proc/net/tcp /proc/net/tcp6; "
+        "done | sort -u")
+    assert ports.split() == ["0100007F:1F58"], ports
+
+
+def test_list_mail_goes_out_through_the_counted_port(host: Any, subscribed: str) -> None:
+    """Mailman hands its mail to the loopback smtpd that asks postfwd (sender: the list's
+    bounces address), and only Mailman may connect to it; only Postfix may connect to
+    Mailman's LMTP port."""
+    log = host.check_output("journalctl -t postfix/lists/smtpd --no-pager -o cat")
+    assert "connect from localhost[127.0.0.1]" in log, log
+    qids = re.findall(r"^([0-9A-F]+): client=localhost\[127\.0\.0\.1\]", log, re.M)
+    assert qids, log
+    cleanup = host.check_output("journalctl -t postfix/qmgr --no-pager -o cat")
+    assert any(re.search(rf"^{q}: from=<alpha-news-bounces@asso.example>", cleanup, re.M)
+               for q in qids), cleanup
+    rules = host.check_output("journalctl -u postfwd --no-pager -o cat")
+    assert re.search(r"id=SELFHOST_LIST_MINUTE_10027.*alpha-news-bounces@asso\.example",
+                     rules), rules[-3000:]
+    for port in (10027, 8024):
+        res = host.run(f"runuser -u alpha -- bash -c 'exec 3<>/dev/tcp/127.0.0.1/{port}'")
+        assert res.rc != 0, port
