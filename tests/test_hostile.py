@@ -167,6 +167,25 @@ def mutate(data: dict[str, Any], path: tuple[Any, ...], is_key: bool, how: str,
     return out
 
 
+def value_at(data: Any, path: tuple[Any, ...]) -> Any:
+    for seg in path:
+        data = data[seg]
+    return data
+
+
+def flips_publicity(old: Any, new: Any) -> bool:
+    """Whether a mutated value is a name whose public or private status changed."""
+    from selfhost.services.web import is_public_domain
+
+    if not (isinstance(old, str) and isinstance(new, str)):
+        return False
+    try:
+        return bool(is_public_domain(old.lower().rstrip("."))
+                    != is_public_domain(new.lower().rstrip(".")))
+    except (ValueError, UnicodeError):
+        return False
+
+
 def to_yaml(data: dict[str, Any]) -> str:
     # JSON is YAML (1.2): every character, control or surrogate, travels as a \u escape.
     return json.dumps(data, ensure_ascii=True)
@@ -243,8 +262,11 @@ def test_a_hostile_string_is_refused_with_a_location_or_adds_no_line(
     event("compiled")
     got = artifacts(plan)
     multiline = path[:3] == ("hardening", "audit", "banner")
-    # A site's host decides whether the plan lists a CNAME for it (the apex '@' has none).
-    shapes_plan = path[:3] == ("services", "web", "sites") and path[-1] == "host"
+    # A site's host decides whether the plan lists a CNAME for it (the apex '@' has none), and
+    # a name that turns from private to public (example.org into 0example.org) or back
+    # decides which DNS records and certificates the plan lists.
+    shapes_plan = (path[:3] == ("services", "web", "sites") and path[-1] == "host") or (
+        not is_key and flips_publicity(value_at(RICH, path), value_at(data, path)))
     for name, text_out in got.items():
         assert not BAD_CHARS.search(text_out), (name, text_out)
         if multiline and name in (ISSUE, ISSUE_NET, "plan"):

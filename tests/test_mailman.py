@@ -66,7 +66,8 @@ def test_a_member_list_becomes_a_list_request_and_mail_routing() -> None:
     assert "alpha-news-request@asso.example" in route.addresses
     assert "alpha-news-join@asso.example" in route.addresses
     guards = {g.port: g.users for g in r.requests[LoopbackGuard]}
-    assert guards[8024] == ("postfix", "root")  # only Postfix hands mail to Mailman
+    # Only Postfix hands mail to Mailman (and Mailman's runner checks its own port).
+    assert guards[8024] == ("postfix", "list", "root")
     assert guards[10027] == ("list", "root")  # only Mailman sends on its counted port
 
 
@@ -113,8 +114,9 @@ def test_rendered_files() -> None:
     assert "check_policy_service unix:private/selfhost-recipients" in block
     assert "smtpd_client_restrictions=permit_mynetworks,reject" in block
     postfwd = file_of(plan, "/etc/postfix/postfwd.cf").content
+    # The example's limits (10 a minute) count each list's mail.
     assert ("id=SELFHOST_LIST_MINUTE_10027; protocol_state==END-OF-MESSAGE; "
-            "server_port==10027; sender=~/./; action=rate(sender/30/60/HOLD ") in postfwd
+            "server_port==10027; sender=~/./; action=rate(sender/10/60/HOLD ") in postfwd
     assert "id=SELFHOST_LIST_DAY_10027;" in postfwd
     run = next(s.command for s in plan.steps if type(s).__name__ == "Run"
                and s.command.name.startswith("mailman: lists"))

@@ -222,8 +222,10 @@ class MailmanService(Service):
                                   f"127.0.0.1:{LMTP_PORT}", SUBMIT_PORT, USER, origin=r.origin)
                     for r in lists]
         out += [
-            # Only Postfix hands mail to Mailman: nobody posts around its checks.
-            LoopbackGuard(LMTP_PORT, ("postfix", "root")),
+            # Only Postfix hands mail to Mailman: nobody posts around its checks. (Mailman's
+            # own LMTP runner connects to its port once as it starts, to check it listens:
+            # refused, the runner exits and nothing is delivered.)
+            LoopbackGuard(LMTP_PORT, ("postfix", USER, "root")),
             BackupSource(VAR),
             BackupSource(DUMP, before=dump_command()),
             HealthCheck("unit", "mailman3.service"),
