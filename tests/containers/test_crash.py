@@ -47,12 +47,14 @@ def test_a_target_killed_while_dpkg_runs_converges_after_its_restart(container: 
     proc = subprocess.Popen([str(PYINFRA), "-y", f"@podman/{name}", "deploys/home_server.py",
                              "--data", MODEL], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    # Wait for dpkg itself (not apt's download), then let it work for a moment: the kill
-    # lands in the middle of unpacking or configuring.
+    # Wait for apt's dpkg run itself (the one with a status pipe: not apt's download, nor a
+    # short `dpkg --print-architecture` of apt's start, which a loaded machine can catch), then
+    # let it work for a moment: the kill lands in the middle of unpacking or configuring.
     seen = None
     t0 = time.monotonic()
     while time.monotonic() - t0 < 300 and proc.poll() is None:
-        if podman("exec", name, "pgrep", "-x", "dpkg", check=False).returncode == 0:
+        if podman("exec", name, "pgrep", "-f", "dpkg .*--status-fd",
+                  check=False).returncode == 0:
             seen = time.monotonic() - t0
             break
         time.sleep(0.3)
