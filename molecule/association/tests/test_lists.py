@@ -20,7 +20,7 @@ LIST = "alpha-news@asso.example"
 ANNA = ("anna@asso.example", os.environ.get("ASSO_ANNA_MAIL_PASSWORD", "molecule: anna 2026!"))
 BRUNO = ("bruno@asso.example",
          os.environ.get("ASSO_BRUNO_MAIL_PASSWORD", "molecule: bruno 2026!"))
-MAILDIR = "/var/vmail/asso.example/{}/new"
+MAILDIR = "/var/vmail/asso.example/{}/Maildir/new"
 
 SEND = r"""
 import smtplib, ssl, sys
@@ -88,8 +88,10 @@ def subscribed(host: Any) -> str:
         send(host, 587, who, pw, "alpha-news-join@asso.example", "subscribe")
     for who, pw in (ANNA, BRUNO):
         box = who.split("@")[0]
-        confirm = wait_grep(host, box, r"^Subject: confirm [0-9a-f]+")
-        token = re.search(r"^Subject: confirm ([0-9a-f]+)", confirm, re.M)
+        # Mailman 3's notice: "Your confirmation is needed to join ...", from the list's
+        # -confirm address with the token after the '+'.
+        confirm = wait_grep(host, box, r"^From: alpha-news-confirm\+[0-9a-f]+@")
+        token = re.search(r"^From: alpha-news-confirm\+([0-9a-f]+)@", confirm, re.M)
         assert token, confirm
         send(host, 587, who, pw, f"alpha-news-confirm+{token[1]}@asso.example",
              f"Re: confirm {token[1]}")
