@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from limits_stub import limits_script
 from pydantic import ValidationError
 
 from selfhost.compile import Target, compile_fleet
@@ -142,14 +143,7 @@ def test_the_alert_names_the_member_its_site_and_script(tmp_path: Path) -> None:
         "#!/bin/sh\ncase \"$2\" in alpha) echo 'alpha:x:1001:1001::/srv/members/alpha:"
         "/usr/sbin/nologin';; bravo) echo 'bravo:x:1002:1002::/srv/members/bravo:"
         "/usr/sbin/nologin';; *) exit 2;; esac\n")
-    (bin_ / "logger").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/logger\n")
-    (bin_ / "hostname").write_text("#!/bin/sh\necho asso\n")
-    for p in bin_.iterdir():
-        p.chmod(0o755)
-    script = (ROOT / "selfhost" / "services" / "mail-limits.sh").read_text()
-    script = script.replace("/usr/sbin/sendmail", f"tee {tmp_path}/mail >/dev/null; true")
-    script = script.replace("/var/lib/selfhost/", f"{tmp_path}/state/")
-    (tmp_path / "run.sh").write_text(script)
+    limits_script(tmp_path, bin_, "asso")
     subprocess.run(["sh", str(tmp_path / "run.sh")], env={"PATH": f"{bin_}:/usr/bin:/bin"},
                    check=True)
     sent = (tmp_path / "mail").read_text()

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from limits_stub import limits_script
 from pydantic import ValidationError
 
 from selfhost.compile import Target, compile_fleet
@@ -86,14 +87,7 @@ def test_the_alert_script_reports_who_reached_a_limit(tmp_path: Path) -> None:
     (bin_ / "journalctl").write_text(
         "#!/bin/sh\ncase \"$*\" in *SYSLOG_IDENTIFIER=postfix/submission/smtpd\\ "
         f"SYSLOG_IDENTIFIER=postfix/submissions/smtpd*) cat {log};; esac\n")
-    (bin_ / "logger").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/logger\n")
-    (bin_ / "hostname").write_text("#!/bin/sh\necho nas\n")
-    for p in bin_.iterdir():
-        p.chmod(0o755)
-    script = (ROOT / "selfhost" / "services" / "mail-limits.sh").read_text()
-    script = script.replace("/usr/sbin/sendmail", f"tee {tmp_path}/mail >/dev/null; true")
-    script = script.replace("/var/lib/selfhost/", f"{tmp_path}/state/")
-    (tmp_path / "run.sh").write_text(script)
+    limits_script(tmp_path, bin_, "nas")
     env = {"PATH": f"{bin_}:/usr/bin:/bin"}
     log.write_text("ABC: reject: END-OF-MESSAGE from x[10.0.0.3]: 250 2.0.0 fine\n")
     subprocess.run(["sh", str(tmp_path / "run.sh")], env=env, check=True)
@@ -167,14 +161,7 @@ def test_the_alert_names_held_senders_and_their_php_scripts(tmp_path: Path) -> N
         "E\n")
     (bin_ / "postcat").write_text(
         "#!/bin/sh\nprintf 'Subject: x\\nX-PHP-Originating-Script: 1001:form.php\\n'\n")
-    (bin_ / "logger").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/logger\n")
-    (bin_ / "hostname").write_text("#!/bin/sh\necho nas\n")
-    for p in bin_.iterdir():
-        p.chmod(0o755)
-    script = (ROOT / "selfhost" / "services" / "mail-limits.sh").read_text()
-    script = script.replace("/usr/sbin/sendmail", f"tee {tmp_path}/mail >/dev/null; true")
-    script = script.replace("/var/lib/selfhost/", f"{tmp_path}/state/")
-    (tmp_path / "run.sh").write_text(script)
+    limits_script(tmp_path, bin_, "nas")
     log.write_text("".join(
         f"Q{i}: hold: END-OF-MESSAGE from localhost[127.0.0.1]: <localhost[127.0.0.1]>: "
         "Outbound limit: webform@nas.home.arpa may send 3 per minute, held for the admin; "
