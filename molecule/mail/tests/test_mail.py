@@ -869,7 +869,8 @@ def test_journal_has_no_error_from_the_mail_daemons(host: Any) -> None:
     spam filter (spamd, spamass-milter) logged since boot (their own messages, not systemd's
     about their units). Accepted: Postfix's warnings about the wrong passwords the fail2ban
     test sends on purpose, Dovecot's note on the message the restore test brings back, its
-    note that a process was not scheduled for a moment (time moved forwards), spamass-milter's
+    note that a process was not scheduled for a moment (time moved forwards) and Postfix's that a
+    queue file's time stamp was ahead of the clock, spamass-milter's
     start/stop and missing-macro notes (logged as warnings by design), Dovecot's
     notes that it was reloaded (SIGHUP, logged as a warning by design) and that its
     processes (master, log) were stopped by systemd (the packages' own restarts while they
@@ -884,6 +885,10 @@ def test_journal_has_no_error_from_the_mail_daemons(host: Any) -> None:
                         r"message reappeared, giving a new UID|"
                         # a process not scheduled for a while on a loaded 2-core machine
                         r"master: Warning: Time moved forwards? by [0-9.]+ seconds|"
+                        # the same on the file system: a queue file stamped a second ahead of
+                        # the clock (seen once in CI, under load), which cleanup puts right
+                        r"warning: file system clock is \d+ seconds? ahead of local clock$|"
+                        r"warning: resetting file time stamps - this hurts performance$|"
                         # spamass-milter logs its start and stop at LOG_WARNING, and that
                         # Postfix has no sendmail macro b (the date: it writes its own)
                         r"spamass-milter 0\.4\.0 (starting|exiting)$|"
