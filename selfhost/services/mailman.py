@@ -32,8 +32,11 @@ archive. Nothing is served over HTTP.
 - take Mailman's outgoing mail on a loopback port of its own, ``127.0.0.1:10027``, which
   only the ``list`` user (and root) may connect to. That smtpd asks postfwd at the end of
   each message with the **envelope sender as the key** (``LIST-bounces@DOMAIN``: VERP is
-  off, so the key is the list), with the same limits as every local sender and **held**
-  past them (``selfhost held``), and asks the first-time recipients service too. Chosen over
+  off for posts and notices, so the key is the list; only the mail Mailman forwards to the
+  list's owners is VERP'd by Mailman itself, ``LIST-bounces+OWNER=DOMAIN@``, one key per
+  owner of the model: measured in the scenario with postfwd's ``--dumpcache``), with the
+  same limits as every local sender and **held** past them (``selfhost held``), and asks
+  the first-time recipients service too. Chosen over
   a SASL login on the submission port: no password for Mailman to keep, no TLS on the
   loopback, and the limit is per list rather than per shared login. Mail leaves signed by
   OpenDKIM like the rest (the milters run on that port).
