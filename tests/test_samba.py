@@ -38,10 +38,11 @@ def model(**samba: Any) -> dict[str, Any]:
     return data
 
 
-def plan_of(data: dict[str, Any] | None = None, release: str = "bookworm") -> Any:
+def plan_of(data: dict[str, Any] | None = None, release: str = "bookworm",
+            in_container: bool = True) -> Any:
     fleet = load_fleet(EXAMPLE) if data is None else Fleet.of(validated(data))
     [plan] = compile_fleet(fleet, {"nas": Target(release=release,  # type: ignore[arg-type]
-                                                 in_container=True)}).values()
+                                                 in_container=in_container)}).values()
     return plan
 
 
@@ -80,6 +81,15 @@ def test_rendered_smb_conf_is_pinned(release: str) -> None:
     """The whole smb.conf of the example, the same on both releases (Samba 4.17 and 4.22
     read the same options). Update tests/fixtures/samba/smb.conf after an intended change."""
     assert file_of(plan_of(release=release), CONFIG).content == PINNED.read_text()
+
+
+def test_a_short_stop_timeout_for_smbd_in_containers_only() -> None:
+    """In a container systemd may wait for a cgroup-empty event that never comes after
+    smbd's stop (90 s per restart): there, and only there, the stop times out after 5 s."""
+    dropin = "/etc/systemd/system/smbd.service.d/selfhost-container.conf"
+    assert "TimeoutStopSec=5\n" in file_of(plan_of(), dropin).content
+    with pytest.raises(StopIteration):
+        file_of(plan_of(in_container=False), dropin)
 
 
 def test_the_example_composes_firewall_users_backups_jail_and_checks() -> None:

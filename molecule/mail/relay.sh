@@ -1,101 +1,15 @@
 #!/usr/bin/env bash
-# The smarthost of the `mail` scenario (services.mail.relay): Debian's Postfix in its own
-# container on an internal podman network (no route out) shared with the mail servers. It
-# takes mail only on submission (587), after STARTTLS and SASL AUTH (Dovecot), with a
-# self-signed certificate for relay.test that the servers trust (installed in their CA store,
-# as a provider's public certificate would be). Mail for carol@relay.test (and carol+ANY@, as
-# many distinct recipients as a test needs) stays on the relay (/var/mail/carol). The same idea as molecule/ssh/relay.sh (the admin's relay for msmtp).
+# The smarthost of the `mail` scenario (services.mail.relay): molecule/shared/relay.sh with a
+# certificate for relay.test; mail for carol@relay.test (and carol+ANY@) stays on the relay
+# (/var/mail/carol).
 #
 #   MAIL_RELAY_PASSWORD=... molecule/mail/relay.sh up SERVER...
 #   molecule/mail/relay.sh down
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-repo=$(cd "$here/../.." && pwd)
-net=m11-mail-relaynet
-relay=m11-mail-relay
-subnet=10.213.113.0/24
-ip=10.213.113.2
-user=nas
-
-down() {
-  podman rm --force --time 0 --ignore "$relay" >/dev/null
-  podman network rm --force "$net" >/dev/null 2>&1 || true
-}
-
-up() {
-  down
-  podman network create --internal --subnet "$subnet" "$net" >/dev/null
-  # The default network first, for apt; disconnected once the packages are in.
-  CONTAINERS_CONF="$repo/images/containers.conf" podman run --detach --name "$relay" \
-    --hostname relay --systemd=always --label selfhost.molecule=1 \
-    localhost/selfhost-debian:bookworm /sbin/init >/dev/null
-  for _ in $(seq 60); do
-    state=$(podman exec "$relay" systemctl is-system-running --wait 2>/dev/null || true)
-    case $state in running|degraded) break;; esac
-    sleep 1
-  done
-  podman exec "$relay" sh -ec '
-    export DEBIAN_FRONTEND=noninteractive
-    echo "postfix postfix/main_mailer_type select Internet Site" | debconf-set-selections
-    echo "postfix postfix/mailname string relay.test" | debconf-set-selections
-    apt-get update -qq -o Acquire::http::Timeout=30 -o Acquire::Retries=3
-    apt-get install -y -qq -o Acquire::http::Timeout=30 -o Acquire::Retries=3 --no-install-recommends postfix dovecot-core openssl >/dev/null
-  '
-  podman network disconnect podman "$relay"
-  podman network connect --ip "$ip" "$net" "$relay"
-
-  # The servers' login, with the password from the environment (through stdin only; no
-  # ':' in it, the field separator of Dovecot's passwd-file).
-  printf '%s\n' "${MAIL_RELAY_PASSWORD:?}" \
-    | podman exec -i "$relay" sh -ec "read -r pw; umask 077; printf '%s:{PLAIN}%s\n' '$user' \"\$pw\" > /etc/dovecot/relay-users; chown dovecot /etc/dovecot/relay-users"
-  podman exec "$relay" sh -ec "
-    openssl req -x509 -newkey rsa:2048 -nodes -days 7 -subj /CN=relay.test \
-      -addext 'subjectAltName=DNS:relay.test' -keyout /etc/postfix/relay.key \
-      -out /etc/postfix/relay.crt 2>/dev/null
-    chmod 600 /etc/postfix/relay.key
-    useradd --create-home carol
-    postconf -e 'myhostname = relay.test' 'mydestination = relay.test, localhost' \
-      'smtpd_tls_cert_file = /etc/postfix/relay.crt' 'smtpd_tls_key_file = /etc/postfix/relay.key' \
-      'smtpd_sasl_type = dovecot' 'smtpd_sasl_path = private/auth' 'mynetworks = 127.0.0.0/8' \
-      'recipient_delimiter = +'
-    cat >> /etc/postfix/master.cf <<'CF'
-submission inet n       -       y       -       -       smtpd
-  -o syslog_name=postfix/submission
-  -o smtpd_tls_security_level=encrypt
-  -o smtpd_tls_auth_only=yes
-  -o smtpd_sasl_auth_enable=yes
-  -o smtpd_client_restrictions=permit_sasl_authenticated,reject
-  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject
-CF
-    cat > /etc/dovecot/conf.d/99-relay.conf <<'CF'
-auth_mechanisms = plain login
-passdb {
-  driver = passwd-file
-  args = scheme=PLAIN username_format=%u /etc/dovecot/relay-users
-}
-service auth {
-  unix_listener /var/spool/postfix/private/auth {
-    mode = 0660
-    user = postfix
-    group = postfix
-  }
-}
-CF
-    systemctl restart dovecot postfix
-  "
-  # The servers: on the relay's network, knowing its name and trusting its certificate.
-  local server
-  for server in "$@"; do
-    podman network connect "$net" "$server"
-    podman exec "$server" sh -c "echo '$ip relay.test' >> /etc/hosts"
-    podman exec "$relay" cat /etc/postfix/relay.crt | podman exec -i "$server" sh -ec '
-      cat > /usr/local/share/ca-certificates/selfhost-test-relay.crt
-      update-ca-certificates >/dev/null 2>&1'
-  done
-}
-
+export RELAY_NAME=m11-mail-relay RELAY_NET=m11-mail-relaynet RELAY_SUBNET=10.213.113 \
+  RELAY_LOGIN=nas RELAY_MAILBOX=carol RELAY_DOMAINS= RELAY_CERT=name
 case ${1:-} in
-  up) shift; up "$@";;
-  down) down;;
-  *) echo "usage: $0 up SERVER... | down" >&2; exit 2;;
+  up) printf '%s\n' "${MAIL_RELAY_PASSWORD:?}" | "$here/../shared/relay.sh" "$@";;
+  *) exec "$here/../shared/relay.sh" "$@";;
 esac

@@ -18,7 +18,20 @@ from selfhost.compose.resources import Command, ManagedDir, ManagedFile, Unit
 from selfhost.models.base import StrictModel
 
 __all__ = ["Command", "Contribution", "Env", "ManagedDir", "ManagedFile", "Problem", "Service",
-           "Unit"]
+           "Unit", "container_dropin"]
+
+
+def container_dropin(c: Contribution, module: str, unit: str, why: str,
+                     settings: str) -> str:
+    """Add to ``c`` a systemd drop-in for ``unit`` that only containers get (the caller
+    checks ``env.require_target().in_container``): ``settings``, lines of its ``[Service]``
+    section, after the comment ``why``; systemd's configuration is reloaded when it changes.
+    Returns the drop-in's path (for a unit's ``reload_on``, if it needs a restart)."""
+    path = f"/etc/systemd/system/{unit}.d/selfhost-container.conf"
+    c.files.append(ManagedFile(path, f"# Managed by selfhost: {why}\n[Service]\n{settings}"))
+    c.commands.append(Command(f"{module}: reload systemd units", "systemctl daemon-reload",
+                              on_change=(path,)))
+    return path
 
 
 class Service(StrictModel, Module):
