@@ -31,6 +31,7 @@ from selfhost.compose.requests import (
     HealthCheck,
     Jail,
     LoopbackGuard,
+    MailingList,
     Masquerade,
     PeerBackupAccount,
     Port,
@@ -149,7 +150,8 @@ def test_every_request_kind_has_exactly_one_provider() -> None:
     kinds = {k for _, m in s.modules() for k in m.provides}
     expected = {Port, Forward, Masquerade, LoopbackGuard, Sysctl, SystemUser, Sendmail,
                 VirtualHost, Certificate, BackupSource, DnsRecord, Jail, HealthCheck,
-                PeerBackupAccount, ZoneNetwork, DnsZone, DnsSecondary, BackupMx, WireGuardTunnel}
+                PeerBackupAccount, ZoneNetwork, DnsZone, DnsSecondary, BackupMx, WireGuardTunnel,
+                MailingList}
     assert kinds == expected
     providers = [k for _, m in s.modules() for k in m.provides]
     assert len(providers) == len(set(providers))

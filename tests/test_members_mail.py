@@ -76,10 +76,13 @@ def test_passwd_file_has_one_line_per_member_mailbox(release: str, quota: str) -
     assert f.content == (
         "# Managed by selfhost: the mailboxes (bcrypt hashes of their passwords).\n"
         f"alpha@asso.example:{{BLF-CRYPT}}{SECRET_MARK.format(0)}::::::{quota.format(1024)}\n"
-        f"bravo@asso.example:{{BLF-CRYPT}}{SECRET_MARK.format(1)}::::::{quota.format(1024)}\n"
-        f"charlie@asso.example:{{BLF-CRYPT}}{SECRET_MARK.format(2)}::::::{quota.format(1)}\n")
+        f"anna@asso.example:{{BLF-CRYPT}}{SECRET_MARK.format(1)}::::::{quota.format(2048)}\n"
+        f"bravo@asso.example:{{BLF-CRYPT}}{SECRET_MARK.format(2)}::::::{quota.format(1024)}\n"
+        f"bruno@asso.example:{{BLF-CRYPT}}{SECRET_MARK.format(3)}::::::{quota.format(2048)}\n"
+        f"charlie@asso.example:{{BLF-CRYPT}}{SECRET_MARK.format(4)}::::::{quota.format(1)}\n")
     assert [(s.ref.env, s.transform) for s in f.secrets] == [
-        ("ASSO_ALPHA_PASSWORD", "bcrypt"), ("ASSO_BRAVO_PASSWORD", "bcrypt"),
+        ("ASSO_ALPHA_PASSWORD", "bcrypt"), ("ASSO_ANNA_MAIL_PASSWORD", "bcrypt"),
+        ("ASSO_BRAVO_PASSWORD", "bcrypt"), ("ASSO_BRUNO_MAIL_PASSWORD", "bcrypt"),
         ("ASSO_CHARLIE_PASSWORD", "bcrypt")]
     assert f.mode == "0640" and f.group == "dovecot"
 
@@ -87,7 +90,8 @@ def test_passwd_file_has_one_line_per_member_mailbox(release: str, quota: str) -
 def test_maps_deliver_the_members_mailboxes_and_aliases() -> None:
     files = plan_of().files()
     assert files[mail.MAILBOXES] == HEAD + (
-        "alpha@asso.example asso.example/alpha/\nbravo@asso.example asso.example/bravo/\n"
+        "alpha@asso.example asso.example/alpha/\nanna@asso.example asso.example/anna/\n"
+        "bravo@asso.example asso.example/bravo/\nbruno@asso.example asso.example/bruno/\n"
         "charlie@asso.example asso.example/charlie/\n")
     assert files[mail.ALIASES].endswith(
         "webmaster-alpha@asso.example alpha@asso.example\n"), files[mail.ALIASES]

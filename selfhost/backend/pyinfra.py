@@ -736,10 +736,17 @@ def _timed(c: str) -> str:
             f"ms\"' '{label} >> {q(log)}; (exit $r)")
 
 
+JOIN_PACK = 64 * 1024
+"""A script longer than this is sent compressed (:func:`selfhost.state.packed`). Batches are
+split at :data:`BATCH_MAX`, but one command alone can be longer (the shared restart window of
+a rich host's reloads, each unit with its rollback): compressed, it stays under Linux's
+128 KiB limit for one argument ("Argument list too long")."""
+
+
 def _join(commands: list[str]) -> str:
-    if len(commands) == 1:
-        return _timed(commands[0])
-    return " && ".join(f"( {_timed(c)}\n)" for c in commands)
+    out = (_timed(commands[0]) if len(commands) == 1
+           else " && ".join(f"( {_timed(c)}\n)" for c in commands))
+    return packed(out) if len(out) > JOIN_PACK else out
 
 
 def _phase_commands(steps: list[Any], files: dict[str, bytes], state: State, changed: set[str],

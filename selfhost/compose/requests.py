@@ -321,6 +321,61 @@ class Certificate(Request):
         return f"certificate for {', '.join(self.names)}"
 
 
+# --------------------------------------------------------------------------- mail
+
+ListPosting = Literal["members", "moderated", "open"]
+"""Who may post to a list: its members (others per ``ListNonmembers``), its members with
+every post held for a moderator, or anyone."""
+ListNonmembers = Literal["hold", "reject", "discard"]
+"""What happens to a post from a non-member: held for the owners, refused, or dropped."""
+ListSubscription = Literal["confirm", "moderate", "confirm_then_moderate", "open"]
+"""How a subscription by mail is accepted: the address confirms it (a reply to a mailed
+token), an owner approves it, both, or at once."""
+ListArchive = Literal["private", "never"]
+"""Posts kept in the list's archive on the server, readable by the admin only, or not kept."""
+
+
+@dataclass(frozen=True)
+class MailingList(Request):
+    """A mailing list ``address`` (in one of the mail domains) with its ``owners`` and
+    policies, run by the host's list manager."""
+
+    address: str
+    owners: tuple[str, ...]
+    posting: ListPosting = "members"
+    nonmembers: ListNonmembers = "hold"
+    subscription: ListSubscription = "confirm"
+    archive: ListArchive = "private"
+    description: str = ""
+
+    def key(self) -> object:
+        return ("mailing-list", self.address)
+
+    def describe(self) -> str:
+        return f"mailing list {self.address}"
+
+
+@dataclass(frozen=True)
+class ListAddresses(Request):
+    """Of the mail server: hand mail for ``addresses`` (a list's address and its command
+    addresses, ``list-request@...``) to a list manager over LMTP at ``lmtp``
+    (``127.0.0.1:PORT``), and take the list manager's outgoing mail on a loopback port,
+    ``submit_port``, that only ``user`` (and root) may connect to, counted per envelope sender
+    like any other outgoing mail."""
+
+    list_address: str
+    addresses: tuple[str, ...]
+    lmtp: str
+    submit_port: int
+    user: str
+
+    def key(self) -> object:
+        return ("list-addresses", self.list_address)
+
+    def describe(self) -> str:
+        return f"mail routing of list {self.list_address}"
+
+
 # --------------------------------------------------------------------------- data, DNS, logs
 
 

@@ -43,6 +43,11 @@ DEFAULT_LAN: list[IPv4Network | IPv6Network] = [
 ]
 
 
+NFT_KEYWORDS = frozenset({"list", "table", "chain", "set", "map", "meta", "counter", "log",
+                          "limit", "quota", "reject", "drop", "accept", "queue", "mark", "flow"})
+"""User names that nft reads as keywords (Debian's ``list``, Mailman's user): quoted."""
+
+
 class ExtraPort(StrictModel):
     """A port opened by hand. Ports of services are opened automatically; this is for the rest."""
 
@@ -223,7 +228,7 @@ class FirewallHardening(Control):
             "\t\ttype filter hook output priority filter; policy accept;",
         ]
         for g in sorted(guards or [], key=lambda g: g.port):
-            users = ", ".join(g.users)
+            users = ", ".join(f'"{u}"' if u in NFT_KEYWORDS else u for u in g.users)
             out.append(f"\t\toif \"lo\" tcp dport {g.port} meta skuid != {{ {users} }} "
                        f'reject with tcp reset comment "{_who(g)}"')
         out += [

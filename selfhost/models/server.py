@@ -262,6 +262,7 @@ class Server(StrictModel):
         from selfhost.backup.fleet import BackupPeers
         from selfhost.services.knot import KnotServer
         from selfhost.services.mail import BackupMxServer
+        from selfhost.services.mailman import MailmanService
         from selfhost.services.web import WebService
         from selfhost.services.wireguard import WireGuardTunnels
         from selfhost.system import Records, System
@@ -276,6 +277,8 @@ class Server(StrictModel):
             svc = getattr(self.services, name)
             if svc is None and name == "web":
                 svc = WebService(sites=[])  # the provider of virtual hosts, with no sites
+            if svc is None and name == "lists":
+                svc = MailmanService()  # the provider of mailing lists, with none of its own
             if svc is not None and svc.enabled:
                 out.append((f"services.{name}", svc))
         out += [("wireguard-tunnels", WireGuardTunnels()),

@@ -14,6 +14,7 @@ from selfhost.services.association import AssociationService
 from selfhost.services.base import Service
 from selfhost.services.knot import AuthoritativeDnsService
 from selfhost.services.mail import MailService
+from selfhost.services.mailman import MailmanService
 from selfhost.services.monitoring import MonitoringService
 from selfhost.services.prosody import XmppService
 from selfhost.services.radicale import RadicaleService
@@ -24,7 +25,7 @@ from selfhost.services.web import WebService
 from selfhost.services.wireguard import WireGuardService
 
 __all__ = ["AssociationService", "AuthoritativeDnsService", "MailService",
-           "MonitoringService", "RadicaleService", "SambaService", "Service", "Services",
+           "MailmanService", "MonitoringService", "RadicaleService", "SambaService", "Service", "Services",
            "SyncthingService", "UnboundService", "WebService", "WireGuardService", "XmppService"]
 
 
@@ -72,6 +73,12 @@ class Services(StrictModel):
     mail: MailService | None = Field(
         default=None, description="A mail server: SMTP (Postfix) and IMAP (Dovecot) for your "
         "domains, with DKIM signing; it also becomes the system's sendmail."
+    )
+
+    lists: MailmanService | None = Field(
+        default=None, description="Mailing lists with Mailman 3 (subscription and posting by "
+        "mail, private archives), through the mail service (present whenever a module asks "
+        "for a list, e.g. the association's members)."
     )
 
     association: AssociationService | None = Field(

@@ -80,7 +80,10 @@ deploying machine like the others. Radicale's ``owner_only`` rights keep each me
 own collections. A member named like one of Radicale's own users is an error at the member's
 name.
 
-Not in this first cut: lists.
+**Mailing lists.** A member's ``lists`` are asked of the lists module (Mailman 3 core, see
+``selfhost/services/mailman.py``) with :class:`~selfhost.compose.requests.MailingList`
+requests: members subscribe and post by mail with their mailbox login, archives are private,
+and the lists' outgoing mail is counted and held like every other local sender's.
 
 **How mail plugs in.** PHP's ``mail()`` is the hole through which a hacked member form
 gets the whole server blacklisted: the pickup path that SMTP policy services never see. On a
@@ -114,7 +117,12 @@ from selfhost.compose.requests import (
     BackupSource,
     CalendarAccount,
     HealthCheck,
+    ListArchive,
+    ListNonmembers,
+    ListPosting,
+    ListSubscription,
     MailAccount,
+    MailingList,
     MailLimits,
     Request,
     SystemUser,
@@ -288,6 +296,32 @@ class MemberSite(StrictModel):
         return v
 
 
+class MemberList(StrictModel):
+    """A mailing list of a member (run by the host's list manager, Mailman 3)."""
+
+    address: str = Field(description="The list's address, in one of the mail domains.",
+                         examples=["alpha-news@asso.org"])
+    owners: list[str] = Field(default_factory=list, description="Who owns the list "
+                              "(addresses; default: the member's email).")
+    posting: ListPosting = Field(default="members", description="Who may post: 'members', "
+                                 "'moderated' (every post held for an owner), 'open'.")
+    nonmembers: ListNonmembers = Field(default="hold", description="A post from a "
+                                       "non-member: 'hold' for an owner, 'reject', 'discard'.")
+    subscription: ListSubscription = Field(default="confirm", description="How a "
+                                           "subscription by mail is accepted ('confirm': the "
+                                           "address replies to a mailed token).")
+    archive: ListArchive = Field(default="private", description="'private': posts kept on "
+                                 "the server, for the admin only (never on the web); 'never'.")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        v = v.lower()
+        if not re.fullmatch(rf"[a-z0-9][a-z0-9._-]{{0,63}}@{_LABEL}(\.{_LABEL})+", v):
+            raise ValueError("not a list address (local part of a-z 0-9 . _ -, then a domain)")
+        return v
+
+
 class Member(StrictModel):
     """A member of the association: one Unix user, their sites and databases."""
 
@@ -318,9 +352,10 @@ class Member(StrictModel):
     password: SecretRef | None = Field(
         default=None, description="The member's single login password, as a reference ({env: "
         "VAR} or {file: PATH}): it opens each of the member's mailboxes (IMAP, POP3, "
-        "submission; the login is the mailbox's address); only a bcrypt hash reaches the "
-        "server. On a host with the calendars service (radicale) it is also the member's "
-        "calendar login (the login is the member's name). Required with mailboxes.")
+        "submission, so also subscribing and posting to mailing lists by mail; the login is "
+        "the mailbox's address); only a bcrypt hash reaches the server. On a host with the "
+        "calendars service (radicale) it is also the member's calendar login (the login is "
+        "the member's name). Required with mailboxes.")
 
     @field_validator("mailboxes", "aliases")
     @classmethod
@@ -334,6 +369,8 @@ class Member(StrictModel):
                 raise ValueError(f"{a!r}: a local part (a-z 0-9 . _ + -) or a full address")
             out.append(a)
         return out
+    lists: list[MemberList] = Field(default_factory=list, description="The member's mailing "
+                                    "lists (Mailman 3, by mail; needs the mail service).")
 
     @field_validator("name")
     @classmethod
@@ -368,7 +405,8 @@ class AssociationService(Service):
 
     kind: ClassVar[str] = "association"
     uses: ClassVar[tuple[type[Request], ...]] = (SystemUser, VirtualHost, BackupSource,
-                                                 HealthCheck, MailAccount, CalendarAccount)
+                                                 HealthCheck, MailAccount, CalendarAccount,
+                                                 MailingList)
 
     plans: dict[str, Plan] = Field(default_factory=_default_plans, description="The named "
                                    "plans members are on (default: 'small', static sites "
@@ -521,6 +559,10 @@ class AssociationService(Service):
                         requests_per_minute=plan.spike_requests_per_minute,
                         mb_per_minute=plan.spike_mb_per_minute),
                     origin=f"{origin}.sites.{j}"))
+            out += [MailingList(li.address, tuple(li.owners or [m.email.lower()]), li.posting,
+                                li.nonmembers, li.subscription, li.archive,
+                                f"List of member {m.name}", origin=f"{origin}.lists.{k}")
+                    for k, li in enumerate(m.lists)]
         if self.databases():
             out.append(BackupSource(DUMP, before=DUMP_SCRIPT))
             out.append(HealthCheck("unit", "mariadb.service"))

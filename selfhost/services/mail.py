@@ -179,6 +179,8 @@ from selfhost.compose.requests import (
     DnsRecord,
     HealthCheck,
     Jail,
+    ListAddresses,
+    LoopbackGuard,
     MailAccount,
     MailLimits,
     Port,
@@ -238,6 +240,8 @@ SPAM_SIEVE = "/etc/dovecot/sieve/selfhost-spam.sieve"
 BACKUP_MX_CLIENTS = "/etc/postfix/selfhost-backup-mx.cidr"
 RELAY_RECIPIENTS = "/etc/postfix/selfhost-relay-recipients"
 RELAY_TRANSPORT = "/etc/postfix/selfhost-relay-transport"
+LIST_TRANSPORT = "/etc/postfix/selfhost-list-transport"
+"""The mailing lists' addresses -> the list manager's LMTP (from ``ListAddresses``)."""
 RELAY_TLS = "/etc/postfix/selfhost-relay-tls"
 RELAY_SENDERS = "/etc/postfix/selfhost-relay-senders"
 RELAY_ALIASES = "/etc/postfix/selfhost-relay-aliases"
@@ -560,10 +564,10 @@ class MailService(Service):
     """A mail server: SMTP (Postfix), IMAP (Dovecot), DKIM signing (OpenDKIM)."""
 
     kind: ClassVar[str] = "mail"
-    provides: ClassVar[tuple[type[Request], ...]] = (MailAccount,)
+    provides: ClassVar[tuple[type[Request], ...]] = (MailAccount, ListAddresses)
     uses: ClassVar[tuple[type[Request], ...]] = (Certificate, Port, SystemUser, BackupSource,
                                                  Jail, HealthCheck, DnsRecord, Sendmail,
-                                                 BackupMx, VirtualHost)
+                                                 BackupMx, VirtualHost, LoopbackGuard)
 
     domains: list[MailDomain] = Field(min_length=1, description="The mail domains.")
     mailboxes: list[Mailbox] = Field(default_factory=list, description="The mailboxes.")
@@ -841,7 +845,8 @@ class MailService(Service):
                 if not _DOMAIN.match(other.fqdn.lower()):
                     out.append(Problem(where, f"the backup MX's name {other.fqdn!r} is not a "
                                        "valid host name (it is published as an MX)"))
-        return out + self.send_only_problems(env) + self.account_problems(env)
+        return (out + self.send_only_problems(env) + self.account_problems(env)
+                + self.list_problems(env))
 
     # ------------------------------------------------------------------ requests
 
@@ -884,6 +889,7 @@ class MailService(Service):
             Sendmail("postfix"),
         ]
         out += self.domain_records(env)
+        out += self.list_requests(env)
         backup = self.backup_host(env)
         if backup is not None and self.backup_mx is not None:
             origin = f"{env.path}.backup_mx"
@@ -1036,9 +1042,11 @@ class MailService(Service):
             "",
             "# The mail domains: mailboxes delivered to Dovecot over LMTP.",
             "virtual_mailbox_domains = " + ", ".join(d.name for d in self.domains),
-            f"virtual_mailbox_maps = texthash:{MAILBOXES}",
+            f"virtual_mailbox_maps = texthash:{MAILBOXES}"
+            + (f", texthash:{LIST_TRANSPORT}" if self.lists(env) else ""),
             f"virtual_alias_maps = texthash:{ALIASES}",
             "virtual_transport = lmtp:unix:private/dovecot-lmtp",
+            *self.lists_main_cf(env),
             f"smtpd_sender_login_maps = texthash:{SENDERS}",
             "",
             *_tls_settings(tls),
@@ -1142,6 +1150,90 @@ class MailService(Service):
                          f"may send {what}, held for the admin)")
         return lines
 
+    # ------------------------------------------------------------------ mailing lists
+
+    def lists(self, env: Env) -> list[ListAddresses]:
+        """The mailing lists routed to a list manager (``ListAddresses``), by address."""
+        return sorted(env.incoming(ListAddresses), key=lambda r: r.list_address)
+
+    def list_problems(self, env: Env) -> list[Problem]:
+        """A list's addresses must be no mailbox, alias or other list's address (the list
+        manager checks that they are in a mail domain)."""
+        taken = {m.address: "a mailbox" for m in self.mailboxes}
+        taken.update({a.address: "an alias" for a in self.aliases})
+        out: list[Problem] = []
+        for r in self.lists(env):
+            loc = (*tuple(int(p) if p.isdigit() else p for p in r.origin.split(".") if p),
+                   "address")
+            for a in r.addresses:
+                if a in taken:
+                    out.append(Problem(loc, f"list {r.list_address} needs the address {a}, "
+                                       f"which is already {taken[a]}"))
+            taken.update({a: f"an address of list {r.list_address}" for a in r.addresses})
+        return out
+
+    def list_requests(self, env: Env) -> list[Request]:
+        """The list manager's outgoing port: only its user (and root) may connect."""
+        ports = sorted({(r.submit_port, r.user) for r in self.lists(env)})
+        return [r for port, user in ports for r in (
+            LoopbackGuard(port, (user, "root"), origin=f"{env.path}"),
+            HealthCheck("tcp", f"127.0.0.1:{port}"))]
+
+    def lists_main_cf(self, env: Env) -> list[str]:
+        if not self.lists(env):
+            return []
+        return ["# Mailing lists: their addresses go to the list manager over LMTP.",
+                f"transport_maps = texthash:{LIST_TRANSPORT}"]
+
+    def lists_maps(self, env: Env) -> dict[str, str]:
+        lists = self.lists(env)
+        if not lists:
+            return {}
+        head = "# Managed by selfhost: the mailing lists' addresses -> the list manager.\n"
+        return {LIST_TRANSPORT: head + "".join(
+            f"{a} lmtp:[{r.lmtp.rsplit(':', 1)[0]}]:{r.lmtp.rsplit(':', 1)[1]}\n"
+            for r in lists for a in r.addresses)}
+
+    def lists_master_cf(self, env: Env) -> list[str]:
+        """master.cf: the list manager's outgoing mail, on a loopback port of its own, asks
+        postfwd (sender as the key: the list) and the first-time recipients service."""
+        out: list[str] = []
+        for port in sorted({r.submit_port for r in self.lists(env)}):
+            out += [
+                "# The list manager's outgoing mail: counted per sender (the list) by postfwd",
+                "# and held over the limits, like the local programs' mail; DKIM-signed.",
+                f"127.0.0.1:{port} inet n -     y       -       4       smtpd",
+                "  -o syslog_name=postfix/lists",
+                "  -o content_filter=",
+                "  -o smtpd_tls_security_level=none",
+                "  -o smtpd_sasl_auth_enable=no",
+                "  -o mynetworks=127.0.0.0/8",
+                "  -o smtpd_client_restrictions=permit_mynetworks,reject",
+                "  -o smtpd_helo_restrictions=",
+                "  -o smtpd_sender_restrictions=",
+                "  -o smtpd_relay_restrictions=permit_mynetworks,reject",
+                "  -o milter_macro_daemon_name=ORIGINATING",
+                self.first_time_restrictions(),
+                f"  -o {{ smtpd_end_of_data_restrictions = check_policy_service {POSTFWD} }}",
+            ]
+        return out
+
+    def lists_postfwd(self, env: Env) -> list[str]:
+        """postfwd's rules for the list manager's port: per sender (a list), held."""
+        lim = self.outbound_limits
+        lines: list[str] = []
+        for port in sorted({r.submit_port for r in self.lists(env)}):
+            lines.append(f"# Mailing lists' mail (port {port}): per sender (a list), held over "
+                         "a limit.")
+            for rid, count, seconds, what in (
+                    ("SELFHOST_LIST_MINUTE", lim.per_minute, 60, f"{lim.per_minute} per minute"),
+                    ("SELFHOST_LIST_DAY", lim.per_day, 86400, f"{lim.per_day} per day")):
+                lines.append(f"id={rid}_{port}; protocol_state==END-OF-MESSAGE; "
+                             f"server_port=={port}; sender=~/./; "
+                             f"action=rate(sender/{count}/{seconds}/HOLD {LIMIT_TEXT}: "
+                             f"$$sender may send {what}, held for the admin)")
+        return lines
+
     # ------------------------------------------------------------------ first-time recipients
 
     def first_time_restrictions(self) -> str:
@@ -1217,6 +1309,7 @@ class MailService(Service):
             "  -o smtpd_tls_wrappermode=yes",
             *submission,
             *self.local_limits_master_cf(),
+            *self.lists_master_cf(env),
             *self.first_time_master_cf(env),
             "cleanup   unix  n       -       y       -       0       cleanup",
             "subcleanup unix n       -       y       -       0       cleanup",
@@ -1280,6 +1373,7 @@ class MailService(Service):
                  } if self.backup_clients(env) else {}
         return {
             **extra,
+            **self.lists_maps(env),
             **self.send_only_maps(),
             **self.local_limits_maps(env),
             MAILBOXES: head + mailboxes,
@@ -1322,7 +1416,8 @@ class MailService(Service):
             lines.append(f"id={rid}; protocol_state==END-OF-MESSAGE; "
                          f"sasl_username=~{_others(sasl)}; "
                          f"action=rate(sasl_username/{count}/{seconds}/{text})")
-        return "\n".join(lines + self.local_limits_postfwd(own)) + "\n"
+        lists = self.lists_postfwd(env) if env is not None else []
+        return "\n".join(lines + self.local_limits_postfwd(own) + lists) + "\n"
 
     # ------------------------------------------------------------------ Dovecot
 
