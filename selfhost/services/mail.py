@@ -714,7 +714,7 @@ class MailService(Service):
         return out
 
     @staticmethod
-    def limit_windows(limits: MailLimits) -> list[tuple[str, int, int, str]]:
+    def limit_windows(limits: MailLimits | OutboundLimits) -> list[tuple[str, int, int, str]]:
         """(rule id suffix, count, seconds, wording) of the per-minute and per-day windows."""
         assert limits.per_minute is not None and limits.per_day is not None
         return [("MINUTE", limits.per_minute, 60, f"{limits.per_minute} per minute"),
@@ -1141,10 +1141,8 @@ class MailService(Service):
                              f"sender=={key}; action=rate(sender/{count}/{seconds}/HOLD "
                              f"{LIMIT_TEXT}: $$sender ({owner}) may send {what}, held for the "
                              "admin)")
-        for rid, count, seconds, what in (
-                ("SELFHOST_LOCAL_MINUTE", lim.per_minute, 60, f"{lim.per_minute} per minute"),
-                ("SELFHOST_LOCAL_DAY", lim.per_day, 86400, f"{lim.per_day} per day")):
-            lines.append(f"id={rid}; protocol_state==END-OF-MESSAGE; "
+        for rid, count, seconds, what in self.limit_windows(lim):
+            lines.append(f"id=SELFHOST_LOCAL_{rid}; protocol_state==END-OF-MESSAGE; "
                          f"server_port=={LOCAL_LIMIT_PORT}; sender=~{_others(senders)}; "
                          f"action=rate(sender/{count}/{seconds}/HOLD {LIMIT_TEXT}: $$sender "
                          f"may send {what}, held for the admin)")
@@ -1225,10 +1223,8 @@ class MailService(Service):
         for port in sorted({r.submit_port for r in self.lists(env)}):
             lines.append(f"# Mailing lists' mail (port {port}): per sender (a list), held over "
                          "a limit.")
-            for rid, count, seconds, what in (
-                    ("SELFHOST_LIST_MINUTE", lim.per_minute, 60, f"{lim.per_minute} per minute"),
-                    ("SELFHOST_LIST_DAY", lim.per_day, 86400, f"{lim.per_day} per day")):
-                lines.append(f"id={rid}_{port}; protocol_state==END-OF-MESSAGE; "
+            for rid, count, seconds, what in self.limit_windows(lim):
+                lines.append(f"id=SELFHOST_LIST_{rid}_{port}; protocol_state==END-OF-MESSAGE; "
                              f"server_port=={port}; sender=~/./; "
                              f"action=rate(sender/{count}/{seconds}/HOLD {LIMIT_TEXT}: "
                              f"$$sender may send {what}, held for the admin)")
@@ -1394,8 +1390,6 @@ class MailService(Service):
         with limits of their own first, the general rules for every other login."""
         lim = self.outbound_limits
         own = self.own_limits(env) if env is not None else []
-        rules = [("SELFHOST_MINUTE", lim.per_minute, 60, f"{lim.per_minute} per minute"),
-                 ("SELFHOST_DAY", lim.per_day, 86400, f"{lim.per_day} per day")]
         lines = ["# Managed by selfhost: outbound limits per logged-in user (the submission",
                  "# ports ask at the end of each message; over a limit, the message is",
                  f"# {'deferred with a 4xx reply' if lim.over_limit == 'defer' else 'held'})."]
@@ -1411,9 +1405,9 @@ class MailService(Service):
                 lines.append(f"id=SELFHOST_ACCOUNT_{n}_{rid}; protocol_state==END-OF-MESSAGE; "
                              f"sasl_username=={key}; "
                              f"action=rate(sasl_username/{count}/{seconds}/{text})")
-        for rid, count, seconds, what in rules:
+        for rid, count, seconds, what in self.limit_windows(lim):
             text = over.format(text=f"{LIMIT_TEXT}: $$sasl_username may send {what}")
-            lines.append(f"id={rid}; protocol_state==END-OF-MESSAGE; "
+            lines.append(f"id=SELFHOST_{rid}; protocol_state==END-OF-MESSAGE; "
                          f"sasl_username=~{_others(sasl)}; "
                          f"action=rate(sasl_username/{count}/{seconds}/{text})")
         lists = self.lists_postfwd(env) if env is not None else []
