@@ -416,6 +416,8 @@ ASSOCIATION_SECRETS = {
     "ASSO_ALPHA_PASSWORD": "bench only: alpha's login, 2026!",
     "ASSO_BRAVO_PASSWORD": "bench only: bravo's login, 2026!",
     "ASSO_CHARLIE_PASSWORD": "bench only: charlie's login, 2026!",
+    "ASSO_ANNA_MAIL_PASSWORD": "bench only: anna's mailbox, 2026!",
+    "ASSO_BRUNO_MAIL_PASSWORD": "bench only: bruno's mailbox, 2026!",
 }
 
 
