@@ -271,6 +271,18 @@ SMARTHOST_TLS = "/etc/postfix/selfhost-smarthost-tls"
 MTA_STS_ROOT = "/var/www/selfhost-mta-sts"
 """Static roots of the MTA-STS policy hosts (``mta-sts.DOMAIN``), served by the web module."""
 
+LOOPBACK_SMTPD = (
+    "  -o smtpd_tls_security_level=none",
+    "  -o smtpd_sasl_auth_enable=no",
+    "  -o mynetworks=127.0.0.0/8",
+    "  -o smtpd_client_restrictions=permit_mynetworks,reject",
+    "  -o smtpd_helo_restrictions=",
+    "  -o smtpd_sender_restrictions=",
+    "  -o smtpd_relay_restrictions=permit_mynetworks,reject",
+)
+"""master.cf options of the loopback smtpd services that local programs (sendmail's pickup,
+the list manager) hand their mail to: no TLS, no login, the loopback only."""
+
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _DOMAIN = re.compile(rf"^{_LABEL}(\.{_LABEL})+$")
 _LOCAL = re.compile(r"^[a-z0-9][a-z0-9._+-]{0,63}$")
@@ -1106,13 +1118,7 @@ class MailService(Service):
             "  -o receive_override_options=no_unknown_recipient_checks,no_header_body_checks,"
             "no_milters,no_address_mappings",
             "  -o smtpd_milters=",
-            "  -o smtpd_tls_security_level=none",
-            "  -o smtpd_sasl_auth_enable=no",
-            "  -o mynetworks=127.0.0.0/8",
-            "  -o smtpd_client_restrictions=permit_mynetworks,reject",
-            "  -o smtpd_helo_restrictions=",
-            "  -o smtpd_sender_restrictions=",
-            "  -o smtpd_relay_restrictions=permit_mynetworks,reject",
+            *LOOPBACK_SMTPD,
             self.first_time_restrictions(),
             f"  -o {{ smtpd_end_of_data_restrictions = check_policy_service {POSTFWD} }}",
         ]
@@ -1203,13 +1209,7 @@ class MailService(Service):
                 f"127.0.0.1:{port} inet n -     y       -       4       smtpd",
                 "  -o syslog_name=postfix/lists",
                 "  -o content_filter=",
-                "  -o smtpd_tls_security_level=none",
-                "  -o smtpd_sasl_auth_enable=no",
-                "  -o mynetworks=127.0.0.0/8",
-                "  -o smtpd_client_restrictions=permit_mynetworks,reject",
-                "  -o smtpd_helo_restrictions=",
-                "  -o smtpd_sender_restrictions=",
-                "  -o smtpd_relay_restrictions=permit_mynetworks,reject",
+                *LOOPBACK_SMTPD,
                 "  -o milter_macro_daemon_name=ORIGINATING",
                 self.first_time_restrictions(),
                 f"  -o {{ smtpd_end_of_data_restrictions = check_policy_service {POSTFWD} }}",
