@@ -1147,12 +1147,18 @@ class MailService(Service):
                              f"sender=={key}; action=rate(sender/{count}/{seconds}/HOLD "
                              f"{LIMIT_TEXT}: $$sender ({owner}) may send {what}, held for the "
                              "admin)")
-        for rid, count, seconds, what in self.limit_windows(lim):
-            lines.append(f"id=SELFHOST_LOCAL_{rid}; protocol_state==END-OF-MESSAGE; "
-                         f"server_port=={LOCAL_LIMIT_PORT}; sender=~{_others(senders)}; "
-                         f"action=rate(sender/{count}/{seconds}/HOLD {LIMIT_TEXT}: $$sender "
-                         f"may send {what}, held for the admin)")
-        return lines
+        return lines + self.held_per_sender("SELFHOST_LOCAL_{rid}", LOCAL_LIMIT_PORT,
+                                            f"=~{_others(senders)}", lim)
+
+    def held_per_sender(self, ident: str, port: int, sender: str,
+                        limits: MailLimits | OutboundLimits) -> list[str]:
+        """postfwd's rules that count the mail arriving on the loopback ``port`` per envelope
+        sender matching ``sender`` (a postfwd comparison), held past ``limits``; ``ident``:
+        the rule id, with ``{rid}`` for the window."""
+        return [f"id={ident.format(rid=rid)}; protocol_state==END-OF-MESSAGE; "
+                f"server_port=={port}; sender{sender}; action=rate(sender/{count}/{seconds}/"
+                f"HOLD {LIMIT_TEXT}: $$sender may send {what}, held for the admin)"
+                for rid, count, seconds, what in self.limit_windows(limits)]
 
     # ------------------------------------------------------------------ mailing lists
 
@@ -1223,11 +1229,7 @@ class MailService(Service):
         for port in sorted({r.submit_port for r in self.lists(env)}):
             lines.append(f"# Mailing lists' mail (port {port}): per sender (a list), held over "
                          "a limit.")
-            for rid, count, seconds, what in self.limit_windows(lim):
-                lines.append(f"id=SELFHOST_LIST_{rid}_{port}; protocol_state==END-OF-MESSAGE; "
-                             f"server_port=={port}; sender=~/./; "
-                             f"action=rate(sender/{count}/{seconds}/HOLD {LIMIT_TEXT}: "
-                             f"$$sender may send {what}, held for the admin)")
+            lines += self.held_per_sender(f"SELFHOST_LIST_{{rid}}_{port}", port, "=~/./", lim)
         return lines
 
     # ------------------------------------------------------------------ first-time recipients
