@@ -47,7 +47,6 @@ from selfhost.models.base import SecretRef, StrictModel
 from selfhost.services.base import Service, container_dropin
 
 CONFIG = "/etc/radicale/config"
-CONTAINER_DROPIN = "/etc/systemd/system/radicale.service.d/selfhost-container.conf"
 COLLECTIONS = "/var/lib/radicale/collections"
 DUMP = "/var/backups/selfhost/radicale"
 """Where the consistency hook copies the collections before each backup (root-only)."""
@@ -218,14 +217,14 @@ class RadicaleService(Service):
             "--config {path} --storage-filesystem-folder \"$d\" --verify-storage >/dev/null "
             "2>&1; rc=$?; [ $rc -eq 0 ] || runuser -u radicale -- radicale --config {path} "
             "--storage-filesystem-folder \"$d\" --verify-storage; rm -rf \"$d\"; exit $rc"))
+        reload_on: tuple[str, ...] = (CONFIG,)
         if env.require_target().in_container:
             # Debian's unit sandboxes Radicale. Three of its settings need CAP_SYS_ADMIN, which
             # a container does not give (systemd 257 then fails the start: "Failed to keep
             # CAP_SYS_ADMIN"); the container boundary already hides the devices and the
             # kernel's modules and tunables. The others stay.
-            container_dropin(c, "radicale", "radicale.service", "in a container.",
-                             "PrivateDevices=no\nProtectKernelModules=no\n"
-                             "ProtectKernelTunables=no\n")
-        c.units.append(Unit("radicale.service", reload_on=(CONFIG, CONTAINER_DROPIN),
-                            reload=False))
+            reload_on += (container_dropin(
+                c, "radicale", "radicale.service", "in a container.",
+                "PrivateDevices=no\nProtectKernelModules=no\nProtectKernelTunables=no\n"),)
+        c.units.append(Unit("radicale.service", reload_on=reload_on, reload=False))
         return c
